@@ -1,0 +1,105 @@
+"""The contract every meta-learning algorithm follows, and the evaluation they share."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.batch import Batch, Episode
+from ..models.model import FusionModel
+from ..registry import Registry
+
+ALGORITHMS: Registry = Registry("algorithm")
+
+
+class MetaAlgorithm:
+    """``meta_backward(tasks)`` fills ``.grad`` of the meta-parameters for one meta-batch and returns
+    metrics; the training loop owns the optimizer, schedule, clipping and logging.
+    ``adapt(support)`` returns a task-specific learner (a module mapping a Batch to logits) without
+    touching the meta-parameters; ``evaluate(episode)`` adapts on the support and scores the query.
+    """
+
+    name = "base"
+
+    def __init__(self, model: FusionModel, *, inner_lr: float, inner_steps: int, inner_lr_test: float,
+                 inner_steps_test: int, transductive: bool = True, adapt_scope: str = "all", **_: object):
+        self.model = model
+        self.inner_lr, self.inner_steps = inner_lr, inner_steps
+        self.inner_lr_test, self.inner_steps_test = inner_lr_test, inner_steps_test
+        self.transductive = transductive
+        self.adapt_scope = adapt_scope
+
+    # -- what the training loop sees ----------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The module holding every meta-parameter (checkpointed as a whole)."""
+        return self.model
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.module.parameters() if p.requires_grad)
+
+    def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Algorithm state beyond the module's parameters (e.g. an inner optimizer that persists)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # -- shared evaluation ----------------------------------------------------------------------
+    def predict(self, learner: nn.Module, episode: Episode) -> Tensor:
+        """Query logits. Transductive: the query set is one batch (normalisation sees all of it).
+        Non-transductive: each query sample is classified alone, together with the support set
+        (Nichol et al. 2018), so no query sample can inform another."""
+        with torch.no_grad():
+            if self.transductive:
+                return learner(episode.query)
+            rows = []
+            n = len(episode.support)
+            for i in range(len(episode.query)):
+                joint = Batch.cat([episode.support, episode.query.index(slice(i, i + 1))])
+                rows.append(learner(joint)[n:])
+            return torch.cat(rows)
+
+    def evaluate(self, episode: Episode) -> dict[str, float]:
+        learner = self.adapt(episode.support)
+        logits = self.predict(learner, episode)
+        labels = episode.query.labels
+        metrics = classification_metrics(logits, labels, episode.ways)
+        inner = fused_model(learner)
+        weights = inner.modality_weights(episode.query) if isinstance(inner, FusionModel) else None
+        if weights is not None:
+            metrics["modality_weights"] = weights.mean(0).tolist()
+        return metrics
+
+
+def fused_model(learner: nn.Module) -> nn.Module:
+    """The FusionModel inside a learner (learn2learn wrappers keep it as ``.module``)."""
+    while not isinstance(learner, FusionModel) and hasattr(learner, "module"):
+        learner = learner.module
+    return learner
+
+
+def cross_entropy(learner: nn.Module, batch: Batch) -> Tensor:
+    return F.cross_entropy(learner(batch), batch.labels)
+
+
+def classification_metrics(logits: Tensor, labels: Tensor, ways: int) -> dict[str, float]:
+    """Accuracy, loss and macro-F1 (mean over classes of 2PR/(P+R); 0 for a class never right)."""
+    pred = logits.argmax(1)
+    f1 = []
+    for c in range(ways):
+        tp = ((pred == c) & (labels == c)).sum().item()
+        fp = ((pred == c) & (labels != c)).sum().item()
+        fn = ((pred != c) & (labels == c)).sum().item()
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": (pred == labels).float().mean().item(),
+            "loss": F.cross_entropy(logits, labels).item(),
+            "macro_f1": sum(f1) / ways}

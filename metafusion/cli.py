@@ -1,0 +1,170 @@
+"""`metafusion` command line: parses flags into a config and calls the engine's stages. Nothing else."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+# Named flags -> dotted config keys. Everything else can be set with `key=value` or --set key=value.
+FLAG_KEYS = {
+    "dataset": "data.dataset", "data_root": "data.root", "algo": "algo.name", "ways": "data.ways",
+    "shots": "data.shots", "queries": "data.queries", "modalities": "data.modalities",
+    "fusion": "model.fusion", "inner_steps": "algo.inner_steps", "inner_steps_test": "algo.inner_steps_test",
+    "inner_lr": "algo.inner_lr", "meta_lr": "train.meta_lr", "meta_batch": "train.meta_batch",
+    "iterations": "train.iterations", "episodes": "data.test_episodes", "seed": "train.seed",
+    "device": "train.device", "budget": "train.budget_minutes", "threads": "train.threads",
+}
+INT_FLAGS = {"ways", "shots", "queries", "inner_steps", "inner_steps_test", "meta_batch", "iterations",
+             "episodes", "seed", "threads"}
+FLOAT_FLAGS = {"inner_lr", "meta_lr", "budget"}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration (flags override the YAML file)")
+    g.add_argument("--config", help="YAML config file (optional: flags alone run the synthetic dataset)")
+    for flag, key in FLAG_KEYS.items():
+        kind = int if flag in INT_FLAGS else float if flag in FLOAT_FLAGS else str
+        g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, metavar=flag.split("_")[-1].upper(),
+                       help=f"sets {key}")
+    g.add_argument("--encoder", action="append", default=[], metavar="MODALITY=NAME",
+                   help="encoder for one modality, e.g. --encoder text=minilm (repeatable)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set model.attention=scalar (repeatable)")
+    g.add_argument("--out", help="run folder (default: runs/<algo>)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metafusion",
+        description="Few-shot meta-learning (MAML, Reptile, ...) on multimodal data with attention fusion.",
+        epilog="Run 'metafusion COMMAND --help' for a command's flags. Docs: docs/commands.md")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"metafusion {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("meta-train", help="meta-train a model; writes a run folder")
+    _add_config_flags(p)
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/last.pt")
+
+    p = sub.add_parser("meta-test", help="evaluate a run on the fixed test episodes (mean ± 95%% CI)")
+    p.add_argument("--run", required=True, help="run folder written by meta-train")
+    p.add_argument("--checkpoint", help="checkpoint to test (default: RUN/best.pt)")
+    p.add_argument("--episodes", type=int, help="number of test episodes (default: the run's config)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("fine-tune", help="adapt a meta-learned model to one new task and save it")
+    p.add_argument("--run", required=True, help="run folder written by meta-train")
+    p.add_argument("--task", default="heldout",
+                   help="'heldout' (an N-way K-shot task from the test classes) or a folder/manifest path")
+    p.add_argument("--seed", type=int, default=0, help="which held-out task to draw")
+    p.add_argument("--steps", type=int, help="adaptation steps (default: algo.inner_steps_test)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("run", help="meta-train, meta-test and fine-tune for one config")
+    _add_config_flags(p)
+
+    p = sub.add_parser("compare", help="train several algorithms on the same stream, test on identical episodes")
+    _add_config_flags(p)
+    p.add_argument("--algos", default="maml,reptile", help="comma-separated algorithms (default: maml,reptile)")
+
+    p = sub.add_parser("datasets", help="list datasets, where each expects its files, and verify them")
+    p.add_argument("--data-root", help="data root (default: $METAFUSION_DATA)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, extra: list[str]):
+    from .config import ConfigError, load_config
+
+    overrides: dict[str, Any] = {}
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if args.encoder:
+        overrides["model.encoders"] = ",".join(args.encoder)
+    for item in list(args.set) + extra:
+        if "=" not in item:
+            raise ConfigError(f"unrecognised argument {item!r}: expected a flag or KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value.strip()
+    return load_config(args.config, overrides)
+
+
+def _print_results(r: dict[str, Any]) -> None:
+    print(f"\n{r['algorithm']} on {r['dataset']} ({', '.join(r['modalities'])}), {r['ways']}-way {r['shots']}-shot: "
+          f"accuracy {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI, "
+          f"{r['episodes']} episodes), macro-F1 {r['macro_f1']:.3f}")
+    if r.get("modality_weights"):
+        print("attention weights: " + ", ".join(f"{m} {w:.3f}" for m, w in r["modality_weights"].items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown or (extra and args.command not in ("meta-train", "run", "compare")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+
+    from .config import ConfigError
+    from .data import DataError
+    from .engine import NonFiniteLossError, RunFolderError
+
+    try:
+        return _dispatch(args, extra)
+    except (ConfigError, DataError, RunFolderError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+        print(f"metafusion {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
+    from .engine import stages
+
+    if args.command == "datasets":
+        from .data.verify import describe_datasets
+
+        print(describe_datasets(args.data_root))
+        return 0
+    if args.command == "meta-test":
+        _print_results(stages.stage_meta_test(args.run, checkpoint=args.checkpoint, episodes=args.episodes,
+                                              quiet=args.quiet))
+        print(f"results written to {args.run}/results.json and results.md")
+        return 0
+    if args.command == "fine-tune":
+        r = stages.stage_fine_tune(args.run, seed=args.seed, steps=args.steps, task=args.task, quiet=args.quiet)
+        print(f"fine-tuned on {r['ways']}-way {r['shots']}-shot task ({args.task}): query accuracy "
+              f"{100 * r['query_accuracy']:.2f} % on {r['queries']} queries; model saved to {r['model']}")
+        return 0
+    if args.command == "meta-train" and args.resume:
+        exp, train, run_dir = stages.stage_meta_train(None, args.resume, resume=True, quiet=args.quiet)
+    else:
+        cfg = config_from_args(args, extra)
+        out = args.out or f"runs/{cfg.algo.name}"
+        if args.command == "compare":
+            algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+            from .config import ALGORITHMS
+
+            bad = [a for a in algos if a not in ALGORITHMS]
+            if bad:
+                raise ValueError(f"unknown algorithm {', '.join(bad)}; valid: {', '.join(ALGORITHMS)}")
+            rows, table = stages.stage_compare(cfg, algos, args.out or "runs/compare", overwrite=args.overwrite,
+                                               quiet=args.quiet)
+            print("\n" + table)
+            print(f"written to {args.out or 'runs/compare'}/compare.md and compare.csv")
+            return 0
+        if args.command == "run":
+            r = stages.stage_run(cfg, out, overwrite=args.overwrite, quiet=args.quiet)
+            _print_results(r)
+            print(f"fine-tune: query accuracy {100 * r['finetune']['query_accuracy']:.2f} %; run folder: {out}")
+            return 0
+        exp, train, run_dir = stages.stage_meta_train(cfg, out, overwrite=args.overwrite, quiet=args.quiet)
+    print(f"meta-trained {exp.cfg.algo.name} for {train['iterations']} iterations in {train['seconds']:.1f} s "
+          f"({train['tasks_per_s']:.1f} tasks/s); best meta-val accuracy {100 * train['best_val_accuracy']:.2f} %; "
+          f"run folder: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Typed run configuration. Values flow one way: dataclass defaults <- YAML file <- CLI overrides.
+
+Unknown keys are errors that list the valid ones. Hyperparameters left as ``None`` take the chosen
+algorithm's published defaults (``ALGORITHM_DEFAULTS``) when the config is resolved, and the resolved
+config is what every run folder stores.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and the valid choices."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # see `metafusion datasets`
+    root: str | None = None  # data folder; None -> $METAFUSION_DATA
+    modalities: list[str] | None = None  # None -> every modality the dataset provides
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    train_shots: int | None = None  # shots per class in meta-train episodes (None -> shots)
+    train_queries: int | None = None  # queries per class in meta-train episodes (None -> queries)
+    split: str = "protocol"  # omniglot: protocol (1100/100/423) | background (Lake); others ignore it
+    image_size: int = 28
+    rotations: bool = False  # omniglot: 90/180/270 degree rotations as new classes (MAML protocol)
+    stroke_length: int = 64  # omniglot strokes: resampled (dx, dy, pen_up) steps
+    num_classes: int = 300  # synthetic
+    samples_per_class: int = 20  # synthetic
+    noise: float = 1.0  # synthetic: scales every modality's noise
+    data_seed: int = 0  # synthetic: generates the dataset itself
+    missing_rate: float = 0.0  # probability that a modality is absent from a sample (dataset level)
+    modality_dropout: float = 0.0  # train-time probability of masking a present modality
+    standardize: bool = True  # per-modality standardisation, statistics from meta-train only
+    val_episodes: int = 100
+    test_episodes: int = 600
+    episode_seed: int = 0  # fixes the val/test episodes, identical for every algorithm
+    text_encoder_features: bool = False  # internal: set when a frozen text encoder is chosen
+
+
+@dataclass
+class ModelConfig:
+    width: int = 64  # common fusion width d; every encoder projects to it
+    encoders: dict[str, str] = field(default_factory=dict)  # modality -> encoder (default per modality)
+    fusion: str = "attention"  # attention | concat | mean | late | transformer
+    attention: str = "vector"  # attention weights: vector (element-wise) | scalar (one per modality)
+    adapt: str = "all"  # parameters the inner loop adapts: all | head | fusion+head
+    hidden: int = 64  # channels / hidden units inside encoders
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "maml"  # maml | fomaml | reptile | metasgd | anil | protonet | finetune
+    inner_lr: float | None = None
+    inner_lr_test: float | None = None  # None -> inner_lr
+    inner_steps: int | None = None
+    inner_steps_test: int | None = None
+    inner_batch: int | None = None  # reptile: inner mini-batch size
+    inner_optimizer: str | None = None  # reptile: adam | sgd
+    first_order: bool | None = None
+    transductive: bool = True  # evaluation: query batch statistics together (True) or one query at a time
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 1000
+    meta_batch: int | None = None
+    meta_lr: float | None = None
+    optimizer: str | None = None  # adam | sgd
+    schedule: str | None = None  # constant | linear (linear anneals the meta lr to 0)
+    clip: float | None = None  # max meta-gradient norm
+    val_interval: int = 0  # 0 -> 10 validations over the run
+    log_interval: int = 10
+    on_nan: str = "stop"  # stop | skip
+    budget_minutes: float | None = None  # stop meta-training after this much wall time
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads; None -> torch's default
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/default"
+
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "finetune")
+FUSIONS = ("attention", "concat", "mean", "late", "transformer")
+
+# Published defaults per algorithm, used where the config leaves a value as None.
+# MAML: Finn et al. 2017 (Omniglot 5-way: inner lr 0.4, 1 step, meta-batch 32, Adam 1e-3; 10 steps at test).
+# Reptile: Nichol et al. 2018 (inner Adam beta1=0 lr 1e-3, inner batch 10, 5 steps, 50 at test;
+# outer SGD step 1.0 annealed linearly to 0, meta-batch 5).
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "maml": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, first_order=False,
+                 meta_batch=32, meta_lr=1e-3, optimizer="adam", schedule="constant"),
+    "fomaml": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, first_order=True,
+                   meta_batch=32, meta_lr=1e-3, optimizer="adam", schedule="constant"),
+    "metasgd": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=1, first_order=False,
+                    meta_batch=32, meta_lr=1e-3, optimizer="adam", schedule="constant"),
+    "anil": dict(inner_lr=0.4, inner_steps=5, inner_steps_test=10, first_order=False,
+                 meta_batch=32, meta_lr=1e-3, optimizer="adam", schedule="constant"),
+    "reptile": dict(inner_lr=1e-3, inner_steps=5, inner_steps_test=50, inner_batch=10,
+                    inner_optimizer="adam", first_order=True,
+                    meta_batch=5, meta_lr=1.0, optimizer="sgd", schedule="linear"),
+    "protonet": dict(inner_lr=0.0, inner_steps=0, inner_steps_test=0, first_order=True,
+                     meta_batch=1, meta_lr=1e-3, optimizer="adam", schedule="constant"),
+    # Chen et al. 2019 baseline: supervised pre-training, then a new head fitted on the support set.
+    "finetune": dict(inner_lr=0.01, inner_steps=0, inner_steps_test=100, first_order=True,
+                     meta_batch=4, meta_lr=1e-3, optimizer="adam", schedule="constant"),
+}
+
+
+def default_data_root() -> str | None:
+    """$METAFUSION_DATA, the single place data roots come from when a config gives none."""
+    return os.environ.get("METAFUSION_DATA") or None
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if origin is dict:
+        if isinstance(value, str):  # "image=conv4,audio=melcnn"
+            pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ConfigError(f"{key}: expected name=value pairs, got {value!r}")
+            value = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], key) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    types_ = _field_types(type(obj))
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in types_:
+            valid = ", ".join(f"{prefix}{k}" for k in types_)
+            raise ConfigError(f"unknown config key {full!r}; valid keys: {valid}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of {type(current).__name__} fields")
+            _apply(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, types_[key], full))
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, values)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides (``{"train.iterations": 50, ...}``), validated."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _apply(cfg, values)
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        nested: dict[str, Any] = {leaf: value}
+        for parent in reversed(parents):
+            nested = {parent: nested}
+        _apply(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Return a copy with every None hyperparameter filled from the algorithm's defaults."""
+    cfg = copy.deepcopy(cfg)
+    defaults = ALGORITHM_DEFAULTS[cfg.algo.name]
+    for section in (cfg.algo, cfg.train):
+        for key, value in defaults.items():
+            if hasattr(section, key) and getattr(section, key) is None:
+                setattr(section, key, value)
+    if cfg.algo.inner_lr_test is None:
+        cfg.algo.inner_lr_test = cfg.algo.inner_lr
+    if cfg.data.train_shots is None:
+        cfg.data.train_shots = cfg.data.shots
+    if cfg.data.train_queries is None:
+        cfg.data.train_queries = cfg.data.queries
+    if cfg.data.root is None:
+        cfg.data.root = default_data_root()
+    if cfg.train.val_interval <= 0:
+        cfg.train.val_interval = max(1, cfg.train.iterations // 10)
+    validate(cfg)
+    return cfg
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value is not None and value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def _positive(key: str, value: Any, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject incompatible settings at configuration time, never mid-training."""
+    _choice("algo.name", cfg.algo.name, ALGORITHMS)
+    _choice("model.fusion", cfg.model.fusion, FUSIONS)
+    _choice("model.attention", cfg.model.attention, ("vector", "scalar"))
+    _choice("model.adapt", cfg.model.adapt, ("all", "head", "fusion+head"))
+    _choice("algo.inner_optimizer", cfg.algo.inner_optimizer, ("adam", "sgd"))
+    _choice("train.optimizer", cfg.train.optimizer, ("adam", "sgd"))
+    _choice("train.schedule", cfg.train.schedule, ("constant", "linear"))
+    _choice("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
+    _choice("data.split", cfg.data.split, ("protocol", "background"))
+    for key in ("ways", "shots", "queries", "val_episodes", "test_episodes", "image_size", "stroke_length"):
+        _positive(f"data.{key}", getattr(cfg.data, key))
+    _positive("data.train_shots", cfg.data.train_shots)
+    _positive("data.train_queries", cfg.data.train_queries, minimum=0)
+    _positive("train.iterations", cfg.train.iterations, minimum=0)
+    _positive("train.meta_batch", cfg.train.meta_batch)
+    _positive("model.width", cfg.model.width)
+    for key in ("inner_steps", "inner_steps_test"):
+        _positive(f"algo.{key}", getattr(cfg.algo, key), minimum=0)
+    for key in ("missing_rate", "modality_dropout"):
+        value = getattr(cfg.data, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.{key} must be in [0, 1), got {value}")
+    name = cfg.algo.name
+    if name == "reptile" and cfg.algo.first_order is False:
+        raise ConfigError("algo.first_order=false is meaningless for reptile (it is first-order by design); "
+                          "leave it unset or use --algo maml")
+    if name in ("maml", "anil", "metasgd") and cfg.algo.first_order is True:
+        raise ConfigError(f"algo.first_order=true with {name}: use --algo fomaml for first-order MAML")
+    if name == "fomaml" and cfg.algo.first_order is False:
+        raise ConfigError("algo.first_order=false with fomaml: use --algo maml for second-order MAML")
+    if name in ("protonet", "finetune") and cfg.model.adapt != "all":
+        raise ConfigError(f"model.adapt={cfg.model.adapt!r} has no meaning for {name} (it has no inner loop)")
+    if name == "anil" and cfg.model.adapt not in ("all", "head"):
+        raise ConfigError("anil adapts the head only; model.adapt must be 'head' (or left at its default)")
+    if name == "metasgd" and cfg.model.adapt != "all":
+        raise ConfigError("metasgd learns a rate for every parameter; model.adapt must be 'all'")
+    if name == "protonet" and cfg.model.fusion == "late":
+        raise ConfigError("protonet needs a fused embedding; 'late' fusion has none (use attention/concat/...)")

@@ -1,0 +1,138 @@
+"""MultimodalDataset: every dataset decoded once into tensors, so episode sampling only indexes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .batch import Batch
+
+
+class DataError(ValueError):
+    """A dataset, split or episode request that cannot be served; the message says what and why."""
+
+
+@dataclass(eq=False)
+class MultimodalDataset(Dataset):
+    """Samples held as tensors.
+
+    data:     modality -> ``[N, ...]`` tensor; rows where the modality is absent are zeros.
+    present:  ``[N, M]`` bool presence mask, columns in ``modalities`` order.
+    targets:  ``[N]`` long class ids.
+    splits:   split name ("train", "val", "test") -> class ids; disjoint, checked here.
+    metadata: free-form per-dataset facts (class names, speakers, vocabulary, sample rate...).
+
+    ``dataset[i]`` returns ``({modality: tensor for present modalities}, label)``, the sample format
+    learn2learn's MetaDataset expects; ``dataset.batch(rows)`` gathers many rows in one indexing op.
+    """
+
+    data: dict[str, Tensor]
+    present: Tensor
+    targets: Tensor
+    modalities: tuple[str, ...]
+    splits: dict[str, list[int]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    name: str = "dataset"
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        n = self.targets.shape[0]
+        if set(self.data) != set(self.modalities):
+            raise DataError(f"{self.name}: data has modalities {sorted(self.data)}, expected {self.modalities}")
+        if self.present.shape != (n, len(self.modalities)):
+            raise DataError(f"{self.name}: presence mask {tuple(self.present.shape)} != ({n}, {len(self.modalities)})")
+        for i, m in enumerate(self.modalities):
+            if self.data[m].shape[0] != n:
+                raise DataError(f"{self.name}: modality {m!r} has {self.data[m].shape[0]} rows, labels have {n}")
+            absent = ~self.present[:, i]
+            if absent.any():  # absent rows are zeros by contract: nothing can read stale values
+                self.data[m][absent] = 0
+        self.present = self.present.bool()
+        self.targets = self.targets.long()
+        check_disjoint(self.splits, self.name)
+
+    # -- torch / learn2learn Dataset protocol -------------------------------------------------
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[dict[str, Tensor], int]:
+        sample = {m: self.data[m][i] for j, m in enumerate(self.modalities) if self.present[i, j]}
+        return sample, int(self.targets[i])
+
+    # -- fast paths ---------------------------------------------------------------------------
+    @property
+    def labels(self) -> list[int]:
+        return self.targets.tolist()
+
+    def batch(self, rows: Tensor) -> Batch:
+        """Rows ``rows`` as a Batch (labels are the original class ids)."""
+        return Batch({m: self.data[m][rows] for m in self.modalities}, self.present[rows],
+                     self.targets[rows], self.modalities)
+
+    def class_counts(self) -> dict[int, int]:
+        ids, counts = torch.unique(self.targets, return_counts=True)
+        return dict(zip(ids.tolist(), counts.tolist()))
+
+    # -- derived datasets (each returns a new dataset; tensors are shared where unchanged) -------
+    def select_modalities(self, names: list[str] | tuple[str, ...]) -> "MultimodalDataset":
+        unknown = [n for n in names if n not in self.modalities]
+        if unknown:
+            raise DataError(f"{self.name} has no modality {', '.join(map(repr, unknown))}; "
+                            f"it provides: {', '.join(self.modalities)}")
+        if not names:
+            raise DataError("select at least one modality")
+        cols = [self.modalities.index(n) for n in names]
+        present = self.present[:, cols]
+        keep = present.any(dim=1)  # samples left with no modality at all carry nothing: drop them
+        return MultimodalDataset({n: self.data[n][keep] for n in names}, present[keep], self.targets[keep],
+                                 tuple(names), self.splits, self.metadata, self.name)
+
+    def with_missing(self, rate: float, seed: int = 0) -> "MultimodalDataset":
+        """Drop each modality of each sample with probability ``rate``, keeping at least one per sample."""
+        if rate <= 0:
+            return self
+        g = torch.Generator().manual_seed(seed)
+        drop = torch.rand(self.present.shape, generator=g) < rate
+        present = self.present & ~drop
+        empty = ~present.any(dim=1)
+        if empty.any():  # restore one of the originally present modalities, chosen at random
+            scores = torch.rand(self.present.shape, generator=g).masked_fill(~self.present, -1.0)
+            keep = scores.argmax(dim=1)
+            present[empty, keep[empty]] = True
+        data = {m: x.clone() for m, x in self.data.items()}
+        return MultimodalDataset(data, present, self.targets, self.modalities, self.splits, self.metadata,
+                                 self.name)
+
+    def map_modality(self, modality: str, fn: Callable[[Tensor], Tensor]) -> "MultimodalDataset":
+        """Replace one modality's tensor by ``fn(tensor)`` (e.g. frozen encoder features)."""
+        data = dict(self.data)
+        data[modality] = fn(self.data[modality])
+        return MultimodalDataset(data, self.present, self.targets, self.modalities, self.splits,
+                                 self.metadata, self.name)
+
+    def rows_of_classes(self, classes: list[int]) -> Tensor:
+        wanted = torch.zeros(int(self.targets.max()) + 1, dtype=torch.bool)
+        wanted[torch.tensor(classes, dtype=torch.long)] = True
+        return torch.nonzero(wanted[self.targets]).flatten()
+
+
+def check_disjoint(splits: dict[str, list[int]], name: str = "dataset") -> None:
+    seen: dict[int, str] = {}
+    for split, classes in splits.items():
+        for c in classes:
+            if c in seen and seen[c] != split:
+                raise DataError(f"{name}: class {c} is in both the {seen[c]!r} and {split!r} splits")
+            seen[c] = split
+
+
+def split_classes(classes: list[int], fractions: tuple[float, float, float], seed: int) -> dict[str, list[int]]:
+    """Shuffle ``classes`` with ``seed`` and cut them into train/val/test by ``fractions``."""
+    g = torch.Generator().manual_seed(seed)
+    order = [classes[i] for i in torch.randperm(len(classes), generator=g).tolist()]
+    n_train = round(fractions[0] * len(order))
+    n_val = round(fractions[1] * len(order))
+    return {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
+            "test": sorted(order[n_train + n_val:])}

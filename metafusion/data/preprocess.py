@@ -1,0 +1,46 @@
+"""Per-modality standardisation with statistics from the meta-train split only."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .dataset import MultimodalDataset
+
+
+@dataclass
+class Standardizer:
+    """``x -> (x - mean) / std`` per modality, fitted on present samples of the meta-train classes.
+
+    Images, audio and sequences use one scalar mean/std per modality (their axes are not features);
+    tabular and feature-vector modalities (2-D tensors) use per-feature statistics. Integer modalities
+    (token ids) are left unchanged.
+    """
+
+    stats: dict[str, tuple[Tensor, Tensor]]
+
+    @staticmethod
+    def fit(dataset: MultimodalDataset, split: str = "train") -> "Standardizer":
+        rows = dataset.rows_of_classes(dataset.splits[split])
+        stats = {}
+        for j, m in enumerate(dataset.modalities):
+            x = dataset.data[m]
+            if not x.is_floating_point():
+                continue
+            present = x[rows][dataset.present[rows, j]]
+            if present.shape[0] == 0:
+                continue
+            if x.dim() == 2:
+                mean, std = present.mean(0), present.std(0)
+            else:
+                mean, std = present.mean(), present.std()
+            stats[m] = (mean, std.clamp_min(1e-6))
+        return Standardizer(stats)
+
+    def __call__(self, dataset: MultimodalDataset) -> MultimodalDataset:
+        data = dict(dataset.data)
+        for m, (mean, std) in self.stats.items():
+            data[m] = (data[m] - mean) / std  # absent rows are re-zeroed by MultimodalDataset
+        return MultimodalDataset(data, dataset.present, dataset.targets, dataset.modalities, dataset.splits,
+                                 dataset.metadata, dataset.name)

@@ -1,0 +1,94 @@
+"""Config -> the objects of one experiment: prepared dataset, model, algorithm, samplers, episodes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..algorithms import ALGORITHMS, MetaAlgorithm
+from ..config import RunConfig, resolve
+from ..data import DATASETS, Episode, EpisodeSampler, MultimodalDataset, Standardizer, fixed_episodes
+from ..data.synthetic import decode_text
+from ..models import ENCODERS, FrozenTextModel, FusionModel, ModelSpec, build_model
+
+
+def load_dataset(cfg: RunConfig) -> MultimodalDataset:
+    """The dataset as the model will see it: chosen modalities, missing rate, frozen text features,
+    and standardisation fitted on the meta-train split only."""
+    d = cfg.data
+    dataset = DATASETS.build(d.dataset, d)
+    if d.modalities:
+        dataset = dataset.select_modalities(d.modalities)
+    if d.missing_rate > 0 and d.dataset != "synthetic":  # synthetic applies it while generating
+        dataset = dataset.with_missing(d.missing_rate, seed=d.data_seed + 1)
+    for m, name in cfg.model.encoders.items():
+        if m in dataset.modalities and getattr(ENCODERS.get(name), "frozen_features", None):
+            dataset = with_frozen_text_features(dataset, m)
+    if d.standardize:
+        dataset = Standardizer.fit(dataset, "train")(dataset)
+    return dataset
+
+
+def with_frozen_text_features(dataset: MultimodalDataset, modality: str) -> MultimodalDataset:
+    """Replace token ids by pretrained sentence features, computed once per sample."""
+    texts = dataset.metadata.get("texts")
+    if texts is None:
+        vocab = dataset.metadata["vocabulary"]
+        texts = [decode_text(ids, vocab) for ids in dataset.data[modality]]
+    encoder = FrozenTextModel()
+    return dataset.map_modality(modality, lambda _: encoder.embed(texts))
+
+
+def model_spec(dataset: MultimodalDataset) -> ModelSpec:
+    return ModelSpec({m: tuple(dataset.data[m].shape[1:]) for m in dataset.modalities},
+                     vocab_size=len(dataset.metadata.get("vocabulary", [])) or 201,
+                     sample_rate=dataset.metadata.get("sample_rate", 8000))
+
+
+def make_model(cfg: RunConfig, dataset: MultimodalDataset, ways: int | None = None) -> FusionModel:
+    m = cfg.model
+    return build_model(model_spec(dataset), ways or cfg.data.ways, width=m.width, hidden=m.hidden,
+                       fusion=m.fusion, attention=m.attention, encoders=m.encoders)
+
+
+def make_algorithm(cfg: RunConfig, model: FusionModel, dataset: MultimodalDataset) -> MetaAlgorithm:
+    a = cfg.algo
+    kwargs = dict(inner_lr=a.inner_lr, inner_steps=a.inner_steps, inner_lr_test=a.inner_lr_test,
+                  inner_steps_test=a.inner_steps_test, transductive=a.transductive,
+                  adapt_scope=cfg.model.adapt, first_order=a.first_order)
+    if a.name == "reptile":
+        kwargs.update(inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer, seed=cfg.train.seed)
+    if a.name == "finetune":
+        kwargs.update(train_classes=dataset.splits["train"])
+    return ALGORITHMS.build(a.name, model, **kwargs)
+
+
+@dataclass
+class Experiment:
+    cfg: RunConfig  # resolved
+    dataset: MultimodalDataset
+    model: FusionModel
+    algorithm: MetaAlgorithm
+    train_sampler: EpisodeSampler
+    val_episodes: list[Episode]
+
+    def test_episodes(self, count: int | None = None, split: str = "test") -> list[Episode]:
+        """The fixed evaluation episodes: a function of the data config and episode_seed only."""
+        d = self.cfg.data
+        return fixed_episodes(self.dataset, split, d.ways, d.shots, d.queries,
+                              count or d.test_episodes, seed=d.episode_seed)
+
+
+def build_experiment(cfg: RunConfig, dataset: MultimodalDataset | None = None) -> Experiment:
+    cfg = resolve(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    dataset = dataset if dataset is not None else load_dataset(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = make_model(cfg, dataset).to(cfg.train.device)
+    algorithm = make_algorithm(cfg, model, dataset)
+    d = cfg.data
+    sampler = EpisodeSampler(dataset, "train", d.ways, d.train_shots, d.train_queries, seed=cfg.train.seed,
+                             modality_dropout=d.modality_dropout)
+    val = fixed_episodes(dataset, "val", d.ways, d.shots, d.queries, d.val_episodes, seed=d.episode_seed + 1)
+    return Experiment(cfg, dataset, model, algorithm, sampler, val)

@@ -1,0 +1,63 @@
+"""Meta-test: adapt on each fixed episode's support set, score its query set, summarise with a 95% CI."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ..algorithms import MetaAlgorithm
+from ..data import Episode, episodes_fingerprint
+
+
+@dataclass
+class EvalResult:
+    accuracy_mean: float
+    accuracy_std: float
+    accuracy_ci95: float
+    macro_f1: float
+    loss: float
+    episodes: int
+    fingerprint: str  # hash of the episodes: equal for two runs iff they were tested on the same tasks
+    seconds: float
+    modality_weights: dict[str, float] = field(default_factory=dict)
+    accuracies: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self, with_accuracies: bool = False) -> dict:
+        d = asdict(self)
+        if not with_accuracies:
+            d.pop("accuracies")
+        return d
+
+
+def confidence_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean, std and the 95% CI half-width ``1.96 * std / sqrt(n)`` (population std, as the MAML and
+    Reptile evaluation code compute it)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    return mean, std, 1.96 * std / math.sqrt(n)
+
+
+def meta_test(algorithm: MetaAlgorithm, episodes: list[Episode], modalities: tuple[str, ...] = (),
+              quiet: bool = True, desc: str = "meta-test", device: str = "cpu") -> EvalResult:
+    start = time.perf_counter()
+    accs, f1s, losses, weights = [], [], [], []
+    bar = tqdm(episodes, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
+    for episode in bar:
+        m = algorithm.evaluate(episode.to(device))
+        accs.append(m["accuracy"])
+        f1s.append(m["macro_f1"])
+        losses.append(m["loss"])
+        if "modality_weights" in m:
+            weights.append(m["modality_weights"])
+        bar.set_postfix(acc=f"{sum(accs) / len(accs):.3f}")
+    mean, std, ci = confidence_interval(accs)
+    mw = {}
+    if weights:
+        avg = torch.tensor(weights).mean(0).tolist()
+        mw = dict(zip(modalities, avg))
+    return EvalResult(mean, std, ci, sum(f1s) / len(f1s), sum(losses) / len(losses), len(episodes),
+                      episodes_fingerprint(episodes), time.perf_counter() - start, mw, accs)

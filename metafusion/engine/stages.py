@@ -1,0 +1,181 @@
+"""The three stages (meta-train, meta-test, fine-tune) and `compare`, each writing into a run folder.
+
+A run folder holds: config.yaml (resolved), metrics.jsonl, tensorboard/, last.pt, best.pt,
+results.json, results.md, learning_curve.png, attention.png (and finetune/ after fine-tuning).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..config import RunConfig, from_dict, resolve, to_dict
+from ..data import Batch, Episode, EpisodeSampler
+from .build import Experiment, build_experiment
+from .checkpoint import git_commit, library_versions, load_checkpoint, save_checkpoint
+from .evaluate import meta_test
+from .report import peak_memory_mb, plot_run, write_compare, write_results
+from .train import meta_train
+
+
+class RunFolderError(FileExistsError):
+    """A run folder would be overwritten, or is missing what a stage needs."""
+
+
+def prepare_run_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    run_dir = Path(out)
+    if resume:
+        if not (run_dir / "last.pt").is_file():
+            raise RunFolderError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunFolderError(f"run folder {run_dir} already exists; pass --overwrite or choose another --out")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def save_config(cfg: RunConfig, run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder (no config.yaml)")
+    return from_dict(yaml.safe_load(path.read_text()))
+
+
+def _summary(exp: Experiment, result, train: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
+    cfg = exp.cfg
+    return {"name": run_dir.name, "algorithm": cfg.algo.name, "dataset": cfg.data.dataset,
+            "modalities": list(exp.dataset.modalities), "fusion": cfg.model.fusion,
+            "ways": cfg.data.ways, "shots": cfg.data.shots, "queries": cfg.data.queries,
+            **result.to_dict(),
+            "transductive": cfg.algo.transductive,
+            "iterations": (train or {}).get("iterations"), "train_seconds": (train or {}).get("seconds", 0.0),
+            "tasks_per_s": (train or {}).get("tasks_per_s", 0.0),
+            "best_val_accuracy": (train or {}).get("best_val_accuracy"),
+            "peak_memory_mb": peak_memory_mb(), "device": cfg.train.device,
+            "threads": torch.get_num_threads(), "versions": library_versions(), "git_commit": git_commit()}
+
+
+def stage_meta_train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+                     quiet: bool = False, stop_at: int | None = None, experiment: Experiment | None = None
+                     ) -> tuple[Experiment, dict[str, Any], Path]:
+    run_dir = prepare_run_dir(out, overwrite, resume)
+    if resume:
+        cfg = load_run_config(run_dir)
+    exp = experiment or build_experiment(cfg)
+    save_config(exp.cfg, run_dir)
+    train = meta_train(exp, run_dir, resume=resume, quiet=quiet, stop_at=stop_at)
+    (run_dir / "train.json").write_text(json.dumps(train, indent=2) + "\n")
+    return exp, train, run_dir
+
+
+def stage_meta_test(run_dir: str | Path, *, checkpoint: str | Path | None = None, episodes: int | None = None,
+                    quiet: bool = False, experiment: Experiment | None = None) -> dict[str, Any]:
+    """Evaluate a run's best checkpoint (or ``checkpoint``) on the fixed test episodes."""
+    run_dir = Path(run_dir)
+    ckpt_path = Path(checkpoint) if checkpoint else (run_dir / "best.pt" if (run_dir / "best.pt").exists()
+                                                    else run_dir / "last.pt")
+    state = load_checkpoint(ckpt_path)
+    exp = experiment or build_experiment(from_dict(state["config"]))
+    exp.algorithm.module.load_state_dict(state["module"])
+    tests = exp.test_episodes(episodes)
+    result = meta_test(exp.algorithm, tests, exp.dataset.modalities, quiet=quiet, device=exp.cfg.train.device)
+    train_path = run_dir / "train.json"
+    train = json.loads(train_path.read_text()) if train_path.exists() else None
+    summary = _summary(exp, result, train, run_dir)
+    summary["checkpoint"] = str(ckpt_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_results(run_dir, summary)
+    plot_run(run_dir, summary)
+    return summary
+
+
+def stage_fine_tune(run_dir: str | Path, *, seed: int = 0, steps: int | None = None, task: str = "heldout",
+                    quiet: bool = False) -> dict[str, Any]:
+    """Adapt the meta-learned model to one new task and save the adapted model.
+
+    ``task="heldout"``: one N-way K-shot task drawn (with ``seed``) from the test classes.
+    Otherwise ``task`` is a path to a user's folder or manifest (see docs/datasets.md); each of its
+    classes gives ``shots`` support samples and the rest are queries.
+    """
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / ("best.pt" if (run_dir / "best.pt").exists() else "last.pt"))
+    cfg = from_dict(state["config"])
+    exp = build_experiment(cfg)
+    exp.algorithm.module.load_state_dict(state["module"])
+    d = exp.cfg.data
+    if task == "heldout":
+        episode = EpisodeSampler(exp.dataset, "test", d.ways, d.shots, d.queries, seed=seed).sample()
+    else:
+        episode = user_task(task, exp, d.shots)
+    learner = exp.algorithm.adapt(episode.support, steps)
+    logits = exp.algorithm.predict(learner, episode)
+    acc = (logits.argmax(1) == episode.query.labels).float().mean().item()
+    out = run_dir / "finetune"
+    out.mkdir(exist_ok=True)
+    save_checkpoint(out / "model.pt", {"learner": learner.state_dict(), "config": to_dict(exp.cfg),
+                                       "classes": list(episode.classes), "task": task, "seed": seed})
+    result = {"task": task, "seed": seed, "ways": episode.ways, "shots": episode.shots,
+              "queries": len(episode.query), "classes": list(episode.classes), "query_accuracy": acc,
+              "steps": steps if steps is not None else exp.cfg.algo.inner_steps_test,
+              "model": str(out / "model.pt")}
+    (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def user_task(path: str, exp: Experiment, shots: int) -> Episode:
+    """A user's folder/manifest as one episode: first ``shots`` samples per class -> support."""
+    from ..data.manifest import load_user_data
+
+    data = load_user_data(path, modalities=exp.dataset.modalities, like=exp.dataset)
+    support_rows, query_rows = [], []
+    for c in sorted(set(data.labels)):
+        rows = torch.nonzero(data.targets == c).flatten()
+        if len(rows) <= shots:
+            raise ValueError(f"{path}: class {data.metadata['class_names'][c]!r} has {len(rows)} samples; "
+                             f"fine-tuning needs more than shots={shots} (the rest are queries)")
+        support_rows.append(rows[:shots])
+        query_rows.append(rows[shots:])
+    s, q = torch.cat(support_rows), torch.cat(query_rows)
+    ways = len(support_rows)
+    if ways != exp.cfg.data.ways:
+        exp.model.reset_head(ways)  # the task's own number of classes
+    support, query = data.batch(s), data.batch(q)
+    return Episode(support, query, ways, shots, len(q) // ways, tuple(range(ways)),
+                   tuple(torch.cat([s, q]).tolist()))
+
+
+def stage_run(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """All three stages for one config."""
+    exp, _, run_dir = stage_meta_train(cfg, out, overwrite=overwrite, quiet=quiet)
+    summary = stage_meta_test(run_dir, quiet=quiet, experiment=exp)
+    summary["finetune"] = stage_fine_tune(run_dir, quiet=quiet)
+    write_results(run_dir, summary)
+    return summary
+
+
+def stage_compare(cfg: RunConfig, algos: list[str], out: str | Path, *, overwrite: bool = False,
+                  quiet: bool = False) -> tuple[list[dict[str, Any]], str]:
+    """Meta-train each algorithm on the same meta-train stream (same seed) and test all of them on the
+    identical fixed test episodes; write compare.md / compare.csv and one run folder per algorithm."""
+    out = prepare_run_dir(out, overwrite)
+    rows = []
+    for name in algos:
+        c = copy.deepcopy(cfg)
+        c.algo.name = name
+        c = resolve(c)
+        exp, _, run_dir = stage_meta_train(c, out / name, quiet=quiet)
+        rows.append(stage_meta_test(run_dir, quiet=quiet, experiment=exp))
+    if len({r["fingerprint"] for r in rows}) != 1:  # internal invariant: the comparison would be unfair
+        raise AssertionError("algorithms were tested on different episodes")
+    return rows, write_compare(out, rows)

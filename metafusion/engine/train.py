@@ -1,0 +1,114 @@
+"""The meta-train loop: sample a meta-batch, let the algorithm fill .grad, step, log, validate, checkpoint."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import to_dict
+from .build import Experiment
+from .checkpoint import library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .evaluate import meta_test
+from .report import MetricsLog, peak_memory_mb
+
+
+class NonFiniteLossError(RuntimeError):
+    """Meta-training produced a NaN/inf loss or gradient (and the config says stop)."""
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+
+
+def _finite(metrics: dict, params: list[torch.Tensor]) -> bool:
+    if not math.isfinite(metrics["loss"]):
+        return False
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = False, quiet: bool = False,
+               stop_at: int | None = None) -> dict:
+    """Meta-train ``exp`` for ``train.iterations`` (or until ``train.budget_minutes``), writing
+    metrics, TensorBoard events and ``last.pt`` / ``best.pt`` (by meta-validation accuracy) into
+    ``run_dir``. ``resume`` continues from ``run_dir/last.pt`` and reproduces the uninterrupted run
+    exactly. ``stop_at`` ends after that iteration (as an interruption would; used by tests)."""
+    cfg, algo = exp.cfg.train, exp.algorithm
+    params = list(algo.parameters())
+    opt = make_optimizer(cfg.optimizer, params, cfg.meta_lr)
+    total = cfg.iterations
+    # Linear schedule: the meta lr (Reptile's epsilon) falls from meta_lr to 0 over the run.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: max(0.0, 1 - s / total))
+                                              if cfg.schedule == "linear" else (lambda s: 1.0))
+    step, best, elapsed_before = 0, -1.0, 0.0
+    last_path = run_dir / "last.pt" if run_dir else None
+    if resume:
+        state = load_checkpoint(last_path)
+        algo.module.load_state_dict(state["module"])
+        algo.load_state_dict(state["algorithm"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        exp.train_sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step, best, elapsed_before = state["step"], state["best_val_accuracy"], state["elapsed"]
+    log = MetricsLog(run_dir, resume_step=step) if run_dir else None
+    start = time.perf_counter()
+    bar = tqdm(total=total, initial=step, desc=f"meta-train {exp.cfg.algo.name}", disable=True if quiet else None,
+               dynamic_ncols=True)
+    val_acc = float("nan")
+    while step < total:
+        tasks = [exp.train_sampler.sample().to(cfg.device) for _ in range(cfg.meta_batch)]
+        opt.zero_grad(set_to_none=True)
+        metrics = algo.meta_backward(tasks)
+        step += 1
+        if not _finite(metrics, params):
+            where = last_path if last_path and last_path.exists() else "none written yet"
+            if cfg.on_nan == "skip":
+                tqdm.write(f"iteration {step}: non-finite meta-loss/gradient, step skipped (train.on_nan=skip)")
+                opt.zero_grad(set_to_none=True)
+            else:
+                raise NonFiniteLossError(f"non-finite meta-loss or gradient at iteration {step} "
+                                         f"(loss={metrics['loss']}); last good checkpoint: {where}. "
+                                         f"Lower the learning rates, add train.clip, or set train.on_nan=skip.")
+        else:
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+        sched.step()
+        elapsed = elapsed_before + time.perf_counter() - start
+        out_of_time = cfg.budget_minutes is not None and elapsed >= 60 * cfg.budget_minutes
+        validate = step % cfg.val_interval == 0 or step == total or out_of_time or step == stop_at
+        record = {"step": step, "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 3),
+                  "tasks_per_s": step * cfg.meta_batch / max(elapsed, 1e-9), **metrics}
+        if validate:
+            val = meta_test(algo, exp.val_episodes, quiet=True, device=cfg.device)
+            val_acc = val.accuracy_mean
+            record["val_accuracy"] = val_acc
+            if val_acc > best and run_dir:
+                best = val_acc
+                save_checkpoint(run_dir / "best.pt", _payload(exp, opt, sched, step, best, elapsed))
+            best = max(best, val_acc)
+        if log and (validate or step % cfg.log_interval == 0):
+            log.write(record)
+        if validate and run_dir:
+            save_checkpoint(last_path, _payload(exp, opt, sched, step, best, elapsed))
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{val_acc:.3f}")
+        if out_of_time or step == stop_at:
+            break
+    bar.close()
+    if log:
+        log.close()
+    elapsed = elapsed_before + time.perf_counter() - start
+    return {"iterations": step, "seconds": elapsed, "tasks_per_s": step * cfg.meta_batch / max(elapsed, 1e-9),
+            "best_val_accuracy": best, "peak_memory_mb": peak_memory_mb()}
+
+
+def _payload(exp: Experiment, opt, sched, step: int, best: float, elapsed: float) -> dict:
+    return {"module": exp.algorithm.module.state_dict(), "algorithm": exp.algorithm.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "sampler": exp.train_sampler.state_dict(), "rng": rng_state(), "step": step,
+            "best_val_accuracy": best, "elapsed": elapsed, "config": to_dict(exp.cfg),
+            "versions": library_versions()}

@@ -1,0 +1,25 @@
+"""Per-modality encoders f_i: each maps its modality batch ``[B, ...]`` to ``[B, out_dim]``.
+
+Adding an encoder: one file here, decorated with ``@ENCODERS.register("name")``, taking
+``(out_dim, hidden, **options)`` and exposing ``out_dim``. No encoder keeps normalisation running
+statistics: MAML-style inner loops use batch statistics at train and test (see docs/architecture.md).
+"""
+from ...registry import Registry
+
+ENCODERS: Registry = Registry("encoder")
+
+from . import audio, image, sequence, tabular, text  # noqa: E402,F401  (registers the encoders)
+
+# The encoder each modality gets unless the config names another.
+DEFAULT_ENCODERS = {"image": "conv4", "audio": "melcnn", "text": "tokens", "strokes": "conv1d",
+                    "sequence": "conv1d", "tabular": "mlp"}
+
+
+def default_encoder(modality: str) -> str:
+    if modality not in DEFAULT_ENCODERS:
+        raise ValueError(f"no default encoder for modality {modality!r}; name one with "
+                         f"--encoder {modality}=NAME (encoders: {', '.join(ENCODERS.names())})")
+    return DEFAULT_ENCODERS[modality]
+
+
+__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "default_encoder"]

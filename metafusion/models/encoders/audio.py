@@ -1,0 +1,46 @@
+"""Audio encoder: a fixed torchaudio log-mel front end followed by a small trainable CNN."""
+from __future__ import annotations
+
+import torch
+import torchaudio
+from torch import Tensor, nn
+
+from . import ENCODERS
+
+
+@ENCODERS.register("melcnn")
+class MelCNN(nn.Module):
+    """waveform ``[B, 1, T]`` -> log-mel ``[B, 1, n_mels, frames]`` -> 3 conv blocks -> mean pool -> d.
+
+    The front end (MelSpectrogram or MFCC) has no trainable parameters; its filterbank is a buffer.
+    """
+
+    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 4000),
+                 sample_rate: int = 8000, n_mels: int = 40, frontend: str = "mel"):
+        super().__init__()
+        if frontend == "mel":
+            self.frontend = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=256, hop_length=80,
+                                                                 n_mels=n_mels)
+        elif frontend == "mfcc":
+            self.frontend = torchaudio.transforms.MFCC(sample_rate, n_mfcc=n_mels, log_mels=True,
+                                                       melkwargs=dict(n_fft=256, hop_length=80, n_mels=n_mels))
+        else:
+            raise ValueError(f"unknown audio front end {frontend!r}; choose mel or mfcc")
+        self.log = frontend == "mel"
+        layers, channels = [], 1
+        for _ in range(3):
+            layers += [nn.Conv2d(channels, hidden, 3, padding=1),
+                       nn.BatchNorm2d(hidden, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+            channels = hidden
+        self.body = nn.Sequential(*layers)
+        self.proj = nn.Linear(hidden, out_dim)
+        self.out_dim = out_dim
+
+    def spectrogram(self, wave: Tensor) -> Tensor:  # (B, 1, T) -> (B, 1, n_mels, frames)
+        with torch.no_grad():
+            spec = self.frontend(wave)
+            return torch.log(spec + 1e-6) if self.log else spec
+
+    def forward(self, wave: Tensor) -> Tensor:  # (B, 1, T) -> (B, out_dim)
+        x = self.body(self.spectrogram(wave))  # (B, hidden, n_mels/8, frames/8)
+        return self.proj(x.mean(dim=(2, 3)))

@@ -1,0 +1,70 @@
+"""Image encoders: the few-shot Conv4 (Vinyals et al. 2016; Finn et al. 2017) and torchvision ResNet-18."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from . import ENCODERS
+
+
+def _project(in_dim: int, out_dim: int) -> nn.Module:
+    # Encoders whose natural width already equals the fusion width add no parameters.
+    return nn.Identity() if in_dim == out_dim else nn.Linear(in_dim, out_dim)
+
+
+@ENCODERS.register("conv4")
+class Conv4(nn.Module):
+    """4 x [conv 3x3 (hidden), BatchNorm (batch statistics), ReLU, maxpool 2], flattened, projected.
+
+    On 1x28x28 inputs the flattened feature is ``hidden`` wide (28 -> 14 -> 7 -> 3 -> 1), so with
+    ``out_dim == hidden`` this is exactly MAML's Omniglot network minus its linear head.
+    """
+
+    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 28, 28)):
+        super().__init__()
+        layers, channels = [], input_shape[0]
+        for _ in range(4):
+            layers += [nn.Conv2d(channels, hidden, 3, padding=1),
+                       nn.BatchNorm2d(hidden, track_running_stats=False),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+            channels = hidden
+        self.body = nn.Sequential(*layers)
+        h, w = input_shape[1], input_shape[2]
+        for _ in range(4):
+            h, w = h // 2, w // 2
+        flat = hidden * max(h, 1) * max(w, 1)
+        self.proj = _project(flat, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, out_dim)
+        return self.proj(self.body(x).flatten(1))
+
+
+@ENCODERS.register("resnet18")
+class ResNet18(nn.Module):
+    """torchvision ResNet-18 (``weights=None`` by default; or a local state-dict file), projected.
+
+    BatchNorm uses batch statistics (no running stats) so inner-loop adaptation cannot leak
+    statistics into the meta-model. Grey images are fed to a 1-channel first convolution.
+    """
+
+    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 28, 28),
+                 weights_path: str | None = None):
+        super().__init__()
+        net = torchvision.models.resnet18(weights=None,
+                                          norm_layer=partial(nn.BatchNorm2d, track_running_stats=False))
+        if weights_path is not None:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state, strict=False)
+        if input_shape[0] != 3:
+            net.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False)
+        net.fc = nn.Identity()
+        self.net = net
+        self.proj = _project(512, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, out_dim)
+        return self.proj(self.net(x))

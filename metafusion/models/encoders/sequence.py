@@ -1,0 +1,49 @@
+"""Sequence encoders for pen strokes and sensor series ``[B, T, C]``: 1-D CNN or GRU."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import ENCODERS
+
+
+@ENCODERS.register("conv1d")
+class Conv1dEncoder(nn.Module):
+    """3 x [conv1d k5 (hidden), BatchNorm (batch statistics), ReLU, maxpool 2] -> mean over time -> d."""
+
+    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (64, 3)):
+        super().__init__()
+        layers, channels = [], input_shape[-1]
+        for _ in range(3):
+            layers += [nn.Conv1d(channels, hidden, 5, padding=2),
+                       nn.BatchNorm1d(hidden, track_running_stats=False), nn.ReLU(), nn.MaxPool1d(2)]
+            channels = hidden
+        self.body = nn.Sequential(*layers)
+        self.proj = nn.Linear(hidden, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, out_dim)
+        return self.proj(self.body(x.transpose(1, 2)).mean(dim=2))
+
+
+@ENCODERS.register("gru")
+class GRUEncoder(nn.Module):
+    """A GRU unrolled with ``nn.GRUCell`` -> last hidden state -> d.
+
+    ``nn.GRU`` keeps its weights in a cuDNN "flat buffer" that learn2learn's ``clone_module`` /
+    ``update_module`` do not re-point, so adapted weights would be silently ignored. ``GRUCell``
+    reads its parameters on every call, which makes cloning and second-order gradients exact.
+    """
+
+    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (64, 3)):
+        super().__init__()
+        self.cell = nn.GRUCell(input_shape[-1], hidden)
+        self.proj = nn.Linear(hidden, out_dim)
+        self.hidden = hidden
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, out_dim)
+        h = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype, device=x.device)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.proj(h)

@@ -1,0 +1,187 @@
+"""Fusion modules: combine per-modality features ``h [B, M, d]`` under a presence mask ``[B, M]``.
+
+Each fusion returns ``(z, weights)``: the fused feature(s) its head consumes and the per-modality
+weights ``[B, M]`` where they mean something (``None`` otherwise). Absent modalities have exactly
+zero influence on a sample's output in every fusion: their features are zeroed, masked out of every
+softmax and average, and never attended to.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import Registry
+
+FUSIONS: Registry = Registry("fusion")
+
+
+def _zero_absent(h: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype))  # (B, M, d)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Softmax over ``dim`` where masked-out entries get exactly zero weight."""
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=dim)
+
+
+class LinearHead(nn.Module):
+    """g: fused feature ``[B, D]`` -> logits ``[B, ways]``."""
+
+    def __init__(self, in_dim: int, ways: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, ways)
+
+    def forward(self, z: Tensor, mask: Tensor) -> Tensor:
+        return self.linear(z)
+
+
+class LateHead(nn.Module):
+    """Decision fusion: one linear head per modality, logits averaged over present modalities."""
+
+    def __init__(self, num_modalities: int, dim: int, ways: int):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(dim, ways) for _ in range(num_modalities))
+
+    def forward(self, z: Tensor, mask: Tensor) -> Tensor:  # z: (B, M, d)
+        logits = torch.stack([head(z[:, i]) for i, head in enumerate(self.heads)], dim=1)  # (B, M, ways)
+        w = mask.to(logits.dtype).unsqueeze(-1)  # (B, M, 1)
+        return (logits * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+class Fusion(nn.Module):
+    """Base class: ``forward(h, mask) -> (z, weights)``, ``out_dim``, ``make_head(ways)``."""
+
+    out_dim: int
+
+    def make_head(self, ways: int) -> nn.Module:
+        return LinearHead(self.out_dim, ways)
+
+
+@FUSIONS.register("attention")
+class AttentionFusion(Fusion):
+    """The seed method: ``a_i = softmax_i(W_a h_i + b_a)``, ``z = sum_i a_i * h_i``.
+
+    The softmax runs over the modalities present in each sample (dim 1), never over the batch.
+    ``mode="vector"`` gives element-wise weights (``W_a`` is d x d, as in the formula);
+    ``mode="scalar"`` gives one weight per modality (``W_a`` is 1 x d).
+    """
+
+    def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
+        super().__init__()
+        if mode not in ("vector", "scalar"):
+            raise ValueError(f"attention mode must be 'vector' or 'scalar', got {mode!r}")
+        self.score = nn.Linear(dim, dim if mode == "vector" else 1)
+        self.mode = mode
+        self.out_dim = dim
+
+    def attention(self, h: Tensor, mask: Tensor) -> Tensor:
+        """``a [B, M, d or 1]``: softmax over present modalities of ``W_a h_i + b_a``."""
+        return masked_softmax(self.score(h), mask.unsqueeze(-1), dim=1)
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.attention(h, mask)  # (B, M, d) or (B, M, 1)
+        z = (a * _zero_absent(h, mask)).sum(dim=1)  # (B, d)
+        return z, a.mean(dim=-1)  # weights (B, M): mean over feature dims sums to 1 over modalities
+
+
+@FUSIONS.register("concat")
+class ConcatFusion(Fusion):
+    """Feature fusion: concatenate all modality features (zeros where absent)."""
+
+    def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
+        super().__init__()
+        self.out_dim = num_modalities * dim
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, None]:
+        return _zero_absent(h, mask).flatten(1), None  # (B, M*d)
+
+
+@FUSIONS.register("mean")
+class MeanFusion(Fusion):
+    """Average of the present modalities' features."""
+
+    def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
+        super().__init__()
+        self.out_dim = dim
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        w = mask.to(h.dtype)
+        w = w / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, M)
+        return (_zero_absent(h, mask) * w.unsqueeze(-1)).sum(1), w
+
+
+@FUSIONS.register("late")
+class LateFusion(Fusion):
+    """Decision fusion: each modality is classified on its own; logits averaged (see LateHead)."""
+
+    def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
+        super().__init__()
+        self.num_modalities = num_modalities
+        self.out_dim = dim
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        w = mask.to(h.dtype)
+        return _zero_absent(h, mask), w / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, M, d)
+
+    def make_head(self, ways: int) -> nn.Module:
+        return LateHead(self.num_modalities, self.out_dim, ways)
+
+
+class MathSelfAttention(nn.Module):
+    """Multi-head self-attention written out (q k^T / sqrt(d) -> masked softmax -> v).
+
+    PyTorch's fused CPU attention kernel has no double backward (second-order MAML fails with
+    "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"),
+    so adapted models use this plain version, which supports any order of differentiation.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"fusion width {dim} is not divisible by {heads} attention heads")
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.heads = heads
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:  # x (B, M, d), key_mask (B, M) True = present
+        b, m, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, m, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, M, hd)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)  # (B, H, M, M)
+        attn = masked_softmax(scores, key_mask[:, None, None, :], dim=-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(b, m, d))
+
+
+@FUSIONS.register("transformer")
+class TransformerFusion(Fusion):
+    """Interactive attention: modality tokens (+ learned modality embeddings) pass through pre-norm
+    transformer layers whose keys exclude absent modalities, then a masked mean over present tokens."""
+
+    def __init__(self, num_modalities: int, dim: int, mode: str = "vector", layers: int = 1, heads: int = 4):
+        super().__init__()
+        self.modality_embedding = nn.Parameter(torch.zeros(num_modalities, dim))
+        nn.init.normal_(self.modality_embedding, std=0.02)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict(dict(
+                norm1=nn.LayerNorm(dim), attn=MathSelfAttention(dim, heads), norm2=nn.LayerNorm(dim),
+                mlp=nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)))))
+        self.out_dim = dim
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        x = _zero_absent(h, mask) + self.modality_embedding  # (B, M, d)
+        for block in self.blocks:
+            x = x + block["attn"](block["norm1"](x), mask)
+            x = x + block["mlp"](block["norm2"](x))
+        w = mask.to(x.dtype)
+        w = w / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, M)
+        return (x * w.unsqueeze(-1)).sum(1), w
+
+
+def build_fusion(name: str, num_modalities: int, dim: int, mode: str = "vector") -> Fusion:
+    return FUSIONS.build(name, num_modalities, dim, mode=mode)
+
+
+__all__ = ["FUSIONS", "Fusion", "AttentionFusion", "ConcatFusion", "MeanFusion", "LateFusion",
+           "TransformerFusion", "LinearHead", "LateHead", "masked_softmax", "build_fusion"]

@@ -1,0 +1,110 @@
+"""FusionModel: per-modality encoders f_i -> fusion -> head g, plus adaptation scopes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..data.batch import Batch
+from .encoders import ENCODERS, default_encoder
+from .fusion import build_fusion
+
+ADAPT_SCOPES = ("all", "head", "fusion+head")
+
+
+class FusionModel(nn.Module):
+    """``logits = head(fusion({f_m(x_m)}, mask), mask)``.
+
+    Each encoder runs only on the samples where its modality is present, so an absent modality
+    (whatever its placeholder values) has exactly zero influence, including through the batch
+    statistics of normalisation layers.
+    """
+
+    def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, ways: int):
+        super().__init__()
+        self.modalities = tuple(encoders)
+        self.encoders = nn.ModuleDict(encoders)
+        self.fusion = fusion
+        self.head = fusion.make_head(ways)
+        self.width = next(iter(encoders.values())).out_dim
+
+    def encode(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Per-modality features ``h [B, M, d]`` (zeros where absent) and the mask ``[B, M]``."""
+        cols = []
+        for m in self.modalities:
+            if m not in batch.modalities:
+                raise ValueError(f"batch has no modality {m!r} (it has {', '.join(batch.modalities)})")
+            cols.append(batch.modalities.index(m))
+        mask = batch.mask[:, cols]  # (B, M)
+        feats = []
+        for j, m in enumerate(self.modalities):
+            x, present = batch.inputs[m], mask[:, j]
+            if bool(present.all()):
+                feats.append(self.encoders[m](x))  # (B, d)
+            elif bool(present.any()):
+                rows = torch.nonzero(present).flatten()
+                h = self.encoders[m](x[rows])  # (P, d)
+                feats.append(h.new_zeros(x.shape[0], h.shape[1]).index_copy(0, rows, h))
+            else:
+                feats.append(x.new_zeros(x.shape[0], self.width, dtype=torch.get_default_dtype()))
+        return torch.stack(feats, dim=1), mask  # (B, M, d), (B, M)
+
+    def features(self, batch: Batch) -> Tensor:
+        """The fused feature z (``[B, D]``; ``[B, M, d]`` for late fusion)."""
+        z, _ = self.fusion(*self.encode(batch))
+        return z
+
+    def forward(self, batch: Batch) -> Tensor:  # -> (B, ways)
+        h, mask = self.encode(batch)
+        z, _ = self.fusion(h, mask)
+        return self.head(z, mask)
+
+    @torch.no_grad()
+    def modality_weights(self, batch: Batch) -> Tensor | None:
+        """Per-sample modality weights ``[B, M]`` (None for fusions without them, e.g. concat)."""
+        _, weights = self.fusion(*self.encode(batch))
+        return weights
+
+    def reset_head(self, ways: int) -> None:
+        """A fresh, randomly initialised head for ``ways`` classes."""
+        device = next(self.parameters()).device
+        self.head = self.fusion.make_head(ways).to(device)
+
+    def adapted(self, scope: str) -> list[bool]:
+        """For each of ``self.parameters()`` (in order): does the inner loop adapt it under ``scope``?"""
+        if scope not in ADAPT_SCOPES:
+            raise ValueError(f"unknown adaptation scope {scope!r}; choose one of: {', '.join(ADAPT_SCOPES)}")
+        prefixes = {"all": ("",), "head": ("head.",), "fusion+head": ("fusion.", "head.")}[scope]
+        return [p.requires_grad and name.startswith(prefixes) for name, p in self.named_parameters()]
+
+
+@dataclass
+class ModelSpec:
+    """What a model needs to know of the data: its modalities' sample shapes and a few facts."""
+
+    input_shapes: dict[str, tuple[int, ...]]
+    vocab_size: int = 201
+    sample_rate: int = 8000
+    extra: dict = field(default_factory=dict)
+
+
+def build_model(spec: ModelSpec, ways: int, width: int = 64, hidden: int = 64, fusion: str = "attention",
+                attention: str = "vector", encoders: dict[str, str] | None = None) -> FusionModel:
+    """Build a FusionModel for the modalities in ``spec`` (encoder per modality from ``encoders``,
+    else the modality's default)."""
+    chosen = dict(encoders or {})
+    unknown = [m for m in chosen if m not in spec.input_shapes]
+    if unknown:
+        raise ValueError(f"--encoder names modality {', '.join(map(repr, unknown))}, which the data does not "
+                         f"provide ({', '.join(spec.input_shapes)})")
+    modules = {}
+    for m, shape in spec.input_shapes.items():
+        name = chosen.get(m) or default_encoder(m)
+        options = {}
+        if name == "tokens":
+            options["vocab_size"] = spec.vocab_size
+        if name == "melcnn":
+            options["sample_rate"] = spec.sample_rate
+        modules[m] = ENCODERS.build(name, out_dim=width, hidden=hidden, input_shape=tuple(shape), **options)
+    return FusionModel(modules, build_fusion(fusion, len(modules), width, mode=attention), ways)

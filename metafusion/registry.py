@@ -1,0 +1,45 @@
+"""A tiny name -> factory registry, shared by datasets, encoders, fusions and algorithms (timm-style)."""
+from __future__ import annotations
+
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names to factories. Lookup errors list the valid names.
+
+    >>> FUSIONS = Registry("fusion")
+    >>> @FUSIONS.register("mean")
+    ... class MeanFusion: ...
+    >>> FUSIONS.get("mean") is MeanFusion
+    True
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = factory
+            return factory
+
+        return decorator
+
+    def get(self, name: str) -> Callable[..., T]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}") from None
+
+    def build(self, name: str, *args, **kwargs) -> T:
+        return self.get(name)(*args, **kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
