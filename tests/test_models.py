@@ -1,0 +1,187 @@
+"""Encoders, fusions and FusionModel: shapes, the attention formula, masking, higher-order gradients."""
+import pytest
+import torch
+
+from metafusion._learn2learn import clone_module, update_module
+from metafusion.data import Batch
+from metafusion.models import ENCODERS, FUSIONS, FrozenTextModel, ModelSpec, build_model
+from metafusion.models.fusion import AttentionFusion
+
+from conftest import tiny_tabular_model
+
+# One small input per encoder: (modality name, sample shape, input maker).
+ENCODER_INPUTS = {
+    "conv4": ("image", (1, 28, 28), lambda b: torch.rand(b, 1, 28, 28)),
+    "resnet18": ("image", (1, 28, 28), lambda b: torch.rand(b, 1, 28, 28)),
+    "melcnn": ("audio", (1, 4000), lambda b: torch.randn(b, 1, 4000)),
+    "tokens": ("text", (12,), lambda b: torch.randint(0, 201, (b, 12))),
+    "minilm": ("text", (384,), lambda b: torch.randn(b, 384)),
+    "conv1d": ("strokes", (64, 3), lambda b: torch.randn(b, 64, 3)),
+    "gru": ("strokes", (16, 3), lambda b: torch.randn(b, 16, 3)),
+    "mlp": ("tabular", (16,), lambda b: torch.randn(b, 16)),
+}
+
+
+def test_every_registered_encoder_has_an_input_here():
+    assert set(ENCODER_INPUTS) == set(ENCODERS.names())
+
+
+def _batch(inputs: dict, mask=None):
+    n = next(iter(inputs.values())).shape[0]
+    mask = torch.ones(n, len(inputs), dtype=torch.bool) if mask is None else mask
+    return Batch(inputs, mask, torch.zeros(n, dtype=torch.long), tuple(inputs))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+@pytest.mark.parametrize("encoder", sorted(ENCODER_INPUTS))
+def test_every_encoder_and_fusion_gives_finite_logits(encoder, fusion):
+    modality, shape, make = ENCODER_INPUTS[encoder]
+    spec = ModelSpec({modality: shape, "tabular": (16,)} if modality != "tabular" else {"tabular": shape,
+                                                                                      "extra": (16,)})
+    encoders = {modality: encoder} if modality != "tabular" else {"tabular": encoder, "extra": "mlp"}
+    model = build_model(spec, ways=5, width=16, hidden=8, fusion=fusion, encoders=encoders)
+    inputs = {m: (make(6) if m == modality else torch.randn(6, 16)) for m in spec.input_shapes}
+    logits = model(_batch(inputs))
+    assert logits.shape == (6, 5) and torch.isfinite(logits).all()
+    assert model.encoders[modality].out_dim == 16
+
+
+def _three_modality_model(fusion, mode="vector"):
+    spec = ModelSpec({"a": (4,), "b": (4,), "c": (4,)})
+    return build_model(spec, ways=3, width=8, hidden=8, fusion=fusion, attention=mode,
+                       encoders={"a": "mlp", "b": "mlp", "c": "mlp"})
+
+
+MASK = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("fusion,mode", [("attention", "vector"), ("attention", "scalar"), ("mean", "vector"),
+                                         ("late", "vector"), ("transformer", "vector")])
+def test_weights_sum_to_one_over_present_modalities(fusion, mode):
+    model = _three_modality_model(fusion, mode)
+    batch = _batch({m: torch.randn(5, 4) for m in "abc"}, MASK)
+    w = model.modality_weights(batch)
+    assert torch.allclose(w.sum(1), torch.ones(5), atol=1e-6)
+    assert (w[~MASK] == 0).all()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_absent_modality_has_exactly_zero_influence(fusion):
+    torch.manual_seed(0)
+    model = _three_modality_model(fusion)
+    clean = {m: torch.randn(5, 4) for m in "abc"}
+    garbage = {m: torch.where(MASK[:, i:i + 1], x, 1e3 * torch.randn(5, 4)) for i, (m, x) in enumerate(clean.items())}
+    zeroed = {m: torch.where(MASK[:, i:i + 1], x, torch.zeros(())) for i, (m, x) in enumerate(clean.items())}
+    out_zero = model(_batch(zeroed, MASK))
+    out_garbage = model(_batch(garbage, MASK))
+    assert torch.equal(out_zero, out_garbage)
+
+
+def test_attention_matches_hand_computation():
+    torch.manual_seed(0)
+    fusion = AttentionFusion(num_modalities=3, dim=4, mode="vector").double()
+    h = torch.randn(2, 3, 4, dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, False, True]])
+    z, w = fusion(h, mask)
+    W, b = fusion.score.weight, fusion.score.bias
+    for n in range(2):
+        present = [i for i in range(3) if mask[n, i]]
+        scores = torch.stack([W @ h[n, i] + b for i in present])  # (P, d)
+        a = torch.exp(scores) / torch.exp(scores).sum(0)  # softmax over modalities, per feature
+        expected = sum(a[k] * h[n, i] for k, i in enumerate(present))
+        assert torch.allclose(z[n], expected)
+    # The softmax is over modalities, never over the batch: one sample's output ignores the others.
+    z0, _ = fusion(h[:1], mask[:1])
+    assert torch.allclose(z0[0], z[0])
+
+
+def _hvp_matches_finite_differences(model, batch, eps=1e-7, check_fd=True):
+    """Hessian-vector product by double backward == central difference of gradients along v.
+    (A tiny eps keeps ReLU / max-pool switching points from falling inside the difference.)"""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = lambda: torch.nn.functional.cross_entropy(model(batch), batch.labels)  # noqa: E731
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    v = [torch.randn_like(p) for p in params]
+    hv = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), params, allow_unused=True)
+    first = hv[0]  # the first layer of the encoder: the double backward reached all the way down
+    assert first is not None and torch.isfinite(first).all() and first.abs().max() > 0
+    if not check_fd:
+        return
+    with torch.no_grad():
+        for p, u in zip(params, v):
+            p.add_(eps * u)
+    g_plus = torch.autograd.grad(loss_fn(), params, allow_unused=True)
+    with torch.no_grad():
+        for p, u in zip(params, v):
+            p.sub_(2 * eps * u)
+    g_minus = torch.autograd.grad(loss_fn(), params, allow_unused=True)
+    num = torch.cat([((a if a is not None else 0 * p) - (b if b is not None else 0 * p)).flatten() / (2 * eps)
+                     for a, b, p in zip(g_plus, g_minus, params)])
+    ana = torch.cat([(h if h is not None else torch.zeros_like(p)).flatten() for h, p in zip(hv, params)])
+    assert ana.abs().max() > 0
+    rel = ((ana - num).norm() / ana.norm()).item()
+    assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODER_INPUTS))
+def test_second_order_gradients_flow_through_every_encoder(encoder):
+    torch.manual_seed(0)
+    modality, shape, make = ENCODER_INPUTS[encoder]
+    spec = ModelSpec({modality: shape})
+    model = build_model(spec, ways=2, width=4, hidden=3, fusion="attention", encoders={modality: encoder}).double()
+    x = make(4)
+    x = x.double() if x.is_floating_point() else x
+    batch = Batch({modality: x}, torch.ones(4, 1, dtype=torch.bool), torch.tensor([0, 1, 0, 1]), (modality,))
+    # ResNet-18's millions of ReLU/max-pool switching points make a central difference of its
+    # gradient unreliable; for it we check that the double backward exists, is finite and non-zero
+    # down to the first convolution.
+    _hvp_matches_finite_differences(model, batch, check_fd=encoder != "resnet18")
+
+
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_second_order_gradients_flow_through_every_fusion(fusion):
+    torch.manual_seed(0)
+    model = tiny_tabular_model(fusion=fusion)
+    x = {m: torch.randn(6, 4, dtype=torch.float64) for m in ("tab0", "tab1")}
+    mask = torch.tensor([[1, 1], [1, 0], [0, 1], [1, 1], [1, 1], [0, 1]], dtype=torch.bool)
+    batch = Batch(x, mask, torch.tensor([0, 1, 2, 0, 1, 2]), ("tab0", "tab1"))
+    _hvp_matches_finite_differences(model, batch)
+
+
+@pytest.mark.parametrize("encoder", ["conv1d", "gru", "tokens"])
+def test_clone_and_update_module_run_and_backpropagate(encoder):
+    torch.manual_seed(0)
+    modality, shape, make = ENCODER_INPUTS[encoder]
+    model = build_model(ModelSpec({modality: shape}), ways=2, width=4, hidden=3, encoders={modality: encoder})
+    batch = Batch({modality: make(4)}, torch.ones(4, 1, dtype=torch.bool), torch.tensor([0, 1, 0, 1]),
+                  (modality,))
+    clone = clone_module(model)
+    loss = torch.nn.functional.cross_entropy(clone(batch), batch.labels)
+    grads = torch.autograd.grad(loss, list(clone.parameters()), create_graph=True, allow_unused=True)
+    for p, g in zip(clone.parameters(), grads):
+        if g is not None:
+            p.update = -0.5 * g
+    update_module(clone)
+    after = clone(batch)
+    assert not torch.allclose(after, model(batch)), "the clone must use its updated weights"
+    torch.nn.functional.cross_entropy(after, batch.labels).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoders[modality].parameters())
+
+
+def test_pretrained_text_encoder_loads_offline_and_stays_frozen(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    frozen = FrozenTextModel()
+    feats = frozen.embed(["a spoken seven", "a handwritten letter", "a spoken seven"])
+    assert feats.shape == (3, 384) and torch.isfinite(feats).all()
+    assert torch.allclose(feats[0], feats[2]) and not torch.allclose(feats[0], feats[1])
+    assert not any(p.requires_grad for p in frozen.model.parameters())
+    before = [p.clone() for p in frozen.model.parameters()]
+    from metafusion.algorithms import MAML
+
+    model = build_model(ModelSpec({"text": (384,)}), ways=2, width=8, hidden=8, encoders={"text": "minilm"})
+    algo = MAML(model, inner_lr=0.5, inner_steps=2, inner_lr_test=0.5, inner_steps_test=2)
+    batch = Batch({"text": feats[:2]}, torch.ones(2, 1, dtype=torch.bool), torch.tensor([0, 1]), ("text",))
+    learner = algo.adapt(batch)
+    adapted = dict(learner.module.named_parameters())
+    assert not torch.equal(adapted["encoders.text.proj.0.weight"], model.encoders.text.proj[0].weight)
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.model.parameters()))
