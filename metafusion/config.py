@@ -95,6 +95,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Settings that apply only when that algorithm runs, e.g. {"reptile": {"algo": {"inner_lr": 0.001}}}:
+    # lets one config hold each paper's recipe, so `compare` and `--algo` pick the right one.
+    per_algorithm: dict[str, dict] = field(default_factory=dict)
     out: str = "runs/default"
 
 
@@ -238,6 +241,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
 def resolve(cfg: RunConfig) -> RunConfig:
     """Return a copy with every None hyperparameter filled from the algorithm's defaults."""
     cfg = copy.deepcopy(cfg)
+    specific = cfg.per_algorithm.get(cfg.algo.name)
+    if specific:
+        _apply(cfg, {k: v for k, v in specific.items() if k != "per_algorithm"})
     defaults = ALGORITHM_DEFAULTS[cfg.algo.name]
     for section in (cfg.algo, cfg.train):
         for key, value in defaults.items():
@@ -270,6 +276,9 @@ def _positive(key: str, value: Any, minimum: int = 1) -> None:
 def validate(cfg: RunConfig) -> None:
     """Reject incompatible settings at configuration time, never mid-training."""
     _choice("algo.name", cfg.algo.name, ALGORITHMS)
+    for name, section in cfg.per_algorithm.items():
+        _choice("per_algorithm key", name, ALGORITHMS)
+        _apply(copy.deepcopy(cfg), {k: v for k, v in (section or {}).items()})  # reject unknown keys now
     _choice("model.fusion", cfg.model.fusion, FUSIONS)
     _choice("model.attention", cfg.model.attention, ("vector", "scalar"))
     _choice("model.adapt", cfg.model.adapt, ("all", "head", "fusion+head"))

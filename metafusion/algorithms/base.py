@@ -76,7 +76,7 @@ class MetaAlgorithm:
         inner = fused_model(learner)
         weights = inner.modality_weights(episode.query) if isinstance(inner, FusionModel) else None
         if weights is not None:
-            metrics["modality_weights"] = weights.mean(0).tolist()
+            metrics["modality_weights"] = dict(zip(inner.modalities, weights.mean(0).tolist()))
         return metrics
 
 

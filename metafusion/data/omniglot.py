@@ -158,7 +158,8 @@ def encode_strokes(strokes: list[np.ndarray], length: int = 64, image_width: flo
     starts = np.concatenate([[0.0], np.cumsum(stroke_len)])  # arc-length offset of each stroke
     targets = np.linspace(0, starts[-1], length)
     out_pts = np.zeros((length, 2))
-    stroke_id = np.minimum(np.searchsorted(starts, targets, side="right") - 1, len(pts) - 1)
+    # A point exactly at a stroke boundary belongs to the stroke that ends there (so its pen lifts).
+    stroke_id = np.clip(np.searchsorted(starts, targets, side="left") - 1, 0, len(pts) - 1)
     for k, (s, sid) in enumerate(zip(targets, stroke_id)):
         p, lens = pts[sid], seg_len[sid]
         if len(p) == 1 or lens.sum() == 0:
@@ -183,7 +184,7 @@ def load_strokes(root: str | Path, length: int = 64) -> dict[str, Tensor]:
     if not present:
         raise DataError(f"no Omniglot stroke files under {base}: expected strokes_background.zip / "
                         f"strokes_evaluation.zip or strokes_background_small1.zip / _small2.zip")
-    cache = CACHE / "omniglot" / f"strokes_{length}_{_source_key(base, present)}.pt"
+    cache = CACHE / "omniglot" / f"strokes_v2_{length}_{_source_key(base, present)}.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
     encoded: dict[str, Tensor] = {}

@@ -5,7 +5,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
 from tqdm import tqdm
 
 from ..algorithms import MetaAlgorithm
@@ -41,8 +40,8 @@ def confidence_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, std, 1.96 * std / math.sqrt(n)
 
 
-def meta_test(algorithm: MetaAlgorithm, episodes: list[Episode], modalities: tuple[str, ...] = (),
-              quiet: bool = True, desc: str = "meta-test", device: str = "cpu") -> EvalResult:
+def meta_test(algorithm: MetaAlgorithm, episodes: list[Episode], quiet: bool = True, desc: str = "meta-test",
+              device: str = "cpu") -> EvalResult:
     start = time.perf_counter()
     accs, f1s, losses, weights = [], [], [], []
     bar = tqdm(episodes, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
@@ -55,9 +54,6 @@ def meta_test(algorithm: MetaAlgorithm, episodes: list[Episode], modalities: tup
             weights.append(m["modality_weights"])
         bar.set_postfix(acc=f"{sum(accs) / len(accs):.3f}")
     mean, std, ci = confidence_interval(accs)
-    mw = {}
-    if weights:
-        avg = torch.tensor(weights).mean(0).tolist()
-        mw = dict(zip(modalities, avg))
+    mw = {m: sum(w[m] for w in weights) / len(weights) for m in weights[0]} if weights else {}
     return EvalResult(mean, std, ci, sum(f1s) / len(f1s), sum(losses) / len(losses), len(episodes),
                       episodes_fingerprint(episodes), time.perf_counter() - start, mw, accs)

@@ -89,7 +89,7 @@ def stage_meta_test(run_dir: str | Path, *, checkpoint: str | Path | None = None
     exp = experiment or build_experiment(from_dict(state["config"]))
     exp.algorithm.module.load_state_dict(state["module"])
     tests = exp.test_episodes(episodes)
-    result = meta_test(exp.algorithm, tests, exp.dataset.modalities, quiet=quiet, device=exp.cfg.train.device)
+    result = meta_test(exp.algorithm, tests, quiet=quiet, device=exp.cfg.train.device)
     train_path = run_dir / "train.json"
     train = json.loads(train_path.read_text()) if train_path.exists() else None
     summary = _summary(exp, result, train, run_dir)

@@ -1,0 +1,148 @@
+"""The command line end to end on tiny budgets: every command writes what it promises, runs resume
+exactly after a kill, comparisons use identical episodes, and bad input gives clear errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from metafusion.cli import main
+
+TINY = ["--set", "data.num_classes=30", "--set", "data.samples_per_class=10", "--queries", "2",
+        "--set", "data.val_episodes=2", "--episodes", "6", "--set", "model.width=8", "--set", "model.hidden=8",
+        "--meta-batch", "2", "--set", "train.val_interval=3", "--quiet"]
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("meta-train", "meta-test", "fine-tune", "run", "compare", "datasets"):
+        assert command in out
+
+
+@pytest.mark.parametrize("argv", [["frobnicate"], ["meta-train", "--no-such-flag"], ["meta-test"]])
+def test_bad_usage_exits_non_zero_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "train.iterationz=3"], "unknown config key 'train.iterationz'"),
+    (["--algo", "mamal"], "choose one of: maml, fomaml, reptile, metasgd, anil, protonet, finetune"),
+    (["--modalities", "image,smell"], "no modality 'smell'"),
+    (["--dataset", "omniglot", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),
+    (["--fusion", "sum"], "attention, concat, mean, late, transformer"),
+])
+def test_bad_values_give_clear_errors(tmp_path, capsys, args, message):
+    assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", tmp_path / "r", *args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_meta_train_test_fine_tune_write_what_they_promise(tmp_path, capsys):
+    run = tmp_path / "maml"
+    assert run_cli("meta-train", *TINY, "--iterations", 6, "--out", run) == 0
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "train.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_accuracy" in r] == [3, 6]
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert {"module", "optimizer", "config", "versions", "rng", "step", "sampler"} <= set(ckpt)
+    assert yaml.safe_load((run / "config.yaml").read_text())["algo"]["inner_lr"] == 0.4  # resolved
+
+    # An existing run folder is never silently overwritten.
+    assert run_cli("meta-train", *TINY, "--iterations", 6, "--out", run) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    assert run_cli("meta-test", "--run", run, "--quiet") == 0
+    results = json.loads((run / "results.json").read_text())
+    for key in ("accuracy_mean", "accuracy_ci95", "accuracy_std"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["episodes"] == 6 and 0 <= results["macro_f1"] <= 1
+    assert set(results["modality_weights"]) == {"image", "audio", "text", "tabular"}
+    assert {"versions", "git_commit", "train_seconds", "tasks_per_s", "peak_memory_mb"} <= set(results)
+    assert results["accuracy_ci95"] == pytest.approx(1.96 * results["accuracy_std"] / 6 ** 0.5)
+    for name in ("results.md", "learning_curve.png", "attention.png"):
+        assert (run / name).is_file(), name
+
+    assert run_cli("fine-tune", "--run", run, "--seed", 1, "--quiet") == 0
+    ft = json.loads((run / "finetune" / "finetune.json").read_text())
+    assert 0 <= ft["query_accuracy"] <= 1 and (run / "finetune" / "model.pt").is_file()
+    assert "query accuracy" in capsys.readouterr().out
+
+
+def test_run_does_all_three_stages(tmp_path):
+    run = tmp_path / "proto"
+    assert run_cli("run", *TINY, "--algo", "protonet", "--iterations", 3, "--out", run) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["algorithm"] == "protonet" and "finetune" in results
+
+
+def test_compare_uses_identical_episodes(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert run_cli("compare", *TINY, "--algos", "maml,reptile", "--iterations", 3, "--out", out) == 0
+    a = json.loads((out / "maml" / "results.json").read_text())
+    b = json.loads((out / "reptile" / "results.json").read_text())
+    assert a["fingerprint"] == b["fingerprint"] and a["episodes"] == b["episodes"] == 6
+    table = (out / "compare.md").read_text()
+    assert "| maml |" in table and "| reptile |" in table and (out / "compare.csv").is_file()
+    assert "accuracy (95% CI)" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_with_the_iteration(tmp_path, capsys):
+    code = run_cli("meta-train", *TINY, "--iterations", 6, "--inner-lr", "1e30", "--out", tmp_path / "nan")
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite meta-loss or gradient at iteration 1" in err
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "metafusion", *map(str, args)]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    common = [*TINY, "--algo", "reptile", "--iterations", 24, "--set", "data.train_shots=2"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.run(_cli("meta-train", *common, "--out", tmp_path / "full"), check=True, env=env,
+                   capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("meta-train", *common, "--out", killed), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "last.pt").exists():
+            try:
+                step = torch.load(killed / "last.pt", weights_only=False)["step"]
+            except Exception:  # written atomically, so this only races with the very first write
+                step = 0
+            if step >= 6:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(killed / "last.pt", weights_only=False)["step"]
+    assert 0 < step < 24, f"the run was not interrupted mid-way (last checkpoint at step {step})"
+
+    subprocess.run(_cli("meta-train", "--resume", killed, "--quiet"), check=True, env=env, capture_output=True)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    resumed = torch.load(killed / "last.pt", weights_only=False)
+    assert resumed["step"] == full["step"] == 24
+    for k, v in full["module"].items():
+        assert torch.equal(v, resumed["module"][k]), k
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "tasks_per_s")}  # noqa: E731
+                          for line in path.read_text().splitlines()]
+    assert strip(killed / "metrics.jsonl") == strip(tmp_path / "full" / "metrics.jsonl")

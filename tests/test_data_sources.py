@@ -1,0 +1,117 @@
+"""Real datasets (Omniglot images + strokes, FSDD) against the data under METAFUSION_DATA, and
+bring-your-own data from the tiny example in tests/data."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metafusion.data import DataError, EpisodeSampler
+from metafusion.data.manifest import load_user_data
+from metafusion.data.omniglot import encode_strokes, omniglot, omniglot_strokes, parse_strokes
+
+HERE = Path(__file__).parent / "data"
+
+
+@pytest.mark.data
+def test_omniglot_counts_match_upstream(data_root):
+    ds = omniglot(data_root)
+    names = ds.metadata["class_names"]
+    assert sum(n.startswith("background/") for n in names) == 964
+    assert sum(n.startswith("evaluation/") for n in names) == 659
+    assert set(ds.class_counts().values()) == {20}  # 20 drawers per character
+    assert ds.data["image"].shape == (32460, 1, 28, 28)
+    assert 0.0 <= ds.data["image"].min() and ds.data["image"].max() <= 1.0
+    assert ds.data["image"].mean() < 0.3  # inverted: ink is 1 on a 0 background
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 1100, "val": 100, "test": 423}
+
+
+@pytest.mark.data
+def test_omniglot_rotations_and_lake_split(data_root):
+    rot = omniglot(data_root, rotations=True)
+    assert {k: len(v) for k, v in rot.splits.items()} == {"train": 4400, "val": 400, "test": 1692}
+    c = rot.splits["train"][0]
+    a = rot.data["image"][rot.targets == c][0]
+    b = rot.data["image"][rot.targets == c + 1623][0]
+    assert torch.equal(torch.rot90(a, 1, dims=(1, 2)), b)
+    lake = omniglot(data_root, split="background")
+    assert len(lake.splits["test"]) == 659 and len(lake.splits["train"]) + len(lake.splits["val"]) == 964
+
+
+def test_stroke_parsing_and_encoding():
+    text = "START\n0,0,0\n10,0,10\nBREAK\n0,-10,20\n0,-20,30\nBREAK\n"
+    strokes = parse_strokes(text)
+    assert len(strokes) == 2 and strokes[0].shape == (2, 3)
+    enc = encode_strokes(strokes, length=5, image_width=100)
+    # 20 px of ink in two 10 px strokes, 5 points evenly spaced along it: 0, 5, 10 | 15, 20 -> y = -raw y
+    pts = np.cumsum(enc[:, :2].numpy() * 100, axis=0) + 50
+    assert np.allclose(pts, [[0, 0], [5, 0], [10, 0], [0, 15], [0, 20]], atol=1e-5)
+    assert enc[:, 2].tolist() == [0, 0, 1, 0, 1]  # pen lifts after the end of each stroke
+
+
+@pytest.mark.data
+def test_omniglot_image_and_strokes_dataset(data_root):
+    ds = omniglot_strokes(data_root)
+    assert ds.modalities == ("image", "strokes")
+    assert len(ds.class_counts()) == 242 and len(ds) == 4840  # 8 background alphabets
+    assert ds.data["strokes"].shape == (4840, 64, 3)
+    assert set(ds.data["strokes"][:, :, 2].unique().tolist()) == {0.0, 1.0}
+    assert (ds.data["strokes"][:, -1, 2] == 1).all()
+    alphabets = {n.split("/")[1] for n in ds.metadata["class_names"]}
+    assert alphabets == {"Balinese", "Early_Aramaic", "Greek", "Korean", "Latin", "Japanese_(katakana)",
+                         "Sanskrit", "Tagalog"}
+    ep = EpisodeSampler(ds, "test", 5, 1, 5, seed=0).sample()
+    assert ep.query.inputs["strokes"].shape == (25, 64, 3)
+
+
+@pytest.mark.data
+def test_fsdd_loads(data_root):
+    from metafusion.data.fsdd import fsdd
+
+    ds = fsdd(data_root)
+    assert ds.data["audio"].shape == (3000, 1, 8000)
+    assert len(ds.class_counts()) == 60 and set(ds.class_counts().values()) == {50}
+    assert sorted(set(ds.metadata["speakers"])) == ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
+    test_speakers = {ds.metadata["speakers"][i] for i in ds.rows_of_classes(ds.splits["test"]).tolist()}
+    train_speakers = {ds.metadata["speakers"][i] for i in ds.rows_of_classes(ds.splits["train"]).tolist()}
+    assert test_speakers == {"yweweler"} and not test_speakers & train_speakers
+    assert fsdd(data_root, label="digit").targets.max() == 9
+
+
+def test_folder_layout_with_a_missing_file():
+    ds = load_user_data(HERE / "tiny_folder")
+    assert ds.modalities == ("image", "text", "tabular")
+    assert ds.metadata["class_names"] == ["bird", "cat", "dog", "fish", "frog"]
+    assert ds.data["image"].shape == (15, 1, 28, 28) and ds.data["tabular"].shape == (15, 4)
+    assert ds.present.sum() == 15 * 3 - 1  # frog2.png is missing -> image masked for that sample
+    frog2 = 14
+    assert not ds.present[frog2, 0] and (ds.data["image"][frog2] == 0).all()
+    assert "meow" in ds.metadata["vocabulary"]
+
+
+def test_manifest_with_inline_text_matches_folder():
+    ds = load_user_data(HERE / "tiny_manifest.csv")
+    assert ds.modalities == ("image", "text", "tabular")
+    assert len(ds) == 15 and ds.present[:, 0].sum() == 14
+    assert ds.metadata["texts"][0] == "inline meow purr whiskers"
+
+
+def test_corrupt_file_is_named_or_skipped(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"not a png")
+    (tmp_path / "a" / "x.txt").write_text("hello")
+    (tmp_path / "a" / "y.txt").write_text("world")
+    (tmp_path / "a" / "y.png").write_bytes((HERE / "tiny_folder" / "cat" / "cat0.png").read_bytes())
+    with pytest.raises(DataError, match=r"cannot read .*x\.png as image"):
+        load_user_data(tmp_path)
+    ds = load_user_data(tmp_path, skip_errors=True)
+    assert ds.metadata["skipped"] == 1 and not ds.present[0, 0]
+
+
+def test_bad_manifest_errors(tmp_path):
+    bad = tmp_path / "m.csv"
+    bad.write_text("class,image\nx,y.png\n")
+    with pytest.raises(DataError, match="needs a 'label' column"):
+        load_user_data(bad)
+    with pytest.raises(DataError, match="no such manifest or folder"):
+        load_user_data(tmp_path / "nothing")
