@@ -43,6 +43,7 @@ class DataConfig:
     missing_rate: float = 0.0  # probability that a modality is absent from a sample (dataset level)
     modality_dropout: float = 0.0  # train-time probability of masking a present modality
     standardize: bool = True  # per-modality standardisation, statistics from meta-train only
+    skip_unreadable: bool = False  # manifest: mask corrupt files (and count them) instead of failing
     val_episodes: int = 100
     test_episodes: int = 600
     episode_seed: int = 0  # fixes the val/test episodes, identical for every algorithm

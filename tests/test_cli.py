@@ -146,3 +146,21 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "tasks_per_s")}  # noqa: E731
                           for line in path.read_text().splitlines()]
     assert strip(killed / "metrics.jsonl") == strip(tmp_path / "full" / "metrics.jsonl")
+
+
+def test_fine_tune_on_a_users_folder(tmp_path):
+    """Meta-train on synthetic image + tabular data, then adapt to a user's own 3-class folder."""
+    import numpy as np
+    from PIL import Image
+
+    run = tmp_path / "run"
+    assert run_cli("meta-train", *TINY, "--modalities", "image,tabular", "--iterations", 2, "--out", run) == 0
+    rng = np.random.default_rng(0)
+    for c in ("left", "right", "up"):
+        (tmp_path / "task" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((rng.random((28, 28)) * 255).astype(np.uint8)).save(tmp_path / "task" / c / f"{i}.png")
+            np.save(tmp_path / "task" / c / f"{i}.npy", rng.normal(size=16).astype(np.float32))
+    assert run_cli("fine-tune", "--run", run, "--task", tmp_path / "task", "--quiet") == 0
+    ft = json.loads((run / "finetune" / "finetune.json").read_text())
+    assert ft["ways"] == 3 and ft["shots"] == 1 and ft["queries"] == 6  # the user's 3 classes, 2 queries each

@@ -60,7 +60,11 @@ def fsdd(cfg: DataConfig) -> MultimodalDataset:
 def manifest(cfg: DataConfig) -> MultimodalDataset:
     from .manifest import load_user_data
 
-    ds = load_user_data(require_root(cfg, ""), image_size=cfg.image_size, seed=cfg.data_seed)
+    ds = load_user_data(require_root(cfg, ""), image_size=cfg.image_size, skip_errors=cfg.skip_unreadable,
+                        seed=cfg.data_seed)
+    if ds.metadata["skipped"]:
+        print(f"{cfg.root}: skipped {ds.metadata['skipped']} unreadable files (data.skip_unreadable=true); "
+              f"those modalities are masked")
     if not ds.splits:
         raise DataError(f"{cfg.root}: meta-training needs at least 5 classes to split into train/val/test")
     return ds

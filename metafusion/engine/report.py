@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import resource
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,54 @@ import torch
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process (CPU) or peak allocated GPU memory, in MiB."""
+    """Peak resident memory of this process so far (CPU) or peak allocated GPU memory, in MiB."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) during a ``with`` block, sampled every 20 ms from /proc/self/statm.
+
+    The process-wide maximum (``peak_memory_mb``) never resets, so when several stages share one
+    process (``compare``) each stage's own peak has to be sampled.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _sample(self) -> None:
+        try:
+            with open("/proc/self/statm") as f:
+                self.peak_mb = max(self.peak_mb, int(f.read().split()[1]) * self._page_mb)
+        except OSError:  # not Linux: fall back to the process-wide peak
+            self.peak_mb = peak_memory_mb()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> "PeakMemory":
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    __enter__ = start
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
 class MetricsLog:

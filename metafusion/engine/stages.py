@@ -62,7 +62,7 @@ def _summary(exp: Experiment, result, train: dict[str, Any] | None, run_dir: Pat
             "iterations": (train or {}).get("iterations"), "train_seconds": (train or {}).get("seconds", 0.0),
             "tasks_per_s": (train or {}).get("tasks_per_s", 0.0),
             "best_val_accuracy": (train or {}).get("best_val_accuracy"),
-            "peak_memory_mb": peak_memory_mb(), "device": cfg.train.device,
+            "peak_memory_mb": (train or {}).get("peak_memory_mb", peak_memory_mb()), "device": cfg.train.device,
             "threads": torch.get_num_threads(), "versions": library_versions(), "git_commit": git_commit()}
 
 

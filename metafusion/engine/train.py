@@ -12,7 +12,7 @@ from ..config import to_dict
 from .build import Experiment
 from .checkpoint import library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluate import meta_test
-from .report import MetricsLog, peak_memory_mb
+from .report import MetricsLog, PeakMemory
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,77 +38,81 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
     cfg, algo = exp.cfg.train, exp.algorithm
     params = list(algo.parameters())
     opt = make_optimizer(cfg.optimizer, params, cfg.meta_lr)
-    total = cfg.iterations
     # Linear schedule: the meta lr (Reptile's epsilon) falls from meta_lr to 0 over the run.
+    total = cfg.iterations
     sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: max(0.0, 1 - s / total))
                                               if cfg.schedule == "linear" else (lambda s: 1.0))
-    step, best, elapsed_before = 0, -1.0, 0.0
-    last_path = run_dir / "last.pt" if run_dir else None
+    state = {"step": 0, "best": -1.0, "elapsed": 0.0}
     if resume:
-        state = load_checkpoint(last_path)
-        algo.module.load_state_dict(state["module"])
-        algo.load_state_dict(state["algorithm"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        exp.train_sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        step, best, elapsed_before = state["step"], state["best_val_accuracy"], state["elapsed"]
-    log = MetricsLog(run_dir, resume_step=step) if run_dir else None
-    start = time.perf_counter()
-    bar = tqdm(total=total, initial=step, desc=f"meta-train {exp.cfg.algo.name}", disable=True if quiet else None,
-               dynamic_ncols=True)
-    val_acc = float("nan")
-    while step < total:
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        algo.module.load_state_dict(ckpt["module"])
+        algo.load_state_dict(ckpt["algorithm"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        exp.train_sampler.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+        state = {"step": ckpt["step"], "best": ckpt["best_val_accuracy"], "elapsed": ckpt["elapsed"]}
+    log = MetricsLog(run_dir, resume_step=state["step"]) if run_dir else None
+    bar = tqdm(total=total, initial=state["step"], desc=f"meta-train {exp.cfg.algo.name}",
+               disable=True if quiet else None, dynamic_ncols=True)
+    with PeakMemory() as memory:
+        try:
+            _loop(exp, opt, sched, params, state, run_dir, log, bar, stop_at)
+        finally:
+            bar.close()
+            if log:
+                log.close()
+    return {"iterations": state["step"], "seconds": state["elapsed"],
+            "tasks_per_s": state["step"] * cfg.meta_batch / max(state["elapsed"], 1e-9),
+            "best_val_accuracy": state["best"], "peak_memory_mb": memory.peak_mb}
+
+
+def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None, log, bar, stop_at) -> None:
+    """The loop itself; ``state`` (step, best, elapsed) is updated in place."""
+    cfg, algo = exp.cfg.train, exp.algorithm
+    last_path = run_dir / "last.pt" if run_dir else None
+    start, elapsed_before, val_acc = time.perf_counter(), state["elapsed"], float("nan")
+    while state["step"] < cfg.iterations:
         tasks = [exp.train_sampler.sample().to(cfg.device) for _ in range(cfg.meta_batch)]
         opt.zero_grad(set_to_none=True)
         metrics = algo.meta_backward(tasks)
-        step += 1
+        state["step"] = step = state["step"] + 1
         if not _finite(metrics, params):
-            where = last_path if last_path and last_path.exists() else "none written yet"
-            if cfg.on_nan == "skip":
-                tqdm.write(f"iteration {step}: non-finite meta-loss/gradient, step skipped (train.on_nan=skip)")
-                opt.zero_grad(set_to_none=True)
-            else:
+            if cfg.on_nan == "stop":
+                where = last_path if last_path and last_path.exists() else "none written yet"
                 raise NonFiniteLossError(f"non-finite meta-loss or gradient at iteration {step} "
                                          f"(loss={metrics['loss']}); last good checkpoint: {where}. "
                                          f"Lower the learning rates, add train.clip, or set train.on_nan=skip.")
+            tqdm.write(f"iteration {step}: non-finite meta-loss/gradient, step skipped (train.on_nan=skip)")
         else:
             if cfg.clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
         sched.step()
-        elapsed = elapsed_before + time.perf_counter() - start
+        state["elapsed"] = elapsed = elapsed_before + time.perf_counter() - start
         out_of_time = cfg.budget_minutes is not None and elapsed >= 60 * cfg.budget_minutes
-        validate = step % cfg.val_interval == 0 or step == total or out_of_time or step == stop_at
+        validate = step % cfg.val_interval == 0 or step == cfg.iterations or out_of_time or step == stop_at
         record = {"step": step, "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 3),
                   "tasks_per_s": step * cfg.meta_batch / max(elapsed, 1e-9), **metrics}
         if validate:
-            val = meta_test(algo, exp.val_episodes, quiet=True, device=cfg.device)
-            val_acc = val.accuracy_mean
-            record["val_accuracy"] = val_acc
-            if val_acc > best and run_dir:
-                best = val_acc
-                save_checkpoint(run_dir / "best.pt", _payload(exp, opt, sched, step, best, elapsed))
-            best = max(best, val_acc)
+            val_acc = record["val_accuracy"] = meta_test(algo, exp.val_episodes, device=cfg.device).accuracy_mean
+            if val_acc > state["best"]:
+                state["best"] = val_acc
+                if run_dir:
+                    save_checkpoint(run_dir / "best.pt", _payload(exp, opt, sched, state))
         if log and (validate or step % cfg.log_interval == 0):
             log.write(record)
         if validate and run_dir:
-            save_checkpoint(last_path, _payload(exp, opt, sched, step, best, elapsed))
+            save_checkpoint(last_path, _payload(exp, opt, sched, state))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{val_acc:.3f}")
         if out_of_time or step == stop_at:
             break
-    bar.close()
-    if log:
-        log.close()
-    elapsed = elapsed_before + time.perf_counter() - start
-    return {"iterations": step, "seconds": elapsed, "tasks_per_s": step * cfg.meta_batch / max(elapsed, 1e-9),
-            "best_val_accuracy": best, "peak_memory_mb": peak_memory_mb()}
 
 
-def _payload(exp: Experiment, opt, sched, step: int, best: float, elapsed: float) -> dict:
+def _payload(exp: Experiment, opt, sched, state: dict) -> dict:
     return {"module": exp.algorithm.module.state_dict(), "algorithm": exp.algorithm.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "sampler": exp.train_sampler.state_dict(), "rng": rng_state(), "step": step,
-            "best_val_accuracy": best, "elapsed": elapsed, "config": to_dict(exp.cfg),
+            "sampler": exp.train_sampler.state_dict(), "rng": rng_state(), "step": state["step"],
+            "best_val_accuracy": state["best"], "elapsed": state["elapsed"], "config": to_dict(exp.cfg),
             "versions": library_versions()}
