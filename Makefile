@@ -11,7 +11,7 @@ DEPS_FILES := pyproject.toml scripts/build_learn2learn.sh Makefile
 DEPS_HASH = $(shell cat $(DEPS_FILES) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.deps-$(DEPS_HASH)
 
-.PHONY: demo test env clean reproduce-quick throughput
+.PHONY: demo test env clean
 
 demo: env
 	$(VENV)/bin/metafusion compare --config benchmarks/configs/demo.yaml --out runs/demo --overwrite
@@ -34,12 +34,6 @@ $(STAMP):
 	$(PY) -m pip install -q --disable-pip-version-check --find-links $(WHEEL_DIR) -e '.[dev]'
 	rm -f $(VENV)/.deps-*
 	touch $@
-
-reproduce-quick: env
-	$(PY) benchmarks/reproduce.py --quick
-
-throughput: env
-	$(PY) benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -70,6 +70,7 @@ class AlgoConfig:
     inner_batch: int | None = None  # reptile: inner mini-batch size
     inner_optimizer: str | None = None  # reptile: adam | sgd
     first_order: bool | None = None
+    learn_inner_lr: bool = False  # maml/fomaml/anil: meta-learn one inner learning rate per layer
     transductive: bool = True  # evaluation: query batch statistics together (True) or one query at a time
 
 
@@ -313,6 +314,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.adapt={cfg.model.adapt!r} has no meaning for {name} (it has no inner loop)")
     if name == "anil" and cfg.model.adapt not in ("all", "head"):
         raise ConfigError("anil adapts the head only; model.adapt must be 'head' (or left at its default)")
+    if cfg.algo.learn_inner_lr and name not in ("maml", "fomaml", "anil"):
+        raise ConfigError(f"algo.learn_inner_lr applies to maml, fomaml and anil, not {name}"
+                          + (" (metasgd always learns per-parameter rates)" if name == "metasgd" else ""))
     if name == "metasgd" and cfg.model.adapt != "all":
         raise ConfigError("metasgd learns a rate for every parameter; model.adapt must be 'all'")
     if name == "protonet" and cfg.model.fusion == "late":

@@ -119,6 +119,25 @@ def test_metasgd_learns_its_inner_learning_rates():
     assert any(not torch.equal(b, a) for b, a in zip(before, algo.wrapper.lrs))
 
 
+def test_maml_learned_per_layer_rates_are_meta_learned():
+    torch.manual_seed(0)
+    plain_model, learned_model = tiny_tabular_model(), tiny_tabular_model()
+    learned_model.load_state_dict(plain_model.state_dict())
+    plain = MAML(plain_model, **COMMON)
+    learned = MAML(learned_model, learn_inner_lr=True, **COMMON)
+    assert plain.layer_lrs is None and len(learned.layer_lrs) == len(list(learned_model.parameters()))
+    episode = tiny_episode()
+    plain.meta_backward([episode])
+    learned.meta_backward([episode])
+    # Starting at inner_lr, the learned rates reproduce plain MAML's meta-gradient exactly ...
+    assert torch.allclose(_flat([p.grad for p in plain_model.parameters()]),
+                          _flat([p.grad for p in learned_model.parameters()]), atol=1e-12)
+    # ... and receive a gradient of their own, so the outer optimizer changes them.
+    assert all(r.grad is not None for r in learned.layer_lrs)
+    torch.optim.Adam(learned.parameters(), lr=1e-2).step()
+    assert any(r.item() != 0.3 for r in learned.layer_lrs)
+
+
 def test_protonet_logits_are_negative_squared_distances():
     torch.manual_seed(0)
     model, episode = tiny_tabular_model(), tiny_episode()

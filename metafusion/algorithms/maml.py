@@ -21,26 +21,38 @@ class MAML(MetaAlgorithm):
 
     name = "maml"
 
-    def __init__(self, model: FusionModel, *, first_order: bool = False, **kwargs):
+    def __init__(self, model: FusionModel, *, first_order: bool = False, learn_inner_lr: bool = False,
+                 **kwargs):
         super().__init__(model, **kwargs)
         self.first_order = first_order
         self.wrapper = self._wrap(model)
         self._adapted = model.adapted(self.adapt_scope)
         if not any(self._adapted):
             raise ValueError(f"adaptation scope {self.adapt_scope!r} selects no trainable parameter")
+        # Optional learned inner learning rate per layer (one scalar per adapted parameter tensor),
+        # meta-learned with the weights; off by default, as in the MAML paper.
+        self.layer_lrs = nn.ParameterList(
+            [nn.Parameter(torch.tensor(float(self.inner_lr), dtype=p.dtype, device=p.device))
+             for p, a in zip(model.parameters(), self._adapted) if a]
+        ) if learn_inner_lr else None
+        self._module = nn.ModuleDict({"maml": self.wrapper, **({"layer_lrs": self.layer_lrs}
+                                                               if learn_inner_lr else {})})
 
     def _wrap(self, model: FusionModel) -> nn.Module:
         return L2LMAML(model, lr=self.inner_lr, first_order=self.first_order, allow_unused=True)
 
     @property
     def module(self) -> nn.Module:
-        return self.wrapper
+        return self._module
 
     def _step(self, learner: nn.Module, batch: Batch, lr: float, create_graph: bool) -> None:
         loss = cross_entropy(learner, batch)
         params = [p for p, a in zip(learner.module.parameters(), self._adapted) if a]
-        grads = iter(torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True))
-        self._update(learner, lr, [next(grads) if a else None for a in self._adapted])
+        grads = list(torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True))
+        if self.layer_lrs is not None:  # learned rates replace inner_lr (and inner_lr_test)
+            grads, lr = [None if g is None else r * g for g, r in zip(grads, self.layer_lrs)], 1.0
+        it = iter(grads)
+        self._update(learner, lr, [next(it) if a else None for a in self._adapted])
 
     def _update(self, learner: nn.Module, lr: float, grads: list) -> None:
         maml_update(learner.module, lr, grads)

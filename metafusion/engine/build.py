@@ -56,6 +56,8 @@ def make_algorithm(cfg: RunConfig, model: FusionModel, dataset: MultimodalDatase
     kwargs = dict(inner_lr=a.inner_lr, inner_steps=a.inner_steps, inner_lr_test=a.inner_lr_test,
                   inner_steps_test=a.inner_steps_test, transductive=a.transductive,
                   adapt_scope=cfg.model.adapt, first_order=a.first_order)
+    if a.learn_inner_lr:
+        kwargs.update(learn_inner_lr=True)
     if a.name == "reptile":
         kwargs.update(inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer, seed=cfg.train.seed)
     if a.name == "finetune":
