@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder written by meta-train")
     p.add_argument("--checkpoint", help="checkpoint to test (default: RUN/best.pt)")
     p.add_argument("--episodes", type=int, help="number of test episodes (default: the run's config)")
+    p.add_argument("--non-transductive", action="store_true",
+                   help="classify each query sample alone with the support set (writes results_nontransductive.*)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("fine-tune", help="adapt a meta-learned model to one new task and save it")
@@ -96,7 +98,8 @@ def config_from_args(args: argparse.Namespace, extra: list[str]):
 def _print_results(r: dict[str, Any]) -> None:
     print(f"\n{r['algorithm']} on {r['dataset']} ({', '.join(r['modalities'])}), {r['ways']}-way {r['shots']}-shot: "
           f"accuracy {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI, "
-          f"{r['episodes']} episodes), macro-F1 {r['macro_f1']:.3f}")
+          f"{r['episodes']} episodes, {'transductive' if r['transductive'] else 'non-transductive'}), "
+          f"macro-F1 {r['macro_f1']:.3f}")
     if r.get("modality_weights"):
         print("attention weights: " + ", ".join(f"{m} {w:.3f}" for m, w in r["modality_weights"].items()))
 
@@ -128,9 +131,11 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
         print(describe_datasets(args.data_root))
         return 0
     if args.command == "meta-test":
-        _print_results(stages.stage_meta_test(args.run, checkpoint=args.checkpoint, episodes=args.episodes,
-                                              quiet=args.quiet))
-        print(f"results written to {args.run}/results.json and results.md")
+        r = stages.stage_meta_test(args.run, checkpoint=args.checkpoint, episodes=args.episodes,
+                                   transductive=False if args.non_transductive else None, quiet=args.quiet)
+        _print_results(r)
+        stem = "results" if r["transductive"] else "results_nontransductive"
+        print(f"results written to {args.run}/{stem}.json and {stem}.md")
         return 0
     if args.command == "fine-tune":
         r = stages.stage_fine_tune(args.run, seed=args.seed, steps=args.steps, task=args.task, quiet=args.quiet)

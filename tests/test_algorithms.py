@@ -149,6 +149,29 @@ def test_protonet_logits_are_negative_squared_distances():
         assert torch.allclose(learner(episode.query), expected, atol=1e-10)
 
 
+def test_non_transductive_prediction_sees_one_query_at_a_time():
+    torch.manual_seed(0)
+    model, episode = tiny_tabular_model(), tiny_episode()
+    algo = MAML(model, **COMMON)
+    learner = algo.adapt(episode.support)
+    together = algo.predict(learner, episode)
+    algo.transductive = False
+    alone = algo.predict(learner, episode)
+    # An MLP has no batch statistics, so both modes must agree exactly on it ...
+    assert torch.allclose(together, alone, atol=1e-12)
+    # ... and with batch-statistics BatchNorm they differ (each query is normalised with the support set only).
+    from metafusion.data import EpisodeSampler, make_synthetic
+
+    ds = make_synthetic(num_classes=30, samples_per_class=6, seed=0).select_modalities(["image"])
+    cfg = load_config(None, {"model.width": 8, "model.hidden": 8, "data.queries": 1, "data.val_episodes": 1})
+    conv = MAML(build_experiment(cfg, ds).model, **COMMON)
+    ep = EpisodeSampler(ds, "train", 5, 1, 1, seed=0).sample()
+    learner = conv.adapt(ep.support)
+    t = conv.predict(learner, ep)
+    conv.transductive = False
+    assert not torch.allclose(t, conv.predict(learner, ep))
+
+
 @pytest.mark.parametrize("name", ALGORITHMS.names())
 def test_adapt_never_modifies_the_meta_model(name, small_synthetic):
     cfg = load_config(None, {"algo.name": name, "model.width": 8, "model.hidden": 8, "data.val_episodes": 1,

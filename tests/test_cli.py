@@ -78,6 +78,11 @@ def test_meta_train_test_fine_tune_write_what_they_promise(tmp_path, capsys):
     for name in ("results.md", "learning_curve.png", "attention.png"):
         assert (run / name).is_file(), name
 
+    assert run_cli("meta-test", "--run", run, "--non-transductive", "--quiet") == 0
+    nt = json.loads((run / "results_nontransductive.json").read_text())
+    assert nt["transductive"] is False and results["transductive"] is True
+    assert nt["fingerprint"] == results["fingerprint"]
+
     assert run_cli("fine-tune", "--run", run, "--seed", 1, "--quiet") == 0
     ft = json.loads((run / "finetune" / "finetune.json").read_text())
     assert 0 <= ft["query_accuracy"] <= 1 and (run / "finetune" / "model.pt").is_file()

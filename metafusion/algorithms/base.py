@@ -80,6 +80,27 @@ class MetaAlgorithm:
         return metrics
 
 
+class TaskTally:
+    """Accumulates loss and query accuracy over the tasks of one meta-batch."""
+
+    def __init__(self) -> None:
+        self.loss = self.correct = self.total = 0.0
+        self.tasks = 0
+
+    def add(self, loss: float, logits: Tensor | None = None, labels: Tensor | None = None) -> None:
+        self.loss += loss
+        self.tasks += 1
+        if logits is not None and len(labels):
+            self.correct += (logits.argmax(1) == labels).sum().item()
+            self.total += len(labels)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"loss": self.loss / max(self.tasks, 1)}
+        if self.total:
+            out["accuracy"] = self.correct / self.total
+        return out
+
+
 def fused_model(learner: nn.Module) -> nn.Module:
     """The FusionModel inside a learner (learn2learn wrappers keep it as ``.module``)."""
     while not isinstance(learner, FusionModel) and hasattr(learner, "module"):

@@ -10,7 +10,7 @@ from .._learn2learn import MetaSGD as L2LMetaSGD
 from .._learn2learn import maml_update, meta_sgd_update
 from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
-from .base import ALGORITHMS, MetaAlgorithm, cross_entropy
+from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
 
 
 @ALGORITHMS.register("maml")
@@ -64,16 +64,14 @@ class MAML(MetaAlgorithm):
         return learner
 
     def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:
-        loss_sum = correct = total = 0.0
+        tally = TaskTally()
         for task in tasks:
             learner = self._adapt(task.support, self.inner_steps, self.inner_lr, not self.first_order)
             logits = learner(task.query)
             loss = torch.nn.functional.cross_entropy(logits, task.query.labels)
             (loss / len(tasks)).backward()
-            loss_sum += loss.item()
-            correct += (logits.argmax(1) == task.query.labels).sum().item()
-            total += len(task.query)
-        return {"loss": loss_sum / len(tasks), "accuracy": correct / max(total, 1)}
+            tally.add(loss.item(), logits.detach(), task.query.labels)
+        return tally.metrics()
 
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         steps = self.inner_steps_test if steps is None else steps

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
-from .base import ALGORITHMS, MetaAlgorithm
+from .base import ALGORITHMS, MetaAlgorithm, TaskTally
 
 
 def prototypes(z: Tensor, labels: Tensor, ways: int) -> Tensor:
@@ -39,16 +39,14 @@ class ProtoNet(MetaAlgorithm):
     name = "protonet"
 
     def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:
-        loss_sum = correct = total = 0.0
+        tally = TaskTally()
         for task in tasks:
             protos = prototypes(self.model.features(task.support), task.support.labels, task.ways)
             logits = proto_logits(self.model.features(task.query), protos)
             loss = F.cross_entropy(logits, task.query.labels)
             (loss / len(tasks)).backward()
-            loss_sum += loss.item()
-            correct += (logits.argmax(1) == task.query.labels).sum().item()
-            total += len(task.query)
-        return {"loss": loss_sum / len(tasks), "accuracy": correct / max(total, 1)}
+            tally.add(loss.item(), logits.detach(), task.query.labels)
+        return tally.metrics()
 
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         ways = int(support.labels.max()) + 1

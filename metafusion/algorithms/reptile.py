@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
-from .base import ALGORITHMS, MetaAlgorithm, cross_entropy
+from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
 
 
 def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -74,24 +74,19 @@ class Reptile(MetaAlgorithm):
     def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:
         meta = self._scoped(self.model)
         delta = [torch.zeros_like(p) for p in meta]
-        loss_sum = correct = total = 0.0
+        tally = TaskTally()
         for task in tasks:
             self._load_meta_weights(self.fast)
-            loss_sum += self._inner_loop(self.fast, self.inner_opt, task.support, self.inner_steps,
-                                         self.generator)
+            loss = self._inner_loop(self.fast, self.inner_opt, task.support, self.inner_steps, self.generator)
             with torch.no_grad():
                 for d, fast, slow in zip(delta, self._scoped(self.fast), meta):
                     d += fast - slow
-                if len(task.query):
-                    correct += (self.fast(task.query).argmax(1) == task.query.labels).sum().item()
-                    total += len(task.query)
+                # Query accuracy after adaptation, for the logs only (training episodes may have none).
+                tally.add(loss, self.fast(task.query) if len(task.query) else None, task.query.labels)
         for p, d in zip(meta, delta):
             g = -d / len(tasks)
             p.grad = g if p.grad is None else p.grad + g
-        metrics = {"loss": loss_sum / len(tasks)}
-        if total:
-            metrics["accuracy"] = correct / total
-        return metrics
+        return tally.metrics()
 
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         steps = self.inner_steps_test if steps is None else steps

@@ -98,11 +98,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+def write_results(run_dir: Path, results: dict[str, Any], stem: str = "results") -> None:
     """``results.json`` (machine-readable) and ``results.md`` (for people) in ``run_dir``."""
     run_dir = Path(run_dir)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (run_dir / "results.md").write_text(results_markdown(results))
+    (run_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run_dir / f"{stem}.md").write_text(results_markdown(results))
 
 
 def results_markdown(r: dict[str, Any]) -> str:
@@ -110,7 +110,8 @@ def results_markdown(r: dict[str, Any]) -> str:
              f"({r['ways']}-way {r['shots']}-shot)", "",
              "| metric | value |", "|---|---|",
              f"| accuracy | {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI) |",
-             f"| episodes | {r['episodes']} (fingerprint `{r['fingerprint']}`) |",
+             f"| episodes | {r['episodes']} (fingerprint `{r['fingerprint']}`), "
+             f"{'transductive' if r.get('transductive', True) else 'non-transductive'} |",
              f"| macro-F1 | {r['macro_f1']:.4f} |",
              f"| meta-train iterations | {r.get('iterations', '-')} |",
              f"| meta-train time | {r.get('train_seconds', 0):.1f} s |",

@@ -80,14 +80,20 @@ def stage_meta_train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False
 
 
 def stage_meta_test(run_dir: str | Path, *, checkpoint: str | Path | None = None, episodes: int | None = None,
-                    quiet: bool = False, experiment: Experiment | None = None) -> dict[str, Any]:
-    """Evaluate a run's best checkpoint (or ``checkpoint``) on the fixed test episodes."""
+                    transductive: bool | None = None, quiet: bool = False,
+                    experiment: Experiment | None = None) -> dict[str, Any]:
+    """Evaluate a run's best checkpoint (or ``checkpoint``) on the fixed test episodes.
+
+    ``transductive=False`` classifies each query sample alone with the support set; its results are
+    written as ``results_nontransductive.json/.md`` beside the run's default results."""
     run_dir = Path(run_dir)
     ckpt_path = Path(checkpoint) if checkpoint else (run_dir / "best.pt" if (run_dir / "best.pt").exists()
                                                     else run_dir / "last.pt")
     state = load_checkpoint(ckpt_path)
     exp = experiment or build_experiment(from_dict(state["config"]))
     exp.algorithm.module.load_state_dict(state["module"])
+    if transductive is not None:
+        exp.cfg.algo.transductive = exp.algorithm.transductive = transductive
     tests = exp.test_episodes(episodes)
     result = meta_test(exp.algorithm, tests, quiet=quiet, device=exp.cfg.train.device)
     train_path = run_dir / "train.json"
@@ -95,7 +101,7 @@ def stage_meta_test(run_dir: str | Path, *, checkpoint: str | Path | None = None
     summary = _summary(exp, result, train, run_dir)
     summary["checkpoint"] = str(ckpt_path)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_results(run_dir, summary)
+    write_results(run_dir, summary, "results" if exp.algorithm.transductive else "results_nontransductive")
     plot_run(run_dir, summary)
     return summary
 

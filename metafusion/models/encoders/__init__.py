@@ -4,9 +4,24 @@ Adding an encoder: one file here, decorated with ``@ENCODERS.register("name")``,
 ``(out_dim, hidden, **options)`` and exposing ``out_dim``. No encoder keeps normalisation running
 statistics: MAML-style inner loops use batch statistics at train and test (see docs/architecture.md).
 """
+from torch import nn
+
 from ...registry import Registry
 
 ENCODERS: Registry = Registry("encoder")
+
+
+def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: int):
+    """``depth`` x [conv (``hidden`` channels, same padding), BatchNorm with batch statistics only,
+    ReLU, maxpool 2] in 1-D or 2-D: the few-shot building block shared by the convolutional encoders."""
+    conv, norm, pool = {1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
+                        2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)}[dims]
+    layers, channels = [], in_channels
+    for _ in range(depth):
+        layers += [conv(channels, hidden, kernel, padding=kernel // 2),
+                   norm(hidden, track_running_stats=False), nn.ReLU(), pool(2)]
+        channels = hidden
+    return nn.Sequential(*layers)
 
 from . import audio, image, sequence, tabular, text  # noqa: E402,F401  (registers the encoders)
 
@@ -22,4 +37,4 @@ def default_encoder(modality: str) -> str:
     return DEFAULT_ENCODERS[modality]
 
 
-__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "default_encoder"]
+__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "default_encoder", "conv_blocks"]

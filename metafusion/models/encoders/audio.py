@@ -5,7 +5,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from . import ENCODERS
+from . import ENCODERS, conv_blocks
 
 
 @ENCODERS.register("melcnn")
@@ -27,12 +27,7 @@ class MelCNN(nn.Module):
         else:
             raise ValueError(f"unknown audio front end {frontend!r}; choose mel or mfcc")
         self.log = frontend == "mel"
-        layers, channels = [], 1
-        for _ in range(3):
-            layers += [nn.Conv2d(channels, hidden, 3, padding=1),
-                       nn.BatchNorm2d(hidden, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
-            channels = hidden
-        self.body = nn.Sequential(*layers)
+        self.body = conv_blocks(2, 1, hidden, depth=3, kernel=3)
         self.proj = nn.Linear(hidden, out_dim)
         self.out_dim = out_dim
 

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from . import ENCODERS
+from . import ENCODERS, conv_blocks
 
 
 def _project(in_dim: int, out_dim: int) -> nn.Module:
@@ -25,13 +25,7 @@ class Conv4(nn.Module):
 
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 28, 28)):
         super().__init__()
-        layers, channels = [], input_shape[0]
-        for _ in range(4):
-            layers += [nn.Conv2d(channels, hidden, 3, padding=1),
-                       nn.BatchNorm2d(hidden, track_running_stats=False),
-                       nn.ReLU(), nn.MaxPool2d(2)]
-            channels = hidden
-        self.body = nn.Sequential(*layers)
+        self.body = conv_blocks(2, input_shape[0], hidden, depth=4, kernel=3)
         h, w = input_shape[1], input_shape[2]
         for _ in range(4):
             h, w = h // 2, w // 2

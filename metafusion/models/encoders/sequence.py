@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import ENCODERS
+from . import ENCODERS, conv_blocks
 
 
 @ENCODERS.register("conv1d")
@@ -13,12 +13,7 @@ class Conv1dEncoder(nn.Module):
 
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (64, 3)):
         super().__init__()
-        layers, channels = [], input_shape[-1]
-        for _ in range(3):
-            layers += [nn.Conv1d(channels, hidden, 5, padding=2),
-                       nn.BatchNorm1d(hidden, track_running_stats=False), nn.ReLU(), nn.MaxPool1d(2)]
-            channels = hidden
-        self.body = nn.Sequential(*layers)
+        self.body = conv_blocks(1, input_shape[-1], hidden, depth=3, kernel=5)
         self.proj = nn.Linear(hidden, out_dim)
         self.out_dim = out_dim
 
