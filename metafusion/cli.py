@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 # Named flags -> dotted config keys. Everything else can be set with `key=value` or --set key=value.
@@ -50,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/last.pt")
 
     p = sub.add_parser("meta-test", help="evaluate a run on the fixed test episodes (mean ± 95%% CI)")
-    p.add_argument("--run", required=True, help="run folder written by meta-train")
-    p.add_argument("--checkpoint", help="checkpoint to test (default: RUN/best.pt)")
+    p.add_argument("--run", help="run folder written by meta-train")
+    p.add_argument("--checkpoint", help="checkpoint to test (default: RUN/best.pt); results go beside it")
     p.add_argument("--episodes", type=int, help="number of test episodes (default: the run's config)")
     p.add_argument("--non-transductive", action="store_true",
                    help="classify each query sample alone with the support set (writes results_nontransductive.*)")
@@ -131,6 +132,9 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
         print(describe_datasets(args.data_root))
         return 0
     if args.command == "meta-test":
+        if not (args.run or args.checkpoint):
+            raise ValueError("meta-test needs --run RUN or --checkpoint PATH")
+        args.run = args.run or str(Path(args.checkpoint).parent)
         r = stages.stage_meta_test(args.run, checkpoint=args.checkpoint, episodes=args.episodes,
                                    transductive=False if args.non_transductive else None, quiet=args.quiet)
         _print_results(r)

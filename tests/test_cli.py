@@ -31,7 +31,7 @@ def test_help_lists_subcommands(capsys):
         assert command in out
 
 
-@pytest.mark.parametrize("argv", [["frobnicate"], ["meta-train", "--no-such-flag"], ["meta-test"]])
+@pytest.mark.parametrize("argv", [["frobnicate"], ["meta-train", "--no-such-flag"], ["fine-tune"]])
 def test_bad_usage_exits_non_zero_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -87,6 +87,12 @@ def test_meta_train_test_fine_tune_write_what_they_promise(tmp_path, capsys):
     ft = json.loads((run / "finetune" / "finetune.json").read_text())
     assert 0 <= ft["query_accuracy"] <= 1 and (run / "finetune" / "model.pt").is_file()
     assert "query accuracy" in capsys.readouterr().out
+
+    # A checkpoint alone is enough; results land beside it.
+    assert run_cli("meta-test", "--checkpoint", run / "last.pt", "--episodes", 3, "--quiet") == 0
+    assert json.loads((run / "results.json").read_text())["episodes"] == 3
+    assert run_cli("meta-test") == 2
+    assert "needs --run RUN or --checkpoint PATH" in capsys.readouterr().err
 
 
 def test_run_does_all_three_stages(tmp_path):
