@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ..config import RunConfig, from_dict, resolve, to_dict
-from ..data import Batch, Episode, EpisodeSampler
+from ..data import Episode, EpisodeSampler
 from .build import Experiment, build_experiment
 from .checkpoint import git_commit, library_versions, load_checkpoint, save_checkpoint
 from .evaluate import meta_test
