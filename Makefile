@@ -1,6 +1,8 @@
 # metafusion: two commands do everything on a fresh machine that has Python 3.11 and pip.
 #   make demo   -- create the environment if needed, then compare MAML and Reptile on synthetic data
 #   make test   -- create the environment if needed, then run the test suite
+#   make reproduce-quick -- rerun the CPU rows of docs/results.md and rewrite its tables (~2.5 h)
+#   make throughput      -- metafusion vs learn2learn-example loops, side by side (docs/performance.md)
 PYTHON ?= python3.11
 VENV   ?= .venv
 # learn2learn 0.2.0 has to be built from source on Python 3.11; the wheel is cached here across clones.
@@ -11,13 +13,19 @@ DEPS_FILES := pyproject.toml scripts/build_learn2learn.sh Makefile
 DEPS_HASH = $(shell cat $(DEPS_FILES) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.deps-$(DEPS_HASH)
 
-.PHONY: demo test env clean
+.PHONY: demo test env clean reproduce-quick throughput
 
 demo: env
 	$(VENV)/bin/metafusion compare --config benchmarks/configs/demo.yaml --out runs/demo --overwrite
 
 test: env
 	$(PY) -m pytest -q
+
+reproduce-quick: env
+	$(PY) benchmarks/reproduce.py
+
+throughput: env
+	$(PY) benchmarks/throughput.py
 
 env: $(STAMP)
 

@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
-    from .engine import stages
+    from .engine import distributed, stages
+
+    if distributed.launched_by_torchrun() and args.command != "meta-train":
+        raise ValueError(f"under torchrun only meta-train runs data-parallel; run '{args.command}' as a single "
+                         f"process (e.g. meta-test the run folder afterwards)")
 
     if args.command == "datasets":
         from .data.verify import describe_datasets
@@ -169,8 +173,13 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"fine-tune: query accuracy {100 * r['finetune']['query_accuracy']:.2f} %; run folder: {out}")
             return 0
         exp, train, run_dir = stages.stage_meta_train(cfg, out, overwrite=args.overwrite, quiet=args.quiet)
+    main_rank = distributed.current().main
+    distributed.shutdown()
+    if not main_rank:
+        return 0
+    ranks = f" over {train['ranks']} ranks" if train["ranks"] > 1 else ""
     print(f"meta-trained {exp.cfg.algo.name} for {train['iterations']} iterations in {train['seconds']:.1f} s "
-          f"({train['tasks_per_s']:.1f} tasks/s); best meta-val accuracy {100 * train['best_val_accuracy']:.2f} %; "
+          f"({train['tasks_per_s']:.1f} tasks/s{ranks}); best meta-val accuracy {100 * train['best_val_accuracy']:.2f} %; "
           f"run folder: {run_dir}")
     return 0
 

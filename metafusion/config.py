@@ -58,6 +58,11 @@ class ModelConfig:
     attention: str = "vector"  # attention weights: vector (element-wise) | scalar (one per modality)
     adapt: str = "all"  # parameters the inner loop adapts: all | head | fusion+head
     hidden: int = 64  # channels / hidden units inside encoders
+    # Modalities the model reads (None -> all the data provides). Unlike data.modalities, which drops
+    # the other modalities (and samples left with none) from the data, this keeps the episodes as they
+    # are: a single-modality model is tested on exactly the fused model's episodes, and a sample with
+    # none of its modalities gets z = 0 (the head's bias alone decides).
+    modalities: list[str] | None = None
 
 
 @dataclass

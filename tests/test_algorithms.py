@@ -172,6 +172,29 @@ def test_non_transductive_prediction_sees_one_query_at_a_time():
     assert not torch.allclose(t, conv.predict(learner, ep))
 
 
+@pytest.mark.parametrize("encoders", [{"image": "conv4", "audio": "melcnn", "text": "tokens", "tabular": "mlp"},
+                                      {"strokes": "conv1d", "tabular": "mlp"}, {"strokes": "gru", "image": "resnet18"}])
+@pytest.mark.parametrize("fusion", ["attention", "concat", "mean", "late", "transformer"])
+def test_batched_non_transductive_prediction_equals_one_forward_per_query(encoders, fusion):
+    """The vmapped protocol gives the loop's logits, with missing modalities in support and query."""
+    from test_models import ENCODER_INPUTS, _batch
+
+    from metafusion.algorithms.base import predict_each_alone, predict_each_alone_loop
+    from metafusion.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    shapes = {m: ENCODER_INPUTS[e][1] for m, e in encoders.items()}
+    inputs = {m: ENCODER_INPUTS[e][2](11) for m, e in encoders.items()}
+    mask = torch.rand(11, len(encoders)) > 0.3
+    mask[:, 0] |= ~mask.any(1)  # every sample carries at least one modality
+    model = build_model(ModelSpec(shapes), 3, width=8, hidden=8, fusion=fusion, encoders=encoders)
+    batch = _batch(inputs, mask)
+    support, query = batch.index(slice(0, 4)), batch.index(slice(4, 11))
+    with torch.no_grad():
+        assert torch.allclose(predict_each_alone(model, support, query),
+                              predict_each_alone_loop(model, support, query), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ALGORITHMS.names())
 def test_adapt_never_modifies_the_meta_model(name, small_synthetic):
     cfg = load_config(None, {"algo.name": name, "model.width": 8, "model.hidden": 8, "data.val_episodes": 1,

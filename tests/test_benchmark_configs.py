@@ -36,3 +36,41 @@ def test_omniglot_protocol_config_builds_the_published_splits(data_root):
     ds = DATASETS.build("omniglot", cfg.data)
     # 1100 / 100 / 423 characters, each with its three rotations as further classes.
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 4400, "val": 400, "test": 1692}
+
+
+def _script(name: str):
+    import importlib.util
+    import sys
+
+    path = CONFIGS[0].parents[1] / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_reproduce_row_is_a_valid_command_with_a_table_in_results_md():
+    from metafusion.cli import build_parser, config_from_args
+
+    reproduce = _script("reproduce")
+    text = reproduce.RESULTS_MD.read_text()
+    for table in reproduce.TABLES:
+        assert f"<!-- BEGIN {table} -->" in text and f"<!-- END {table} -->" in text
+    parser = build_parser()
+    for row in reproduce.ROWS:
+        cmd = row.commands[0]
+        argv = cmd[cmd.index("metafusion") + 1:] if cmd[0] == "torchrun" else cmd[1:]
+        args, extra = parser.parse_known_args(argv)
+        cfg = resolve(config_from_args(args, extra))
+        assert args.out and str(row.out) == args.out, row.name
+        if row.labels.get("modalities"):
+            assert cfg.model.modalities == row.labels["modalities"].split(",")
+    assert len({r.name for r in reproduce.ROWS}) == len(reproduce.ROWS)
+
+
+@pytest.mark.parametrize("variant", ["maml-1", "fomaml-5", "reptile-5", "protonet", "meta-test"])
+def test_throughput_benchmark_compares_equal_gradients(variant):
+    """The benchmark times nothing unless metafusion's meta-gradient equals the reference loop's."""
+    throughput = _script("throughput")
+    assert throughput.gradient_check("conv4", variant, "cpu", 2) <= 1e-5

@@ -115,3 +115,26 @@ def test_bad_manifest_errors(tmp_path):
         load_user_data(bad)
     with pytest.raises(DataError, match="no such manifest or folder"):
         load_user_data(tmp_path / "nothing")
+
+
+def test_decoded_data_is_cached_once_and_rekeyed_when_a_source_changes(tmp_path, monkeypatch):
+    import os
+
+    from metafusion.data.cache import cached, files_key
+
+    monkeypatch.setenv("METAFUSION_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"x": torch.arange(3)}
+
+    first, second = cached("kind/a.pt", build), cached("kind/a.pt", build)
+    assert len(calls) == 1 and torch.equal(first["x"], second["x"])
+    assert [p.name for p in (tmp_path / "cache" / "kind").iterdir()] == ["a.pt"]  # no temporary left behind
+    src = tmp_path / "rec.wav"
+    src.write_bytes(b"1234")
+    key = files_key([src])
+    src.write_bytes(b"12345")
+    os.utime(src, (1, 1))
+    assert files_key([src]) != key and files_key([src], 8000) != files_key([src])

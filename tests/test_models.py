@@ -12,6 +12,7 @@ from conftest import tiny_tabular_model
 # One small input per encoder: (modality name, sample shape, input maker).
 ENCODER_INPUTS = {
     "conv4": ("image", (1, 28, 28), lambda b: torch.rand(b, 1, 28, 28)),
+    "conv4s": ("image", (1, 28, 28), lambda b: torch.rand(b, 1, 28, 28)),
     "resnet18": ("image", (1, 28, 28), lambda b: torch.rand(b, 1, 28, 28)),
     "melcnn": ("audio", (1, 4000), lambda b: torch.randn(b, 1, 4000)),
     "tokens": ("text", (12,), lambda b: torch.randint(0, 201, (b, 12))),
@@ -185,3 +186,29 @@ def test_pretrained_text_encoder_loads_offline_and_stays_frozen(monkeypatch):
     adapted = dict(learner.module.named_parameters())
     assert not torch.equal(adapted["encoders.text.proj.0.weight"], model.encoders.text.proj[0].weight)
     assert all(torch.equal(a, b) for a, b in zip(before, frozen.model.parameters()))
+
+
+def test_a_sample_with_none_of_the_models_modalities_gets_the_head_bias_not_nan(small_synthetic):
+    """model.modalities=[image] on data where some samples lack the image: those samples get z = 0,
+    and gradients stay finite, so a single-modality model can run on the fused model's episodes."""
+    from metafusion.algorithms import MAML
+    from metafusion.config import load_config
+    from metafusion.engine import build_experiment
+
+    data = small_synthetic.with_missing(0.5, seed=1)
+    overrides = {"model.modalities": ["image"], "model.width": 8, "model.hidden": 8, "data.val_episodes": 1,
+                 "data.test_episodes": 2}
+    exp = build_experiment(load_config(None, overrides), data)
+    fused = build_experiment(load_config(None, {**overrides, "model.modalities": None}), data)
+    assert exp.model.modalities == ("image",) and len(fused.model.modalities) == 4
+    episodes = exp.test_episodes()
+    assert [e.fingerprint() for e in episodes] == [e.fingerprint() for e in fused.test_episodes()]
+    query = episodes[0].query
+    blind = ~query.present("image")
+    assert blind.any() and not blind.all()
+    logits = exp.model(query)
+    assert torch.isfinite(logits).all()
+    assert torch.allclose(logits[blind], exp.model.head.linear.bias.expand(int(blind.sum()), -1))
+    algo = MAML(exp.model, inner_lr=0.1, inner_steps=1, inner_lr_test=0.1, inner_steps_test=1)
+    algo.meta_backward(episodes)
+    assert all(torch.isfinite(p.grad).all() for p in algo.parameters() if p.grad is not None)

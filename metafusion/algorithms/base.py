@@ -1,6 +1,7 @@
 """The contract every meta-learning algorithm follows, and the evaluation they share."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import torch
@@ -61,12 +62,7 @@ class MetaAlgorithm:
         with torch.no_grad():
             if self.transductive:
                 return learner(episode.query)
-            rows = []
-            n = len(episode.support)
-            for i in range(len(episode.query)):
-                joint = Batch.cat([episode.support, episode.query.index(slice(i, i + 1))])
-                rows.append(learner(joint)[n:])
-            return torch.cat(rows)
+            return predict_each_alone(learner, episode.support, episode.query)
 
     def evaluate(self, episode: Episode) -> dict[str, float]:
         learner = self.adapt(episode.support)
@@ -99,6 +95,40 @@ class TaskTally:
         if self.total:
             out["accuracy"] = self.correct / self.total
         return out
+
+
+def predict_each_alone(learner: nn.Module, support: Batch, query: Batch) -> Tensor:
+    """Logits of each query row computed in a batch of its own with the support set: the
+    non-transductive protocol. The per-query batches run together under ``torch.func.vmap``, which
+    keeps batch statistics per query batch (exactly as separate calls would) but sends all of them
+    through each convolution at once; queries are grouped by which modalities they carry, since the
+    model's code branches on the modality mask. ``predict_each_alone_loop`` is the plain definition."""
+    n, out = len(support), None
+    patterns: dict[tuple[bool, ...], list[int]] = {}
+    for i, row in enumerate(query.mask.tolist()):
+        patterns.setdefault(tuple(row), []).append(i)
+    for rows in patterns.values():
+        idx = torch.tensor(rows, device=query.labels.device)
+        mask = torch.cat([support.mask, query.mask[idx[:1]]])
+        labels = torch.cat([support.labels, query.labels[idx[:1]]])
+
+        def one(inputs: dict[str, Tensor]) -> Tensor:
+            joint = {m: torch.cat([support.inputs[m], x.unsqueeze(0)]) for m, x in inputs.items()}
+            return learner(Batch(joint, mask, labels, support.modalities))[n]
+
+        with warnings.catch_warnings():  # ops without a batching rule (stft, gru_cell) loop inside vmap
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            logits = torch.func.vmap(one)({m: x[idx] for m, x in query.inputs.items()})
+        if out is None:
+            out = logits.new_empty(len(query), logits.shape[1])
+        out[idx] = logits
+    return out
+
+
+def predict_each_alone_loop(learner: nn.Module, support: Batch, query: Batch) -> Tensor:
+    """The non-transductive protocol written as a loop (one forward per query sample)."""
+    n = len(support)
+    return torch.cat([learner(Batch.cat([support, query.index(slice(i, i + 1))]))[n:] for i in range(len(query))])
 
 
 def fused_model(learner: nn.Module) -> nn.Module:

@@ -2,7 +2,8 @@
 
 Wavs are read with ``soundfile`` (torchaudio >= 2.9 routes ``load`` through torchcodec, which is not
 a dependency here); torchaudio computes the features inside the audio encoder. Each recording is
-trimmed or zero-padded (centred) to ``seconds`` and decoded once, cached as one tensor.
+trimmed or zero-padded (centred) to ``seconds`` and decoded once, cached as one tensor on disk
+(``metafusion.data.cache``).
 
 Labels: ``label="digit"`` (10 classes), or ``label="digit_speaker"`` (default for episodes): one class per
 (digit, speaker) pair, 60 classes of 50 takes, split by speaker (4 train / 1 val / 1 test speakers), so
@@ -17,6 +18,7 @@ import numpy as np
 import soundfile
 import torch
 
+from .cache import cached, files_key
 from .dataset import DataError, MultimodalDataset
 
 SAMPLE_RATE = 8000
@@ -59,7 +61,8 @@ def fsdd(root: str | Path, seconds: float = 1.0, label: str = "digit_speaker") -
     unknown = sorted(set(speakers) - set(SPEAKERS))
     if unknown:
         raise DataError(f"{folder}: unknown speakers {unknown}; expected {SPEAKERS}")
-    audio = torch.from_numpy(np.stack([read_wav(p, length) for p in files]))[:, None]  # (N, 1, T)
+    audio = cached(f"fsdd/audio_{length}_{files_key(files)}.pt",
+                   lambda: torch.from_numpy(np.stack([read_wav(p, length) for p in files]))[:, None])  # (N, 1, T)
     if label == "digit":
         targets = torch.tensor(digits)
         splits = {}

@@ -19,9 +19,7 @@ when the pen lifts after point k (the next step jumps to a new stroke; the last 
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .cache import cached, files_key
 from .dataset import DataError, MultimodalDataset, split_classes
 
 IMAGE_SPLITS = ("background", "evaluation")
@@ -38,7 +37,6 @@ STROKE_SOURCES = ("strokes_background", "strokes_evaluation", "strokes_backgroun
                   "strokes_background_small2")
 UPSTREAM = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 EXPECTED_CHARACTERS = {"background": 964, "evaluation": 659}
-CACHE = Path(os.environ.get("METAFUSION_CACHE", Path.home() / ".cache" / "metafusion"))
 
 
 def find_omniglot_root(root: str | Path) -> Path:
@@ -85,13 +83,7 @@ def _members(base: Path, name: str, suffix: str) -> dict[str, bytes | Path]:
 
 
 def _source_key(base: Path, names: list[str]) -> str:
-    h = hashlib.sha1()
-    for name in names:
-        for p in (base / f"{name}.zip", base / name):
-            if p.exists():
-                st = p.stat()
-                h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:12]
+    return files_key(p for name in names for p in (base / f"{name}.zip", base / name) if p.exists())
 
 
 def _decode_png(data: bytes | Path, size: int) -> np.ndarray:
@@ -105,19 +97,17 @@ def load_images(root: str | Path, split: str, image_size: int = 28) -> tuple[Ten
     """All images of one Lake split: ``[N, 1, s, s]`` floats and their keys, sorted by key."""
     base = find_omniglot_root(root)
     name = f"images_{split}"
-    cache = CACHE / "omniglot" / f"{name}_{image_size}_{_source_key(base, [name])}.pt"
-    if cache.exists():
-        saved = torch.load(cache, weights_only=True)
-        return saved["images"].float() / 255, saved["keys"]
-    files = _members(base, name, ".png")
-    if not files:
-        raise DataError(f"no PNG files found in {base / name}.zip or {base / name}/")
-    keys = sorted(files)
-    images = torch.from_numpy(np.stack([_decode_png(files[k], image_size) for k in keys]))[:, None]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    quantised = (images * 255).round().to(torch.uint8)  # 8-bit cache: 4x smaller, PNG-exact
-    torch.save({"images": quantised, "keys": keys}, cache)
-    return quantised.float() / 255, keys
+
+    def decode() -> dict:
+        files = _members(base, name, ".png")
+        if not files:
+            raise DataError(f"no PNG files found in {base / name}.zip or {base / name}/")
+        keys = sorted(files)
+        images = torch.from_numpy(np.stack([_decode_png(files[k], image_size) for k in keys]))[:, None]
+        return {"images": (images * 255).round().to(torch.uint8), "keys": keys}  # 8-bit: 4x smaller, PNG-exact
+
+    saved = cached(f"omniglot/{name}_{image_size}_{_source_key(base, [name])}.pt", decode)
+    return saved["images"].float() / 255, saved["keys"]
 
 
 def character_of(key: str) -> str:
@@ -184,20 +174,19 @@ def load_strokes(root: str | Path, length: int = 64) -> dict[str, Tensor]:
     if not present:
         raise DataError(f"no Omniglot stroke files under {base}: expected strokes_background.zip / "
                         f"strokes_evaluation.zip or strokes_background_small1.zip / _small2.zip")
-    cache = CACHE / "omniglot" / f"strokes_v2_{length}_{_source_key(base, present)}.pt"
-    if cache.exists():
-        return torch.load(cache, weights_only=True)
-    encoded: dict[str, Tensor] = {}
-    for name in present:
-        split = "evaluation" if "evaluation" in name else "background"
-        for key, data in _members(base, name, ".txt").items():
-            full = f"{split}/{key}"
-            if full not in encoded:
-                text = data.decode() if isinstance(data, bytes) else Path(data).read_text()
-                encoded[full] = encode_strokes(parse_strokes(text), length)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(encoded, cache)
-    return encoded
+
+    def encode() -> dict[str, Tensor]:
+        encoded: dict[str, Tensor] = {}
+        for name in present:
+            split = "evaluation" if "evaluation" in name else "background"
+            for key, data in _members(base, name, ".txt").items():
+                full = f"{split}/{key}"
+                if full not in encoded:
+                    text = data.decode() if isinstance(data, bytes) else Path(data).read_text()
+                    encoded[full] = encode_strokes(parse_strokes(text), length)
+        return encoded
+
+    return cached(f"omniglot/strokes_v2_{length}_{_source_key(base, present)}.pt", encode)
 
 
 def _load_all_images(root, image_size) -> tuple[Tensor, list[str]]:

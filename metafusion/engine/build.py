@@ -1,6 +1,7 @@
 """Config -> the objects of one experiment: prepared dataset, model, algorithm, samplers, episodes."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from ..algorithms import ALGORITHMS, MetaAlgorithm
 from ..config import RunConfig, resolve
 from ..data import DATASETS, Episode, EpisodeSampler, MultimodalDataset, Standardizer, fixed_episodes
+from ..data.cache import cached
 from ..data.synthetic import decode_text
 from ..models import ENCODERS, FrozenTextModel, FusionModel, ModelSpec, build_model
 
@@ -30,13 +32,15 @@ def load_dataset(cfg: RunConfig) -> MultimodalDataset:
 
 
 def with_frozen_text_features(dataset: MultimodalDataset, modality: str) -> MultimodalDataset:
-    """Replace token ids by pretrained sentence features, computed once per sample."""
+    """Replace token ids by pretrained sentence features, computed once per sample and cached on disk
+    (keyed by the texts themselves: the features are a function of the strings and the model)."""
     texts = dataset.metadata.get("texts")
     if texts is None:
         vocab = dataset.metadata["vocabulary"]
         texts = [decode_text(ids, vocab) for ids in dataset.data[modality]]
-    encoder = FrozenTextModel()
-    return dataset.map_modality(modality, lambda _: encoder.embed(texts))
+    key = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:16]
+    features = cached(f"text/minilm_{key}.pt", lambda: FrozenTextModel().embed(texts))
+    return dataset.map_modality(modality, lambda _: features)
 
 
 def model_spec(dataset: MultimodalDataset) -> ModelSpec:
@@ -47,8 +51,18 @@ def model_spec(dataset: MultimodalDataset) -> ModelSpec:
 
 def make_model(cfg: RunConfig, dataset: MultimodalDataset, ways: int | None = None) -> FusionModel:
     m = cfg.model
-    return build_model(model_spec(dataset), ways or cfg.data.ways, width=m.width, hidden=m.hidden,
-                       fusion=m.fusion, attention=m.attention, encoders=m.encoders)
+    spec = model_spec(dataset)
+    if m.modalities:
+        unknown = [x for x in m.modalities if x not in spec.input_shapes]
+        if unknown:
+            raise ValueError(f"model.modalities names {', '.join(map(repr, unknown))}, which the data does not "
+                             f"provide ({', '.join(spec.input_shapes)})")
+        spec.input_shapes = {x: spec.input_shapes[x] for x in m.modalities}
+    encoders = m.encoders
+    if m.modalities or cfg.data.modalities:  # a config's encoders for modalities left out do not apply
+        encoders = {x: e for x, e in encoders.items() if x in spec.input_shapes}
+    return build_model(spec, ways or cfg.data.ways, width=m.width, hidden=m.hidden,
+                       fusion=m.fusion, attention=m.attention, encoders=encoders)
 
 
 def make_algorithm(cfg: RunConfig, model: FusionModel, dataset: MultimodalDataset) -> MetaAlgorithm:

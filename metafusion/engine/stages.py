@@ -17,6 +17,7 @@ import yaml
 from ..config import RunConfig, from_dict, resolve, to_dict
 from ..data import Episode, EpisodeSampler
 from .build import Experiment, build_experiment
+from . import distributed
 from .checkpoint import git_commit, library_versions, load_checkpoint, save_checkpoint
 from .evaluate import meta_test
 from .report import peak_memory_mb, plot_run, write_compare, write_results
@@ -69,13 +70,24 @@ def _summary(exp: Experiment, result, train: dict[str, Any] | None, run_dir: Pat
 def stage_meta_train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
                      quiet: bool = False, stop_at: int | None = None, experiment: Experiment | None = None
                      ) -> tuple[Experiment, dict[str, Any], Path]:
-    run_dir = prepare_run_dir(out, overwrite, resume)
+    """Meta-train into ``out``. Launched by torchrun, every rank runs this; rank 0 owns the folder."""
     if resume:
+        run_dir = prepare_run_dir(out, resume=True)  # only checks that last.pt exists
         cfg = load_run_config(run_dir)
+    cfg = cfg if cfg is not None else experiment.cfg
+    rank = distributed.init(cfg.train.device)
+    if rank.main and not resume:
+        prepare_run_dir(out, overwrite)
+    distributed.barrier()
+    run_dir = Path(out)
+    cfg.train.device = distributed.device_for(cfg.train.device)
     exp = experiment or build_experiment(cfg)
-    save_config(exp.cfg, run_dir)
+    if rank.main:
+        save_config(exp.cfg, run_dir)
     train = meta_train(exp, run_dir, resume=resume, quiet=quiet, stop_at=stop_at)
-    (run_dir / "train.json").write_text(json.dumps(train, indent=2) + "\n")
+    train["ranks"] = rank.world
+    if rank.main:
+        (run_dir / "train.json").write_text(json.dumps(train, indent=2) + "\n")
     return exp, train, run_dir
 
 
@@ -124,6 +136,7 @@ def stage_fine_tune(run_dir: str | Path, *, seed: int = 0, steps: int | None = N
         episode = EpisodeSampler(exp.dataset, "test", d.ways, d.shots, d.queries, seed=seed).sample()
     else:
         episode = user_task(task, exp, d.shots)
+    episode = episode.to(exp.cfg.train.device)
     learner = exp.algorithm.adapt(episode.support, steps)
     logits = exp.algorithm.predict(learner, episode)
     acc = (logits.argmax(1) == episode.query.labels).float().mean().item()

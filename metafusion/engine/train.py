@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import to_dict
+from . import distributed
 from .build import Experiment
 from .checkpoint import library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluate import meta_test
@@ -34,15 +35,27 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
     """Meta-train ``exp`` for ``train.iterations`` (or until ``train.budget_minutes``), writing
     metrics, TensorBoard events and ``last.pt`` / ``best.pt`` (by meta-validation accuracy) into
     ``run_dir``. ``resume`` continues from ``run_dir/last.pt`` and reproduces the uninterrupted run
-    exactly. ``stop_at`` ends after that iteration (as an interruption would; used by tests)."""
+    exactly. ``stop_at`` ends after that iteration (as an interruption would; used by tests).
+
+    Under torchrun the meta-batch is split across ranks (see ``distributed``); only rank 0 writes."""
     cfg, algo = exp.cfg.train, exp.algorithm
+    rank = distributed.current()
+    if cfg.meta_batch < rank.world:
+        raise ValueError(f"train.meta_batch={cfg.meta_batch} is smaller than the {rank.world} ranks: "
+                         f"every rank needs at least one task")
     params = list(algo.parameters())
     opt = make_optimizer(cfg.optimizer, params, cfg.meta_lr)
-    # Linear schedule: the meta lr (Reptile's epsilon) falls from meta_lr to 0 over the run.
-    total = cfg.iterations
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: max(0.0, 1 - s / total))
-                                              if cfg.schedule == "linear" else (lambda s: 1.0))
     state = {"step": 0, "best": -1.0, "elapsed": 0.0}
+    # Linear schedule: the meta lr (Reptile's epsilon) falls from meta_lr to 0 over the run. With a
+    # time budget the run's end is whichever comes first, iterations or minutes, so the schedule
+    # follows the further along of the two: a budget-cut run still anneals to 0 (as the papers' did).
+    total, budget_s = cfg.iterations, 60 * cfg.budget_minutes if cfg.budget_minutes else None
+
+    def progress(step: int) -> float:
+        return max(step / total, state["elapsed"] / budget_s if budget_s else 0.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: max(0.0, 1 - progress(s)))
+                                              if cfg.schedule == "linear" else (lambda s: 1.0))
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
         algo.module.load_state_dict(ckpt["module"])
@@ -51,13 +64,16 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
         sched.load_state_dict(ckpt["scheduler"])
         exp.train_sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
-        state = {"step": ckpt["step"], "best": ckpt["best_val_accuracy"], "elapsed": ckpt["elapsed"]}
+        state.update(step=ckpt["step"], best=ckpt["best_val_accuracy"], elapsed=ckpt["elapsed"])
+    distributed.broadcast_parameters(params)
+    if not rank.main:
+        run_dir = None  # rank 0 alone logs, validates and writes checkpoints
     log = MetricsLog(run_dir, resume_step=state["step"]) if run_dir else None
     bar = tqdm(total=total, initial=state["step"], desc=f"meta-train {exp.cfg.algo.name}",
-               disable=True if quiet else None, dynamic_ncols=True)
+               disable=True if quiet or not rank.main else None, dynamic_ncols=True)
     with PeakMemory() as memory:
         try:
-            _loop(exp, opt, sched, params, state, run_dir, log, bar, stop_at)
+            _loop(exp, opt, sched, params, state, run_dir, log, bar, stop_at, rank)
         finally:
             bar.close()
             if log:
@@ -67,16 +83,26 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
             "best_val_accuracy": state["best"], "peak_memory_mb": memory.peak_mb}
 
 
-def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None, log, bar, stop_at) -> None:
+def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None, log, bar, stop_at,
+          rank: distributed.Rank) -> None:
     """The loop itself; ``state`` (step, best, elapsed) is updated in place."""
     cfg, algo = exp.cfg.train, exp.algorithm
     last_path = run_dir / "last.pt" if run_dir else None
     # ``elapsed`` counts meta-training only: validation time is excluded from the budget and tasks/s.
     start, elapsed_before, val_acc, val_seconds = time.perf_counter(), state["elapsed"], float("nan"), 0.0
+
+    def clock() -> float:
+        return elapsed_before + time.perf_counter() - start - val_seconds
+
     while state["step"] < cfg.iterations:
-        tasks = [exp.train_sampler.sample().to(cfg.device) for _ in range(cfg.meta_batch)]
+        # Every rank draws the whole meta-batch (identical samplers) and adapts its own share.
+        tasks = [exp.train_sampler.sample() for _ in range(cfg.meta_batch)]
+        mine = [t.to(cfg.device) for t in rank.shard(tasks)]
         opt.zero_grad(set_to_none=True)
-        metrics = algo.meta_backward(tasks)
+        metrics = algo.meta_backward(mine)
+        out_of_time = rank.main and cfg.budget_minutes is not None and clock() >= 60 * cfg.budget_minutes
+        metrics, out_of_time = distributed.all_reduce_meta_batch(params, len(mine), len(tasks), metrics,
+                                                                 out_of_time)
         state["step"] = step = state["step"] + 1
         if not _finite(metrics, params):
             if cfg.on_nan == "stop":
@@ -89,12 +115,12 @@ def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None
             if cfg.clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
-        sched.step()
-        state["elapsed"] = elapsed = elapsed_before + time.perf_counter() - start - val_seconds
-        out_of_time = cfg.budget_minutes is not None and elapsed >= 60 * cfg.budget_minutes
-        validate = step % cfg.val_interval == 0 or step == cfg.iterations or out_of_time or step == stop_at
+        state["elapsed"] = elapsed = clock()
         record = {"step": step, "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 3),
                   "tasks_per_s": step * cfg.meta_batch / max(elapsed, 1e-9), **metrics}
+        sched.step()
+        validate = rank.main and (step % cfg.val_interval == 0 or step == cfg.iterations or out_of_time
+                                  or step == stop_at)
         if validate:
             val = meta_test(algo, exp.val_episodes, device=cfg.device)
             val_acc, val_seconds = val.accuracy_mean, val_seconds + val.seconds

@@ -22,8 +22,11 @@ def _zero_absent(h: Tensor, mask: Tensor) -> Tensor:
 
 
 def masked_softmax(scores: Tensor, mask: Tensor, dim: int) -> Tensor:
-    """Softmax over ``dim`` where masked-out entries get exactly zero weight."""
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=dim)
+    """Softmax over ``dim`` where masked-out entries get exactly zero weight. A slice with nothing
+    present (a sample carrying none of the model's modalities) gets all-zero weights, not NaN."""
+    anything = mask.any(dim, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")).masked_fill(~anything, 0.0), dim=dim)
+    return torch.where(mask, weights, torch.zeros((), dtype=weights.dtype))
 
 
 class LinearHead(nn.Module):

@@ -11,15 +11,23 @@ from ...registry import Registry
 ENCODERS: Registry = Registry("encoder")
 
 
-def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: int):
+def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: int, stride: int = 1):
     """``depth`` x [conv (``hidden`` channels, same padding), BatchNorm with batch statistics only,
-    ReLU, maxpool 2] in 1-D or 2-D: the few-shot building block shared by the convolutional encoders."""
+    ReLU, maxpool 2] in 1-D or 2-D: the few-shot building block shared by the convolutional encoders.
+
+    The layers run as conv, BatchNorm, maxpool, ReLU: ReLU is monotonic, so ``relu(maxpool(x))`` equals
+    ``maxpool(relu(x))`` exactly, values and (sub)gradients alike (the pool picks the same position;
+    a non-positive maximum gets zero gradient either way), and ReLU then touches 4x fewer elements
+    (measured: +5-8 % MAML tasks/s on Conv4, docs/performance.md).
+
+    ``stride=2`` downsamples with the convolution itself and drops the max-pool: the Omniglot network
+    of the MAML and Reptile reference code (4x fewer convolution FLOPs, no pooling)."""
     conv, norm, pool = {1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
                         2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)}[dims]
     layers, channels = [], in_channels
     for _ in range(depth):
-        layers += [conv(channels, hidden, kernel, padding=kernel // 2),
-                   norm(hidden, track_running_stats=False), nn.ReLU(), pool(2)]
+        layers += [conv(channels, hidden, kernel, stride=stride, padding=kernel // 2),
+                   norm(hidden, track_running_stats=False), *([pool(2)] if stride == 1 else []), nn.ReLU()]
         channels = hidden
     return nn.Sequential(*layers)
 

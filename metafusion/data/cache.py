@@ -1,0 +1,41 @@
+"""Decode once, then only index: decoded datasets (Omniglot PNGs and strokes, FSDD wavs, frozen
+text-encoder features) are saved as tensors under ``$METAFUSION_CACHE`` (default
+``~/.cache/metafusion``), keyed by what they were made from, so a changed source file makes a new entry
+instead of a stale hit. Writes are atomic (temporary file + rename): parallel runs can share the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("METAFUSION_CACHE", Path.home() / ".cache" / "metafusion"))
+
+
+def files_key(paths: Iterable[Path], *extra: object) -> str:
+    """A short hash of the files' names, sizes and modification times (and ``extra`` settings)."""
+    h = hashlib.sha1()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    if extra:
+        h.update(repr(extra).encode())
+    return h.hexdigest()[:12]
+
+
+def cached(relative: str, build: Callable[[], Any]) -> Any:
+    """``build()``'s result, loaded from ``cache_root()/relative`` when present, else built and saved."""
+    path = cache_root() / relative
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(value, tmp)
+    os.replace(tmp, path)
+    return value

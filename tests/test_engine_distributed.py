@@ -1,0 +1,114 @@
+"""Data-parallel meta-training (torch.distributed, gloo): 2 ranks give the meta-gradient of 1 process on
+the same tasks, and `torchrun -m metafusion meta-train` trains the same model as a single process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from metafusion.config import from_dict
+from metafusion.engine import build_experiment, distributed
+
+CFG = {"data": {"num_classes": 30, "samples_per_class": 10, "queries": 2, "val_episodes": 2, "test_episodes": 2},
+       "model": {"width": 8, "hidden": 8}, "train": {"meta_batch": 5}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _meta_gradient(algo: str, rank: distributed.Rank) -> list[torch.Tensor]:
+    """This rank's view of the meta-gradient of one meta-batch (float64), after the all-reduce."""
+    torch.set_default_dtype(torch.float64)
+    exp = build_experiment(from_dict({**CFG, "algo": {"name": algo, "inner_optimizer": "sgd"}}))
+    tasks = [exp.train_sampler.sample() for _ in range(exp.cfg.train.meta_batch)]
+    tasks = [t.to("cpu") for t in tasks]
+    for t in tasks:  # the synthetic data is float32; make the whole computation float64
+        for b in (t.support, t.query):
+            b.inputs.update({m: x.double() for m, x in b.inputs.items() if x.is_floating_point()})
+    params = list(exp.algorithm.parameters())
+    mine = rank.shard(tasks)
+    metrics = exp.algorithm.meta_backward(mine)
+    distributed.all_reduce_meta_batch(params, len(mine), len(tasks), metrics, False)
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]  # None: unused here
+
+
+def _worker(rank: int, world: int, port: int, algo: str, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    r = distributed.init("cpu")
+    grads = _meta_gradient(algo, r)
+    if r.main:
+        torch.save(grads, path)
+    distributed.shutdown()
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "protonet"])
+def test_two_ranks_give_the_one_process_meta_gradient(algo, tmp_path):
+    # 5 tasks over 2 ranks (3 + 2): unequal shares must still give the mean over all 5 tasks.
+    path = str(tmp_path / "grads.pt")
+    mp.spawn(_worker, args=(2, _free_port(), algo, path), nprocs=2, join=True)
+    default = torch.get_default_dtype()
+    try:
+        single = _meta_gradient(algo, distributed.Rank())
+    finally:
+        torch.set_default_dtype(default)
+    split = torch.load(path)
+    assert len(split) == len(single)
+    for a, b in zip(split, single):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (a - b).abs().max()
+
+
+def test_torchrun_meta_train_matches_one_process(tmp_path):
+    """The real launcher end to end: same weights after 4 iterations as one process (fp32, so up to
+    summation order), one run folder written by rank 0, and the job reports its ranks."""
+    common = ["meta-train", "--set", "data.num_classes=30", "--set", "data.samples_per_class=10", "--queries", "2",
+              "--set", "data.val_episodes=2", "--set", "model.width=8", "--set", "model.hidden=8",
+              "--meta-batch", "4", "--iterations", "4", "--set", "train.val_interval=2", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "metafusion", *common, "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "metafusion", *common,
+                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "over 2 ranks" in done.stdout
+    assert json.loads((tmp_path / "two" / "train.json").read_text())["ranks"] == 2
+    from metafusion.engine.stages import load_run_config
+
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) >= 2 and all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(*losses))
+    # Same function after training. (Not the same bias of each conv: BatchNorm cancels those biases, so
+    # their gradients are float noise that Adam scales up, differently for two summation orders.)
+    exp = build_experiment(load_run_config(tmp_path / "one"))
+    logits = []
+    for run in ("one", "two"):
+        state = torch.load(tmp_path / run / "last.pt", weights_only=False)
+        assert state["step"] == 4
+        exp.algorithm.module.load_state_dict(state["module"])
+        with torch.no_grad():
+            logits.append(exp.model(exp.val_episodes[0].query))
+    assert torch.allclose(logits[0], logits[1], rtol=1e-3, atol=1e-4)
+
+
+def test_torchrun_refuses_commands_that_are_not_data_parallel(monkeypatch, capsys):
+    from metafusion.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["meta-test", "--run", "nowhere"]) == 2
+    assert "only meta-train runs data-parallel" in capsys.readouterr().err
+
+
+def test_a_meta_batch_smaller_than_the_job_is_refused(small_synthetic, monkeypatch):
+    from metafusion.engine import meta_train
+
+    exp = build_experiment(from_dict({**CFG, "train": {"meta_batch": 1, "iterations": 1}}), dataset=small_synthetic)
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Rank(0, 2))
+    with pytest.raises(ValueError, match="smaller than the 2 ranks"):
+        meta_train(exp, quiet=True)
