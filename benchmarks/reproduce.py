@@ -176,29 +176,32 @@ def table_omniglot(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def _seconds(r: dict | None) -> str:
+    return f"{r['train_seconds']:.0f} s" if r else "—"
+
+
 def _weights(r: dict | None) -> str:
     w = (r or {}).get("modality_weights") or {}
     return ", ".join(f"{m} {v:.2f}" for m, v in w.items()) or "—"
 
 
 def table_multimodal(rows: list[Row]) -> str:
-    out = ["| algorithm | modalities | fusion | accuracy (the same 600 test episodes) | attention weights | iterations | "
+    out = ["| algorithm | modalities | fusion | accuracy (the same 600 test episodes) | modality weights | iterations | "
            "meta-train time | command |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         r = _load(row)
         out.append(f"| {row.labels['algorithm']} | {row.labels['modalities']} | {row.labels['fusion']} | {_acc(r)} | "
-                   f"{_weights(r)} | {(r or {}).get('iterations', '—')} | {(r or {}).get('train_seconds', 0):.0f} s | "
-                   f"{_commands(row)} |")
+                   f"{_weights(r)} | {(r or {}).get('iterations', '—')} | {_seconds(r)} | {_commands(row)} |")
     return "\n".join(out)
 
 
 def table_synthetic(rows: list[Row]) -> str:
-    out = ["| missing modalities | modalities | accuracy (the same 300 test episodes) | attention weights | iterations | "
+    out = ["| missing modalities | modalities | accuracy (the same 300 test episodes) | modality weights | iterations | "
            "meta-train time | command |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         r = _load(row)
         out.append(f"| {100 * row.labels['missing']:.0f} % | {row.labels['modalities']} | {_acc(r)} | {_weights(r)} | "
-                   f"{(r or {}).get('iterations', '—')} | {(r or {}).get('train_seconds', 0):.0f} s | {_commands(row)} |")
+                   f"{(r or {}).get('iterations', '—')} | {_seconds(r)} | {_commands(row)} |")
     return "\n".join(out)
 
 
