@@ -296,6 +296,12 @@ def time_distributed(model: str, variant: str, meta_batch: int, iters: int, roun
 # Peak memory, one child process per loop
 # ---------------------------------------------------------------------------------------------------
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and
+    exec, so a child would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
