@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = Path("runs")
@@ -185,24 +186,28 @@ def _weights(r: dict | None) -> str:
     return ", ".join(f"{m} {v:.2f}" for m, v in w.items()) or "—"
 
 
-def table_multimodal(rows: list[Row]) -> str:
-    out = ["| algorithm | modalities | fusion | accuracy (the same 600 test episodes) | modality weights | iterations | "
-           "meta-train time | command |", "|---|---|---|---|---|---|---|---|"]
+def _modality_table(rows: list[Row], lead: dict[str, Callable[[dict], str]], episodes: int) -> str:
+    """Rows of single-modality vs fused runs: the ``lead`` columns (header -> cell from the row's labels),
+    then accuracy, modality weights, iterations, time and the command."""
+    head = [*lead, f"accuracy (the same {episodes} test episodes)", "modality weights", "iterations",
+            "meta-train time", "command"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         r = _load(row)
-        out.append(f"| {row.labels['algorithm']} | {row.labels['modalities']} | {row.labels['fusion']} | {_acc(r)} | "
-                   f"{_weights(r)} | {(r or {}).get('iterations', '—')} | {_seconds(r)} | {_commands(row)} |")
+        cells = [cell(row.labels) for cell in lead.values()]
+        cells += [_acc(r), _weights(r), str((r or {}).get("iterations", "—")), _seconds(r), _commands(row)]
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def table_multimodal(rows: list[Row]) -> str:
+    return _modality_table(rows, {"algorithm": lambda x: x["algorithm"], "modalities": lambda x: x["modalities"],
+                                  "fusion": lambda x: x["fusion"]}, 600)
 
 
 def table_synthetic(rows: list[Row]) -> str:
-    out = ["| missing modalities | modalities | accuracy (the same 300 test episodes) | modality weights | iterations | "
-           "meta-train time | command |", "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        r = _load(row)
-        out.append(f"| {100 * row.labels['missing']:.0f} % | {row.labels['modalities']} | {_acc(r)} | {_weights(r)} | "
-                   f"{(r or {}).get('iterations', '—')} | {_seconds(r)} | {_commands(row)} |")
-    return "\n".join(out)
+    return _modality_table(rows, {"missing modalities": lambda x: f"{100 * x['missing']:.0f} %",
+                                  "modalities": lambda x: x["modalities"]}, 300)
 
 
 def _episodes_note(rows: list[Row]) -> str:
