@@ -82,13 +82,31 @@ def sample_tasks(exp, count: int, device: str, dtype: torch.dtype):
 # ---------------------------------------------------------------------------------------------------
 # Reference loops, written the way learn2learn's examples write them
 # ---------------------------------------------------------------------------------------------------
+def reference_network(model: torch.nn.Module) -> torch.nn.Module:
+    """The same parameters in the network users write with learn2learn (its ``ConvBlock``): NCHW memory
+    order and conv, BatchNorm, ReLU, max-pool. metafusion's encoders compute the same function in
+    channels_last order with the ReLU after the pool (exact); the reference must not inherit those
+    levers, or both columns would speed up together."""
+    net = copy.deepcopy(model)
+    for module in net.modules():
+        if hasattr(module, "memory_format"):
+            module.memory_format = torch.contiguous_format
+        if isinstance(module, torch.nn.Sequential):
+            layers = list(module)
+            for i in range(len(layers) - 1):
+                if isinstance(layers[i], (torch.nn.MaxPool1d, torch.nn.MaxPool2d)) \
+                        and isinstance(layers[i + 1], torch.nn.ReLU):
+                    module[i], module[i + 1] = layers[i + 1], layers[i]
+    return net
+
+
 class Reference:
     def __init__(self, exp, variant: str):
         self.variant = variant
         algo, self.steps, _ = VARIANTS[variant]
         a = exp.cfg.algo
         self.lr, self.lr_test = a.inner_lr, a.inner_lr_test
-        self.model = copy.deepcopy(exp.model)
+        self.model = reference_network(exp.model)
         if algo in ("maml", "fomaml"):
             self.maml = l2l.MAML(self.model, lr=self.lr, first_order=(algo == "fomaml"), allow_unused=True)
         self.inner_optimizer = a.inner_optimizer

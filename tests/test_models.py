@@ -139,6 +139,43 @@ def test_second_order_gradients_flow_through_every_encoder(encoder):
     _hvp_matches_finite_differences(model, batch, check_fd=encoder != "resnet18")
 
 
+@pytest.mark.parametrize("encoder", ["conv4", "conv4s", "melcnn"])
+def test_channels_last_changes_speed_not_values_or_second_order_gradients(encoder):
+    """The 2-D CNNs run in channels_last order (a speed lever); in float64 the logits and the MAML
+    meta-gradient (through the inner step) must equal those of the same weights in NCHW order."""
+    torch.manual_seed(0)
+    modality, shape, make = ENCODER_INPUTS[encoder]
+    model = build_model(ModelSpec({modality: shape}), ways=3, width=8, hidden=8,
+                        encoders={modality: encoder}).double()
+    x = make(6).double()
+    batch = Batch({modality: x}, torch.ones(6, 1, dtype=torch.bool), torch.tensor([0, 1, 2] * 2), (modality,))
+
+    def meta_gradient(memory_format):
+        model.encoders[modality].memory_format = memory_format
+        params = list(model.parameters())
+        loss = torch.nn.functional.cross_entropy(model(batch), batch.labels)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        clone = clone_module(model)
+        for p, g in zip(clone.parameters(), grads):
+            p.update = -0.4 * g
+        update_module(clone)
+        logits = clone(batch)
+        outer = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, batch.labels), params)
+        return logits.detach(), torch.cat([g.flatten() for g in outer])
+
+    layouts = []  # the lever must really switch kernels: the first convolution's output is NHWC
+    model.encoders[modality].body[0].register_forward_hook(
+        lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)
+                                         and not out.is_contiguous()))
+    fast_logits, fast_grad = meta_gradient(torch.channels_last)
+    assert layouts and all(layouts)
+    layouts.clear()
+    plain_logits, plain_grad = meta_gradient(torch.contiguous_format)
+    assert not any(layouts)
+    assert torch.allclose(fast_logits, plain_logits, rtol=0, atol=1e-12)
+    assert ((fast_grad - plain_grad).norm() / plain_grad.norm()).item() < 1e-10
+
+
 @pytest.mark.parametrize("fusion", FUSIONS.names())
 def test_second_order_gradients_flow_through_every_fusion(fusion):
     torch.manual_seed(0)

@@ -4,7 +4,8 @@ Adding an encoder: one file here, decorated with ``@ENCODERS.register("name")``,
 ``(out_dim, hidden, **options)`` and exposing ``out_dim``. No encoder keeps normalisation running
 statistics: MAML-style inner loops use batch statistics at train and test (see docs/architecture.md).
 """
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ...registry import Registry
 
@@ -31,6 +32,16 @@ def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: in
         channels = hidden
     return nn.Sequential(*layers)
 
+def to_memory_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """``x`` with the same values in ``memory_format`` (channels_last for the 2-D CNNs: see ``Conv4``).
+    ``.to``, not ``.contiguous``: a one-channel NCHW tensor already counts as channels_last-contiguous,
+    so ``.contiguous`` would keep its NCHW strides. Under ``torch.func.vmap`` (non-transductive
+    evaluation) the physical tensor has one more dimension than the layout allows; it stays as it is."""
+    if torch._C._functorch.is_batchedtensor(x):
+        return x
+    return x.to(memory_format=memory_format)
+
+
 from . import audio, image, sequence, tabular, text  # noqa: E402,F401  (registers the encoders)
 
 # The encoder each modality gets unless the config names another.
@@ -45,4 +56,4 @@ def default_encoder(modality: str) -> str:
     return DEFAULT_ENCODERS[modality]
 
 
-__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "default_encoder", "conv_blocks"]
+__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "default_encoder", "conv_blocks", "to_memory_format"]

@@ -5,7 +5,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from . import ENCODERS, conv_blocks
+from . import ENCODERS, conv_blocks, to_memory_format
 
 
 @ENCODERS.register("melcnn")
@@ -13,7 +13,11 @@ class MelCNN(nn.Module):
     """waveform ``[B, 1, T]`` -> log-mel ``[B, 1, n_mels, frames]`` -> 3 conv blocks -> mean pool -> d.
 
     The front end (MelSpectrogram or MFCC) has no trainable parameters; its filterbank is a buffer.
+    The one-channel spectrogram enters the CNN in channels_last order, as in ``Conv4`` (and for the
+    same reason).
     """
+
+    memory_format = torch.channels_last
 
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 4000),
                  sample_rate: int = 8000, n_mels: int = 40, frontend: str = "mel"):
@@ -37,5 +41,6 @@ class MelCNN(nn.Module):
             return torch.log(spec + 1e-6) if self.log else spec
 
     def forward(self, wave: Tensor) -> Tensor:  # (B, 1, T) -> (B, out_dim)
-        x = self.body(self.spectrogram(wave))  # (B, hidden, n_mels/8, frames/8)
+        spec = to_memory_format(self.spectrogram(wave), self.memory_format)
+        x = self.body(spec)  # (B, hidden, n_mels/8, frames/8)
         return self.proj(x.mean(dim=(2, 3)))
