@@ -206,6 +206,16 @@ def gradient_check(model: str, variant: str, device: str, meta_batch: int) -> fl
 # ---------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    """The CPU model and core count (kernel speeds differ between CPU makes: record which one ran)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -438,7 +448,7 @@ def main() -> None:
     if args.quick:
         args.rounds = 3
     cpu = args.device == "cpu"
-    hw = (platform.processor() or platform.machine()) if cpu else torch.cuda.get_device_name()
+    hw = cpu_name() if cpu else torch.cuda.get_device_name()
     ceiling = matmul_gflops(args.device)
     print(f"device {args.device} ({hw}), torch {torch.__version__}, {args.threads} threads, "
           f"matmul 2048^3: {ceiling:.0f} GFLOP/s", flush=True)
