@@ -53,7 +53,8 @@ MODELS = ("conv4", "multimodal")
 # ---------------------------------------------------------------------------------------------------
 # Setup: the same model and tasks for both loops
 # ---------------------------------------------------------------------------------------------------
-def experiment(model: str, variant: str, device: str, meta_batch: int, inner_optimizer: str = "adam"):
+def experiment(model: str, variant: str, device: str, meta_batch: int, inner_optimizer: str = "adam",
+               task_batched: bool = False):
     algo, steps, _ = VARIANTS[variant]
     data = {"dataset": "synthetic", "num_classes": 60, "samples_per_class": 20, "ways": 5, "shots": 1,
             "queries": 15, "val_episodes": 1, "test_episodes": 1}
@@ -62,7 +63,9 @@ def experiment(model: str, variant: str, device: str, meta_batch: int, inner_opt
     cfg = from_dict({"data": data, "model": {"width": 64, "hidden": 64},
                      "algo": {"name": algo, **({"inner_steps": steps, "inner_steps_test": steps} if steps else {}),
                               **({"inner_lr": 0.4} if algo in ("maml", "fomaml") else {}),
-                              **({"inner_optimizer": inner_optimizer} if algo == "reptile" else {})},
+                              **({"inner_optimizer": inner_optimizer} if algo == "reptile" else {}),
+                              **({"task_batched": True} if task_batched and variant != "meta-test"
+                                 and algo in ("maml", "fomaml") else {})},
                      "train": {"meta_batch": meta_batch, "device": device}})
     return build_experiment(cfg)
 
@@ -179,7 +182,7 @@ class Ours:
 # ---------------------------------------------------------------------------------------------------
 # Gradient check (float64)
 # ---------------------------------------------------------------------------------------------------
-def gradient_check(model: str, variant: str, device: str, meta_batch: int) -> float:
+def gradient_check(model: str, variant: str, device: str, meta_batch: int, task_batched: bool = False) -> float:
     """||g_ours - g_ref|| / ||g_ref|| over all meta-parameters (one meta-batch, float64; per tensor it
     would divide float noise by float noise for the conv biases that BatchNorm cancels). For
     meta-test the compared quantity is the query logits. Reptile is checked with an SGD inner optimizer:
@@ -188,7 +191,7 @@ def gradient_check(model: str, variant: str, device: str, meta_batch: int) -> fl
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        exp = experiment(model, variant, device, meta_batch, inner_optimizer="sgd")
+        exp = experiment(model, variant, device, meta_batch, inner_optimizer="sgd", task_batched=task_batched)
         ref, ours = Reference(exp, variant), Ours(exp, variant)
         tasks = sample_tasks(exp, meta_batch, device, torch.float64)
         if variant == "meta-test":
@@ -436,6 +439,8 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--quick", action="store_true", help="3 rounds, no memory children")
+    p.add_argument("--task-batched", action="store_true",
+                   help="metafusion's MAML/FOMAML rows use algo.task_batched (one vmapped network per meta-batch)")
     p.add_argument("--out", default="runs/throughput", help="folder for results.json and results.md")
     p.add_argument("--accuracy-iters", type=int, default=0,
                    help="also train MAML this many iterations with both loops and compare test accuracy (CPU)")
@@ -455,8 +460,8 @@ def main() -> None:
     rows = []
     for model in args.models.split(","):
         for variant in args.variants.split(","):
-            err = gradient_check(model, variant, args.device, min(args.meta_batch, 4))
-            exp = experiment(model, variant, args.device, args.meta_batch)
+            err = gradient_check(model, variant, args.device, min(args.meta_batch, 4), args.task_batched)
+            exp = experiment(model, variant, args.device, args.meta_batch, task_batched=args.task_batched)
             loops = {"reference": Reference(exp, variant), "metafusion": Ours(exp, variant)}
             batches = [sample_tasks(exp, args.meta_batch, args.device, torch.float32) for _ in range(args.iters)]
             rates = time_loops(loops, batches, variant, args.device, args.rounds)
@@ -489,6 +494,7 @@ def main() -> None:
     accuracy = accuracy_check(args.accuracy_iters, args.ranks, out) if args.accuracy_iters and cpu else None
     meta = {"device": args.device, "hardware": hw, "torch": torch.__version__, "threads": args.threads,
             "ranks": args.ranks, "meta_batch": args.meta_batch, "matmul_gflops": ceiling,
+            "task_batched": args.task_batched,
             "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "sampler": sampler,
                                                   "accuracy": accuracy}, indent=2))
@@ -507,8 +513,9 @@ def format_row(r: dict, ranks: int) -> str:
 def markdown(meta: dict, rows: list[dict], sampler: dict, accuracy: dict | None = None) -> str:
     dist = any("distributed_tasks_per_s" in r for r in rows)
     mem = any("reference_peak_mb" in r for r in rows)
+    batched = " task-batched" if meta.get("task_batched") else ""
     head = ["model", "variant", "grad rel. err (fp64)", "GFLOP/task", "reference tasks/s",
-            f"metafusion tasks/s ({meta['threads']} threads)"]
+            f"metafusion{batched} tasks/s ({meta['threads']} threads)"]
     head += [f"metafusion, {meta['ranks']} ranks x 1 thread"] if dist else []
     head += ["speedup", "GFLOP/s (share of matmul)"]
     head += ["peak RSS MB: reference / metafusion" + (" / per rank" if dist else "")] if mem else []

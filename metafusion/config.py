@@ -76,6 +76,7 @@ class AlgoConfig:
     inner_optimizer: str | None = None  # reptile: adam | sgd
     first_order: bool | None = None
     learn_inner_lr: bool = False  # maml/fomaml/anil: meta-learn one inner learning rate per layer
+    task_batched: bool = False  # maml/fomaml/anil: all tasks of a meta-batch in one vmapped network (GPUs)
     transductive: bool = True  # evaluation: query batch statistics together (True) or one query at a time
 
 

@@ -72,6 +72,10 @@ def make_algorithm(cfg: RunConfig, model: FusionModel, dataset: MultimodalDatase
                   adapt_scope=cfg.model.adapt, first_order=a.first_order)
     if a.learn_inner_lr:
         kwargs.update(learn_inner_lr=True)
+    if a.task_batched:
+        if a.name not in ("maml", "fomaml", "anil"):
+            raise ValueError(f"algo.task_batched applies to maml, fomaml and anil, not {a.name!r}")
+        kwargs.update(task_batched=True)
     if a.name == "reptile":
         kwargs.update(inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer, seed=cfg.train.seed)
     if a.name == "finetune":

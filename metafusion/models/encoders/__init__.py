@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ...registry import Registry
+from ..batchnorm import BatchNorm1d, BatchNorm2d
 
 ENCODERS: Registry = Registry("encoder")
 
@@ -26,12 +27,12 @@ def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: in
 
     ``stride=2`` downsamples with the convolution itself and drops the max-pool: the Omniglot network
     of the MAML and Reptile reference code (4x fewer convolution FLOPs, no pooling)."""
-    conv, norm, pool = {1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
-                        2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)}[dims]
+    conv, norm, pool = {1: (nn.Conv1d, BatchNorm1d, nn.MaxPool1d),
+                        2: (nn.Conv2d, BatchNorm2d, nn.MaxPool2d)}[dims]
     layers, channels = [], in_channels
     for _ in range(depth):
         layers += [conv(channels, hidden, kernel, stride=stride, padding=kernel // 2),
-                   norm(hidden, track_running_stats=False), *([pool(2)] if stride == 1 else []), nn.ReLU()]
+                   norm(hidden), *([pool(2)] if stride == 1 else []), nn.ReLU()]
         channels = hidden
     return nn.Sequential(*layers)
 
@@ -46,20 +47,30 @@ def to_memory_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
 
 
 @contextmanager
-def memory_format(model: nn.Module, fmt: torch.memory_format) -> Iterator[None]:
+def overriding(model: nn.Module, attribute: str, value: object) -> Iterator[None]:
+    """Set ``attribute`` to ``value`` on every submodule of ``model`` that has it, for this block."""
+    modules = [m for m in model.modules() if hasattr(m, attribute)]
+    before = [getattr(m, attribute) for m in modules]
+    for m in modules:
+        setattr(m, attribute, value)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, before):
+            setattr(m, attribute, old)
+
+
+def memory_format(model: nn.Module, fmt: torch.memory_format):
     """Run the 2-D CNNs inside ``model`` in ``fmt`` for the forward passes in this block (the layout
     is fixed at forward time; a later backward reuses it). MAML uses it for support passes it will
     differentiate twice: BatchNorm's double backward is 1.5-3.5x slower in channels_last than in NCHW
     here, while every other pass is faster in channels_last (docs/performance.md)."""
-    cnns = [m for m in model.modules() if hasattr(m, "memory_format")]
-    before = [m.memory_format for m in cnns]
-    for m in cnns:
-        m.memory_format = fmt
-    try:
-        yield
-    finally:
-        for m, old in zip(cnns, before):
-            m.memory_format = old
+    return overriding(model, "memory_format", fmt)
+
+
+def decomposed_batchnorm(model: nn.Module):
+    """BatchNorm written out as mean/var arithmetic inside ``model`` for this block (see batchnorm.py)."""
+    return overriding(model, "decomposed", True)
 
 
 from . import audio, image, sequence, tabular, text  # noqa: E402,F401  (registers the encoders)
@@ -76,5 +87,5 @@ def default_encoder(modality: str) -> str:
     return DEFAULT_ENCODERS[modality]
 
 
-__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "default_encoder", "conv_blocks", "memory_format",
-           "to_memory_format"]
+__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "default_encoder", "conv_blocks", "decomposed_batchnorm",
+           "memory_format", "overriding", "to_memory_format"]

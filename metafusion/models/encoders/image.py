@@ -1,12 +1,11 @@
 """Image encoders: the few-shot Conv4 (Vinyals et al. 2016; Finn et al. 2017) and torchvision ResNet-18."""
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torchvision
 from torch import Tensor, nn
 
+from ..batchnorm import BatchNorm2d
 from . import ENCODERS, conv_blocks, to_memory_format
 
 
@@ -65,8 +64,7 @@ class ResNet18(nn.Module):
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 28, 28),
                  weights_path: str | None = None):
         super().__init__()
-        net = torchvision.models.resnet18(weights=None,
-                                          norm_layer=partial(nn.BatchNorm2d, track_running_stats=False))
+        net = torchvision.models.resnet18(weights=None, norm_layer=BatchNorm2d)
         if weights_path is not None:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
             net.load_state_dict(state, strict=False)
