@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from metafusion import _learn2learn as l2l
 from metafusion.algorithms.protonet import proto_logits, prototypes
 from metafusion.config import from_dict
 from metafusion.engine import build_experiment, distributed
+from metafusion.engine.checkpoint import hardware
 
 # name -> (algorithm, inner steps, what the reference loop is)
 VARIANTS = {
@@ -209,16 +209,6 @@ def gradient_check(model: str, variant: str, device: str, meta_batch: int, task_
 # ---------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    """The CPU model and core count (kernel speeds differ between CPU makes: record which one ran)."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -453,7 +443,7 @@ def main() -> None:
     if args.quick:
         args.rounds = 3
     cpu = args.device == "cpu"
-    hw = cpu_name() if cpu else torch.cuda.get_device_name()
+    hw = hardware(args.device)
     ceiling = matmul_gflops(args.device)
     print(f"device {args.device} ({hw}), torch {torch.__version__}, {args.threads} threads, "
           f"matmul 2048^3: {ceiling:.0f} GFLOP/s", flush=True)

@@ -12,7 +12,7 @@ from .._learn2learn import MAML as L2LMAML
 from .._learn2learn import MetaSGD as L2LMetaSGD
 from .._learn2learn import maml_update, meta_sgd_update
 from ..data.batch import Batch, Episode
-from ..models.encoders import decomposed_batchnorm, memory_format
+from ..models.execution import decomposed_batchnorm, memory_format
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
 

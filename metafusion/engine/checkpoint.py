@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import random
 import subprocess
 import tempfile
@@ -23,6 +24,19 @@ def library_versions() -> dict[str, str]:
     return {"metafusion": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "torchaudio": torchaudio.__version__, "transformers": transformers.__version__,
             "learn2learn": l2l_version, "numpy": np.__version__}
+
+
+def hardware(device: str) -> str:
+    """What ran it: the GPU's name, or the CPU model and core count (kernel speeds differ between CPU
+    makes, so timings are only comparable on the same one)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def git_commit() -> str | None:

@@ -18,7 +18,7 @@ from ..config import RunConfig, from_dict, resolve, to_dict
 from ..data import Episode, EpisodeSampler
 from .build import Experiment, build_experiment
 from . import distributed
-from .checkpoint import git_commit, library_versions, load_checkpoint, save_checkpoint
+from .checkpoint import git_commit, hardware, library_versions, load_checkpoint, save_checkpoint
 from .evaluate import meta_test
 from .report import peak_memory_mb, plot_run, write_compare, write_results
 from .train import meta_train
@@ -64,7 +64,8 @@ def _summary(exp: Experiment, result, train: dict[str, Any] | None, run_dir: Pat
             "tasks_per_s": (train or {}).get("tasks_per_s", 0.0),
             "best_val_accuracy": (train or {}).get("best_val_accuracy"),
             "peak_memory_mb": (train or {}).get("peak_memory_mb", peak_memory_mb()), "device": cfg.train.device,
-            "threads": torch.get_num_threads(), "versions": library_versions(), "git_commit": git_commit()}
+            "hardware": hardware(cfg.train.device), "threads": torch.get_num_threads(),
+            "versions": library_versions(), "git_commit": git_commit()}
 
 
 def stage_meta_train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
@@ -86,6 +87,7 @@ def stage_meta_train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False
         save_config(exp.cfg, run_dir)
     train = meta_train(exp, run_dir, resume=resume, quiet=quiet, stop_at=stop_at)
     train["ranks"] = rank.world
+    train["hardware"] = hardware(cfg.train.device)
     if rank.main:
         (run_dir / "train.json").write_text(json.dumps(train, indent=2) + "\n")
     return exp, train, run_dir

@@ -9,7 +9,8 @@ class _BatchStatsNorm:
     # Written out as mean/var arithmetic when ``decomposed`` is set: second-order gradients through the
     # fused kernel under ``torch.func.vmap`` inside ``torch.func.grad`` come out wrong (relative error
     # 6e-3 for one MAML step in float64), the written-out form is exact. The fused kernel is faster
-    # everywhere else, so only the task-batched MAML engine switches it on (``decomposed_batchnorm``).
+    # everywhere else, so only the task-batched MAML engine switches it on
+    # (``execution.decomposed_batchnorm``).
     decomposed = False
 
     def __init__(self, num_features: int):

@@ -4,11 +4,7 @@ Adding an encoder: one file here, decorated with ``@ENCODERS.register("name")``,
 ``(out_dim, hidden, **options)`` and exposing ``out_dim``. No encoder keeps normalisation running
 statistics: MAML-style inner loops use batch statistics at train and test (see docs/architecture.md).
 """
-from contextlib import contextmanager
-from typing import Iterator
-
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ...registry import Registry
 from ..batchnorm import BatchNorm1d, BatchNorm2d
@@ -36,42 +32,6 @@ def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: in
         channels = hidden
     return nn.Sequential(*layers)
 
-def to_memory_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
-    """``x`` with the same values in ``memory_format`` (channels_last for the 2-D CNNs: see ``Conv4``).
-    ``.to``, not ``.contiguous``: a one-channel NCHW tensor already counts as channels_last-contiguous,
-    so ``.contiguous`` would keep its NCHW strides. Under ``torch.func.vmap`` (non-transductive
-    evaluation) the physical tensor has one more dimension than the layout allows; it stays as it is."""
-    if torch._C._functorch.is_batchedtensor(x):
-        return x
-    return x.to(memory_format=memory_format)
-
-
-@contextmanager
-def overriding(model: nn.Module, attribute: str, value: object) -> Iterator[None]:
-    """Set ``attribute`` to ``value`` on every submodule of ``model`` that has it, for this block."""
-    modules = [m for m in model.modules() if hasattr(m, attribute)]
-    before = [getattr(m, attribute) for m in modules]
-    for m in modules:
-        setattr(m, attribute, value)
-    try:
-        yield
-    finally:
-        for m, old in zip(modules, before):
-            setattr(m, attribute, old)
-
-
-def memory_format(model: nn.Module, fmt: torch.memory_format):
-    """Run the 2-D CNNs inside ``model`` in ``fmt`` for the forward passes in this block (the layout
-    is fixed at forward time; a later backward reuses it). MAML uses it for support passes it will
-    differentiate twice: BatchNorm's double backward is 1.5-3.5x slower in channels_last than in NCHW
-    here, while every other pass is faster in channels_last (docs/performance.md)."""
-    return overriding(model, "memory_format", fmt)
-
-
-def decomposed_batchnorm(model: nn.Module):
-    """BatchNorm written out as mean/var arithmetic inside ``model`` for this block (see batchnorm.py)."""
-    return overriding(model, "decomposed", True)
-
 
 from . import audio, image, sequence, tabular, text  # noqa: E402,F401  (registers the encoders)
 
@@ -87,5 +47,4 @@ def default_encoder(modality: str) -> str:
     return DEFAULT_ENCODERS[modality]
 
 
-__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "default_encoder", "conv_blocks", "decomposed_batchnorm",
-           "memory_format", "overriding", "to_memory_format"]
+__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "default_encoder", "conv_blocks"]

@@ -5,7 +5,8 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from . import ENCODERS, conv_blocks, to_memory_format
+from ..execution import to_memory_format
+from . import ENCODERS, conv_blocks
 
 
 @ENCODERS.register("melcnn")

@@ -6,7 +6,8 @@ import torchvision
 from torch import Tensor, nn
 
 from ..batchnorm import BatchNorm2d
-from . import ENCODERS, conv_blocks, to_memory_format
+from ..execution import to_memory_format
+from . import ENCODERS, conv_blocks
 
 
 def _project(in_dim: int, out_dim: int) -> nn.Module:

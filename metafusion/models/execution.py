@@ -1,0 +1,48 @@
+"""How a network executes, not what it computes: memory layout of the 2-D CNNs and the written-out
+BatchNorm. Modules opt in with a class attribute (``memory_format``, ``decomposed``); the context
+managers here switch it for a block of forward passes."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+def to_memory_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """``x`` with the same values in ``memory_format`` (channels_last for the 2-D CNNs: see ``Conv4``).
+    ``.to``, not ``.contiguous``: a one-channel NCHW tensor already counts as channels_last-contiguous,
+    so ``.contiguous`` would keep its NCHW strides. Under ``torch.func.vmap`` (non-transductive
+    evaluation) the physical tensor has one more dimension than the layout allows; it stays as it is."""
+    if torch._C._functorch.is_batchedtensor(x):
+        return x
+    return x.to(memory_format=memory_format)
+
+
+@contextmanager
+def overriding(model: nn.Module, attribute: str, value: object) -> Iterator[None]:
+    """Set ``attribute`` to ``value`` on every submodule of ``model`` that has it, for this block."""
+    modules = [m for m in model.modules() if hasattr(m, attribute)]
+    before = [getattr(m, attribute) for m in modules]
+    for m in modules:
+        setattr(m, attribute, value)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, before):
+            setattr(m, attribute, old)
+
+
+def memory_format(model: nn.Module, fmt: torch.memory_format):
+    """Run the 2-D CNNs inside ``model`` in ``fmt`` for the forward passes in this block (the layout
+    is fixed at forward time; a later backward reuses it). MAML uses it for support passes it will
+    differentiate twice: BatchNorm's double backward is 1.5-3.5x slower in channels_last than in NCHW
+    here, while every other pass is faster in channels_last (docs/performance.md)."""
+    return overriding(model, "memory_format", fmt)
+
+
+def decomposed_batchnorm(model: nn.Module):
+    """BatchNorm written out as mean/var arithmetic inside ``model`` for this block (see batchnorm.py)."""
+    return overriding(model, "decomposed", True)
+
