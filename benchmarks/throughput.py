@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from metafusion.algorithms.protonet import proto_logits, prototypes
 from metafusion.config import from_dict
 from metafusion.engine import build_experiment, distributed
 from metafusion.engine.checkpoint import hardware
+from metafusion.engine.report import peak_rss_mb
 
 # name -> (algorithm, inner steps, what the reference loop is)
 VARIANTS = {
@@ -71,15 +71,7 @@ def experiment(model: str, variant: str, device: str, meta_batch: int, inner_opt
 
 
 def sample_tasks(exp, count: int, device: str, dtype: torch.dtype):
-    def cast(b):
-        return type(b)({m: (x.to(dtype) if x.is_floating_point() else x) for m, x in b.inputs.items()},
-                       b.mask, b.labels, b.modalities)
-
-    out = []
-    for _ in range(count):
-        e = exp.train_sampler.sample().to(device)
-        out.append(type(e)(cast(e.support), cast(e.query), e.ways, e.shots, e.queries, e.classes, e.indices))
-    return out
+    return [exp.train_sampler.sample().to(device, dtype) for _ in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,16 +308,6 @@ def time_distributed(model: str, variant: str, meta_batch: int, iters: int, roun
 # ---------------------------------------------------------------------------------------------------
 # Peak memory, one child process per loop
 # ---------------------------------------------------------------------------------------------------
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and
-    exec, so a child would report its parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child_memory(model: str, variant: str, which: str, device: str, meta_batch: int) -> dict:
     exp = experiment(model, variant, device, meta_batch)
     loop = (Ours if which == "ours" else Reference)(exp, variant)

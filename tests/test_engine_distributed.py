@@ -27,11 +27,8 @@ def _meta_gradient(algo: str, rank: distributed.Rank) -> list[torch.Tensor]:
     """This rank's view of the meta-gradient of one meta-batch (float64), after the all-reduce."""
     torch.set_default_dtype(torch.float64)
     exp = build_experiment(from_dict({**CFG, "algo": {"name": algo, "inner_optimizer": "sgd"}}))
-    tasks = [exp.train_sampler.sample() for _ in range(exp.cfg.train.meta_batch)]
-    tasks = [t.to("cpu") for t in tasks]
-    for t in tasks:  # the synthetic data is float32; make the whole computation float64
-        for b in (t.support, t.query):
-            b.inputs.update({m: x.double() for m, x in b.inputs.items() if x.is_floating_point()})
+    # the synthetic data is float32; make the whole computation float64
+    tasks = [exp.train_sampler.sample().to("cpu", torch.float64) for _ in range(exp.cfg.train.meta_batch)]
     params = list(exp.algorithm.parameters())
     mine = rank.shard(tasks)
     metrics = exp.algorithm.meta_backward(mine)

@@ -54,10 +54,7 @@ class MAML(MetaAlgorithm):
         return self._module
 
     def _step(self, learner: nn.Module, batch: Batch, lr: float, create_graph: bool) -> None:
-        # A pass differentiated twice runs its CNNs in NCHW (cheaper double backward through BatchNorm);
-        # measured +4 % (1 inner step) and +8 % (5 steps) second-order MAML tasks/s.
-        with memory_format(learner, torch.contiguous_format) if create_graph else nullcontext():
-            loss = cross_entropy(learner, batch)
+        loss = cross_entropy(learner, batch)
         params = [p for p, a in zip(learner.module.parameters(), self._adapted) if a]
         grads = list(torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True))
         if self.layer_lrs is not None:  # learned rates replace inner_lr (and inner_lr_test)
@@ -70,8 +67,11 @@ class MAML(MetaAlgorithm):
 
     def _adapt(self, support: Batch, steps: int, lr: float, create_graph: bool) -> nn.Module:
         learner = self.wrapper.clone()
-        for _ in range(steps):
-            self._step(learner, support, lr, create_graph)
+        # Support passes differentiated twice run the CNNs in NCHW (cheaper double backward through
+        # BatchNorm; measured +4 % with 1 inner step, +8 % with 5); the query pass stays channels_last.
+        with memory_format(learner, torch.contiguous_format) if create_graph else nullcontext():
+            for _ in range(steps):
+                self._step(learner, support, lr, create_graph)
         return learner
 
     def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:

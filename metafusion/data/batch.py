@@ -30,8 +30,13 @@ class Batch:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch({m: x.to(device) for m, x in self.inputs.items()}, self.mask.to(device),
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+        """On ``device``; with ``dtype``, floating-point inputs also cast to it (labels, masks and token
+        ids keep theirs)."""
+        def move(x: Tensor) -> Tensor:
+            return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+
+        return Batch({m: move(x) for m, x in self.inputs.items()}, self.mask.to(device),
                      self.labels.to(device), self.modalities)
 
     def index(self, idx: Tensor | slice) -> "Batch":
@@ -72,6 +77,6 @@ class Episode:
         text = f"{self.ways},{self.shots},{self.queries}|{self.classes}|{self.indices}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
-    def to(self, device: torch.device | str) -> "Episode":
-        return Episode(self.support.to(device), self.query.to(device), self.ways, self.shots,
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Episode":
+        return Episode(self.support.to(device, dtype), self.query.to(device, dtype), self.ways, self.shots,
                        self.queries, self.classes, self.indices)

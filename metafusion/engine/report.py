@@ -13,11 +13,24 @@ from typing import Any
 import torch
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    fork and exec, so a process started by a bigger one would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process so far (CPU) or peak allocated GPU memory, in MiB."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_mb()
 
 
 class PeakMemory:

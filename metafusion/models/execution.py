@@ -45,4 +45,3 @@ def memory_format(model: nn.Module, fmt: torch.memory_format):
 def decomposed_batchnorm(model: nn.Module):
     """BatchNorm written out as mean/var arithmetic inside ``model`` for this block (see batchnorm.py)."""
     return overriding(model, "decomposed", True)
-
