@@ -113,8 +113,76 @@ def _synthetic_rows() -> list[Row]:
     return rows
 
 
-ROWS = _omniglot_rows() + _multimodal_rows() + _synthetic_rows()
-TABLES = ("omniglot-cpu", "multimodal", "synthetic")
+def _baseline_rows() -> list[Row]:
+    """The centroid baseline (frozen features + nearest class mean, nothing trained) on the episodes of
+    the three tables above: seconds per row, shown in a table of its own under each."""
+    rows = [Row("omniglot_5w1s_centroid", "omniglot-centroid",
+                [["metafusion", "run", "--config", "benchmarks/configs/omniglot_5w1s.yaml", "--algo", "centroid",
+                  "--set", "model.modalities=image", "--threads", "1", "--out", str(RUNS / "omniglot_5w1s_centroid"),
+                  "--quiet"]],
+                {"modalities": "image"}, exclusive=False)]
+    for modalities in ("image", "strokes", "image,strokes"):
+        name = f"omniglot_strokes_centroid_{modalities.replace(',', '+')}"
+        rows.append(Row(name, "multimodal-centroid",
+                        [["metafusion", "run", "--config", "benchmarks/configs/omniglot_strokes_5w1s.yaml", "--algo",
+                          "centroid", "--set", f"model.modalities={modalities}", "--threads", "1",
+                          "--out", str(RUNS / "multimodal" / name), "--quiet"]],
+                        {"modalities": modalities}, exclusive=False))
+    for missing in (0.0, 0.3):
+        for modalities in ("image", "audio", "text", "tabular", "image,audio,text,tabular"):
+            name = f"synthetic_missing{int(100 * missing)}_centroid_{modalities.replace(',', '+')}"
+            rows.append(Row(name, "synthetic-centroid",
+                            [["metafusion", "run", "--config", "benchmarks/configs/demo.yaml", "--algo", "centroid",
+                              "--set", f"model.modalities={modalities}", "--set", f"data.missing_rate={missing}",
+                              "--episodes", "300", "--threads", "1", "--out", str(RUNS / "synthetic" / name),
+                              "--quiet"]],
+                            {"missing": missing, "modalities": modalities}, exclusive=False))
+    return rows
+
+
+CLINC_ALGOS = "protonet,maml,anil,reptile,finetune"  # compare adds the centroid row
+
+
+def _clinc_rows() -> list[Row]:
+    """CLINC150 5-way 1/5-shot, seeded intent split and cross-domain split: one `compare` per setting,
+    so every algorithm (and the centroid baseline) is tested on the identical episodes."""
+    rows = []
+    for split in ("protocol", "cross-domain"):
+        for shots in (1, 5):
+            name = f"clinc150_{split}_5w{shots}s"
+            cmd = ["metafusion", "compare", "--config", f"benchmarks/configs/clinc150_5w{shots}s.yaml",
+                   "--algos", CLINC_ALGOS, "--set", f"data.split={split}", "--threads", "1",
+                   "--out", str(RUNS / "clinc150" / name), "--quiet"]
+            rows.append(Row(name, "clinc150", [cmd], {"split": split, "shots": shots}, exclusive=False))
+    return rows
+
+
+def _fashion_rows() -> list[Row]:
+    """Fashion products 5-way 1/5-shot: each modality alone and fused, centroid / ProtoNet / MAML."""
+    singles = [("image", "attention"), ("text", "attention"), ("tabular", "attention")]
+    fused = "image,text,tabular"
+    plan = {1: {"centroid": singles + [(fused, "attention")],
+                "protonet": singles + [(fused, f) for f in ("attention", "concat", "mean", "transformer")],
+                "maml": singles + [(fused, f) for f in ("attention", "concat", "mean", "late", "transformer")]},
+            5: {algo: singles + [(fused, "attention")] for algo in ("centroid", "protonet", "maml")}}
+    rows = []
+    for shots, algos in plan.items():
+        for algo, variants in algos.items():
+            for modalities, fusion in variants:
+                several = "," in modalities
+                name = f"fashion_5w{shots}s_{algo}_{modalities.replace(',', '+')}" + (f"_{fusion}" if several else "")
+                cmd = ["metafusion", "run", "--config", f"benchmarks/configs/fashion_5w{shots}s.yaml", "--algo", algo,
+                       "--set", f"model.modalities={modalities}", "--fusion", fusion, "--threads", "1",
+                       "--out", str(RUNS / "fashion" / name), "--quiet"]
+                rows.append(Row(name, "fashion", [cmd], {"shots": shots, "algorithm": algo, "modalities": modalities,
+                                                         "fusion": fusion if several and algo != "centroid" else "—"},
+                                exclusive=False))
+    return rows
+
+
+ROWS = _omniglot_rows() + _multimodal_rows() + _synthetic_rows() + _baseline_rows() + _clinc_rows() + _fashion_rows()
+TABLES = ("omniglot-cpu", "multimodal", "synthetic", "omniglot-centroid", "multimodal-centroid", "synthetic-centroid",
+          "clinc150", "fashion")
 
 
 def shown(cmd: list[str]) -> str:
@@ -187,17 +255,20 @@ def _weights(r: dict | None) -> str:
     return ", ".join(f"{m} {v:.2f}" for m, v in w.items()) or "—"
 
 
-def _modality_table(rows: list[Row], lead: dict[str, Callable[[dict], str]], episodes: int) -> str:
+def _modality_table(rows: list[Row], lead: dict[str, Callable[[dict], str]], episodes: int,
+                    test_time: bool = False) -> str:
     """Rows of single-modality vs fused runs: the ``lead`` columns (header -> cell from the row's labels),
-    then accuracy, modality weights, iterations, time and the command."""
+    then accuracy, modality weights, iterations, time (and with ``test_time`` the meta-test's) and the
+    command."""
     head = [*lead, f"accuracy (the same {episodes} test episodes)", "modality weights", "iterations",
-            "meta-train time", "command"]
+            "meta-train time", *(["meta-test time"] if test_time else []), "command"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         r = _load(row)
         cells = [cell(row.labels) for cell in lead.values()]
-        cells += [_acc(r), _weights(r), str((r or {}).get("iterations", "—")), _seconds(r), _commands(row)]
-        out.append("| " + " | ".join(cells) + " |")
+        cells += [_acc(r), _weights(r), str((r or {}).get("iterations", "—")), _seconds(r)]
+        cells += [f"{r['seconds']:.0f} s" if r else "—"] if test_time else []
+        out.append("| " + " | ".join(cells + [_commands(row)]) + " |")
     return "\n".join(out)
 
 
@@ -211,17 +282,66 @@ def table_synthetic(rows: list[Row]) -> str:
                                   "modalities": lambda x: x["modalities"]}, 300)
 
 
-def _episodes_note(rows: list[Row]) -> str:
+def table_baseline(rows: list[Row]) -> str:
+    lead = {"baseline": lambda x: "centroid", "modalities": lambda x: x["modalities"]}
+    if "missing" in rows[0].labels:
+        lead = {"missing modalities": lambda x: f"{100 * x['missing']:.0f} %", **lead}
+    return _modality_table(rows, lead, 300 if "missing" in rows[0].labels else 600, test_time=True)
+
+
+def _compare_results(row: Row) -> list[dict]:
+    """The per-algorithm results of a ``compare`` row, in the order it ran them (centroid last)."""
+    names = [*CLINC_ALGOS.split(","), "centroid"]
+    return [r for r in (_load_path(REPO / row.out / n / "results.json") for n in names) if r]
+
+
+def _load_path(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def table_clinc(rows: list[Row]) -> str:
+    out = ["| class split | shots | algorithm | accuracy (600 test episodes) | vs centroid | iterations | "
+           "meta-train time | meta-test time | command |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        results = _compare_results(row)
+        base = next((r for r in results if r["algorithm"] == "centroid"), None)
+        if not results:
+            out.append(f"| {row.labels['split']} | {row.labels['shots']} | all | not run | | | | | {_commands(row)} |")
+        for i, r in enumerate(results):
+            delta = "—" if base is None or r is base else f"{100 * (r['accuracy_mean'] - base['accuracy_mean']):+.2f}"
+            out.append(f"| {row.labels['split']} | {row.labels['shots']} | {r['algorithm']} | {_acc(r)} | {delta} | "
+                       f"{r['iterations']} | {r['train_seconds']:.0f} s | {r['seconds']:.0f} s | "
+                       f"{_commands(row) if i == 0 else '〃'} |")
+    return "\n".join(out)
+
+
+def table_fashion(rows: list[Row]) -> str:
+    return _modality_table(rows, {"shots": lambda x: str(x["shots"]), "algorithm": lambda x: x["algorithm"],
+                                  "modalities": lambda x: x["modalities"], "fusion": lambda x: x["fusion"]},
+                           600, test_time=True)
+
+
+def _episodes_note(rows: list[Row], which: str = "Every row above") -> str:
     """Whether every row of a table was tested on the identical episodes (their fingerprint)."""
+    if rows and rows[0].table == "clinc150":  # `compare` itself refuses to test on different episodes
+        return "".join(f"\n\n{row.labels['split']}, {row.labels['shots']}-shot: every algorithm was tested on the "
+                       f"identical episodes (fingerprint `{results[0]['fingerprint']}`)."
+                       for row in rows if (results := _compare_results(row)))
+    shots = sorted({row.labels["shots"] for row in rows if "shots" in row.labels})
+    if len(shots) > 1:  # rows with different shots cannot share episodes
+        return "".join(_episodes_note([r for r in rows if r.labels["shots"] == k], f"Every {k}-shot row")
+                       for k in shots)
     prints = {r["fingerprint"] for r in map(_load, rows) if r}
     if not prints:
         return ""
     if len(prints) == 1:
-        return f"\n\nEvery row above was tested on the identical episodes (fingerprint `{prints.pop()}`)."
+        return f"\n\n{which} was tested on the identical episodes (fingerprint `{prints.pop()}`)."
     return f"\n\nWARNING: these rows were tested on {len(prints)} different sets of episodes."
 
 
-RENDER = {"omniglot-cpu": table_omniglot, "multimodal": table_multimodal, "synthetic": table_synthetic}
+RENDER = {"omniglot-cpu": table_omniglot, "multimodal": table_multimodal, "synthetic": table_synthetic,
+          "omniglot-centroid": table_baseline, "multimodal-centroid": table_baseline,
+          "synthetic-centroid": table_baseline, "clinc150": table_clinc, "fashion": table_fashion}
 
 
 def rewrite_tables(path: Path, tables: list[str]) -> None:

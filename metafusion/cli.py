@@ -15,6 +15,7 @@ FLAG_KEYS = {
     "iterations": "train.iterations", "episodes": "data.test_episodes", "seed": "train.seed",
     "device": "train.device", "budget": "train.budget_minutes", "threads": "train.threads",
 }
+BUG_REPORTS = "the project's issue tracker (issues)"
 INT_FLAGS = {"ways", "shots", "queries", "inner_steps", "inner_steps_test", "meta_batch", "iterations",
              "episodes", "seed", "threads"}
 FLOAT_FLAGS = {"inner_lr", "meta_lr", "budget"}
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several algorithms on the same stream, test on identical episodes")
     _add_config_flags(p)
     p.add_argument("--algos", default="maml,reptile", help="comma-separated algorithms (default: maml,reptile)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="leave out the centroid row (frozen features + nearest class mean) that every table gets")
 
     p = sub.add_parser("datasets", help="list datasets, where each expects its files, and verify them")
     p.add_argument("--data-root", help="data root (default: $METAFUSION_DATA)")
@@ -101,6 +104,9 @@ def _print_results(r: dict[str, Any]) -> None:
           f"accuracy {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI, "
           f"{r['episodes']} episodes, {'transductive' if r['transductive'] else 'non-transductive'}), "
           f"macro-F1 {r['macro_f1']:.3f}")
+    if r.get("episodes_diverged"):
+        print(f"warning: {r['episodes_diverged']} of {r['episodes']} episodes diverged (non-finite logits; their "
+              f"queries count as wrong): lower algo.inner_lr_test or algo.inner_steps_test")
     if r.get("modality_weights"):
         print("attention weights: " + ", ".join(f"{m} {w:.3f}" for m, w in r["modality_weights"].items()))
 
@@ -121,6 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RunFolderError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         print(f"metafusion {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"metafusion {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # not an input problem: a bug, shown with its traceback
+        import traceback
+
+        traceback.print_exc()
+        print(f"metafusion {args.command}: internal error (a bug in metafusion, not in your input). Please report "
+              f"it with the command and the traceback above: {BUG_REPORTS}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
@@ -163,7 +179,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
             if bad:
                 raise ValueError(f"unknown algorithm {', '.join(bad)}; valid: {', '.join(ALGORITHMS)}")
             rows, table = stages.stage_compare(cfg, algos, args.out or "runs/compare", overwrite=args.overwrite,
-                                               quiet=args.quiet)
+                                               quiet=args.quiet, baseline=not args.no_baseline)
             print("\n" + table)
             print(f"written to {args.out or 'runs/compare'}/compare.md and compare.csv")
             return 0

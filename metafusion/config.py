@@ -30,9 +30,12 @@ class DataConfig:
     ways: int = 5
     shots: int = 1
     queries: int = 15
+    train_ways: int | None = None  # classes per meta-train episode (None -> ways); protonet only (no head)
     train_shots: int | None = None  # shots per class in meta-train episodes (None -> shots)
     train_queries: int | None = None  # queries per class in meta-train episodes (None -> queries)
-    split: str = "protocol"  # omniglot: protocol (1100/100/423) | background (Lake); others ignore it
+    # Class split. omniglot: protocol (1100/100/423) | background (Lake); clinc150: protocol (seeded
+    # 60/20/20 over intents) | cross-domain (seeded 6/2/2 over domains); others: seeded 60/20/20.
+    split: str = "protocol"
     image_size: int = 28
     rotations: bool = False  # omniglot: 90/180/270 degree rotations as new classes (MAML protocol)
     stroke_length: int = 64  # omniglot strokes: resampled (dx, dy, pen_up) steps
@@ -67,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = "maml"  # maml | fomaml | reptile | metasgd | anil | protonet | finetune
+    name: str = "maml"  # maml | fomaml | reptile | metasgd | anil | protonet | finetune | centroid
     inner_lr: float | None = None
     inner_lr_test: float | None = None  # None -> inner_lr
     inner_steps: int | None = None
@@ -78,6 +81,8 @@ class AlgoConfig:
     learn_inner_lr: bool = False  # maml/fomaml/anil: meta-learn one inner learning rate per layer
     task_batched: bool = False  # maml/fomaml/anil: all tasks of a meta-batch in one vmapped network (GPUs)
     transductive: bool = True  # evaluation: query batch statistics together (True) or one query at a time
+    metric: str | None = None  # centroid (default cosine) / protonet (default euclidean): cosine | euclidean
+    proto_init: bool = False  # maml/fomaml/anil: head initialised from support prototypes (Proto-MAML)
 
 
 @dataclass
@@ -109,7 +114,7 @@ class RunConfig:
     out: str = "runs/default"
 
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "finetune")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "finetune", "centroid")
 FUSIONS = ("attention", "concat", "mean", "late", "transformer")
 
 # Published defaults per algorithm, used where the config leaves a value as None.
@@ -128,8 +133,11 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "reptile": dict(inner_lr=1e-3, inner_steps=5, inner_steps_test=50, inner_batch=10,
                     inner_optimizer="adam", first_order=True,
                     meta_batch=5, meta_lr=1.0, optimizer="sgd", schedule="linear"),
-    "protonet": dict(inner_lr=0.0, inner_steps=0, inner_steps_test=0, first_order=True,
+    "protonet": dict(inner_lr=0.0, inner_steps=0, inner_steps_test=0, first_order=True, metric="euclidean",
                      meta_batch=1, meta_lr=1e-3, optimizer="adam", schedule="constant"),
+    # Frozen features + nearest class mean: nothing is meta-trained (the run records 0 iterations).
+    "centroid": dict(inner_lr=0.0, inner_steps=0, inner_steps_test=0, first_order=True, metric="cosine",
+                     meta_batch=1, meta_lr=0.0, optimizer="sgd", schedule="constant"),
     # Chen et al. 2019 baseline: supervised pre-training, then a new head fitted on the support set.
     "finetune": dict(inner_lr=0.01, inner_steps=0, inner_steps_test=100, first_order=True,
                      meta_batch=4, meta_lr=1e-3, optimizer="adam", schedule="constant"),
@@ -232,7 +240,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         _apply(cfg, values)
@@ -259,6 +273,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
                 setattr(section, key, value)
     if cfg.algo.inner_lr_test is None:
         cfg.algo.inner_lr_test = cfg.algo.inner_lr
+    if cfg.data.train_ways is None:
+        cfg.data.train_ways = cfg.data.ways
     if cfg.data.train_shots is None:
         cfg.data.train_shots = cfg.data.shots
     if cfg.data.train_queries is None:
@@ -281,6 +297,30 @@ def _positive(key: str, value: Any, minimum: int = 1) -> None:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
 
 
+def _greater(key: str, value: Any, bound: float = 0.0) -> None:
+    if value is not None and not value > bound:  # `not >` also rejects NaN
+        raise ConfigError(f"{key} must be > {bound:g}, got {value}")
+
+
+# Algorithms that have nothing to meta-train (no meta learning rate) or no inner loop (no inner rate).
+NO_META_PARAMETERS = ("centroid",)
+NO_INNER_LOOP = ("protonet", "centroid")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device={device!r} is not a device; use cpu or cuda (cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={device!r}, but no CUDA device is available on this machine; "
+                          f"use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={device!r}: metafusion runs on cpu or cuda")
+
+
 def validate(cfg: RunConfig) -> None:
     """Reject incompatible settings at configuration time, never mid-training."""
     _choice("algo.name", cfg.algo.name, ALGORITHMS)
@@ -294,10 +334,37 @@ def validate(cfg: RunConfig) -> None:
     _choice("train.optimizer", cfg.train.optimizer, ("adam", "sgd"))
     _choice("train.schedule", cfg.train.schedule, ("constant", "linear"))
     _choice("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
-    _choice("data.split", cfg.data.split, ("protocol", "background"))
-    for key in ("ways", "shots", "queries", "val_episodes", "test_episodes", "image_size", "stroke_length"):
+    _choice("data.split", cfg.data.split, ("protocol", "background", "cross-domain"))
+    for key in ("shots", "queries", "val_episodes", "test_episodes", "image_size", "stroke_length",
+                "samples_per_class"):
         _positive(f"data.{key}", getattr(cfg.data, key))
+    _positive("data.ways", cfg.data.ways, minimum=2)
+    if cfg.data.dataset == "synthetic":
+        _positive("data.num_classes", cfg.data.num_classes, minimum=cfg.data.ways)
+    if not cfg.data.noise >= 0:
+        raise ConfigError(f"data.noise must be >= 0, got {cfg.data.noise}")
+    _positive("model.hidden", cfg.model.hidden)
+    _positive("algo.inner_batch", cfg.algo.inner_batch)
+    _positive("train.val_interval", cfg.train.val_interval, minimum=0)
+    _positive("train.log_interval", cfg.train.log_interval)
+    _positive("train.threads", cfg.train.threads)
+    _greater("train.budget_minutes", cfg.train.budget_minutes)
+    _greater("train.clip", cfg.train.clip)
+    if cfg.algo.name not in NO_META_PARAMETERS:
+        _greater("train.meta_lr", cfg.train.meta_lr)
+    for key in ("inner_lr", "inner_lr_test"):
+        value = getattr(cfg.algo, key)
+        if cfg.algo.name in NO_INNER_LOOP:
+            if value is not None and not value >= 0:
+                raise ConfigError(f"algo.{key} must be >= 0, got {value}")
+        else:
+            _greater(f"algo.{key}", value)
+    _check_device(cfg.train.device)
     _positive("data.train_shots", cfg.data.train_shots)
+    _positive("data.train_ways", cfg.data.train_ways, minimum=2)
+    if cfg.data.train_ways not in (None, cfg.data.ways) and cfg.algo.name != "protonet":
+        raise ConfigError(f"data.train_ways={cfg.data.train_ways} differs from data.ways={cfg.data.ways}: only "
+                          f"protonet (which has no classifier head) can train on more ways than it is tested on")
     _positive("data.train_queries", cfg.data.train_queries, minimum=0)
     _positive("train.iterations", cfg.train.iterations, minimum=0)
     _positive("train.meta_batch", cfg.train.meta_batch)
@@ -316,7 +383,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"algo.first_order=true with {name}: use --algo fomaml for first-order MAML")
     if name == "fomaml" and cfg.algo.first_order is False:
         raise ConfigError("algo.first_order=false with fomaml: use --algo maml for second-order MAML")
-    if name in ("protonet", "finetune") and cfg.model.adapt != "all":
+    if name in ("protonet", "finetune", "centroid") and cfg.model.adapt != "all":
         raise ConfigError(f"model.adapt={cfg.model.adapt!r} has no meaning for {name} (it has no inner loop)")
     if name == "anil" and cfg.model.adapt not in ("all", "head"):
         raise ConfigError("anil adapts the head only; model.adapt must be 'head' (or left at its default)")
@@ -325,5 +392,16 @@ def validate(cfg: RunConfig) -> None:
                           + (" (metasgd always learns per-parameter rates)" if name == "metasgd" else ""))
     if name == "metasgd" and cfg.model.adapt != "all":
         raise ConfigError("metasgd learns a rate for every parameter; model.adapt must be 'all'")
+    _choice("algo.metric", cfg.algo.metric, ("cosine", "euclidean"))
+    if cfg.algo.metric is not None and name not in ("protonet", "centroid"):
+        raise ConfigError(f"algo.metric applies to protonet and centroid, not {name}")
+    if cfg.algo.proto_init and name not in ("maml", "fomaml", "anil"):
+        raise ConfigError(f"algo.proto_init (Proto-MAML head initialisation) applies to maml, fomaml and anil, "
+                          f"not {name}")
+    if cfg.algo.proto_init and cfg.model.fusion == "late":
+        raise ConfigError("algo.proto_init needs one linear head on a fused feature; 'late' fusion has one head "
+                          "per modality (use attention/concat/mean/transformer)")
+    if cfg.algo.proto_init and cfg.algo.task_batched:
+        raise ConfigError("algo.proto_init is not supported with algo.task_batched")
     if name == "protonet" and cfg.model.fusion == "late":
         raise ConfigError("protonet needs a fused embedding; 'late' fusion has none (use attention/concat/...)")

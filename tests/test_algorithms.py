@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metafusion.algorithms import ALGORITHMS, FOMAML, MAML, MetaSGD, ProtoNet, Reptile
+from metafusion.algorithms import ALGORITHMS, FOMAML, MAML, Centroid, MetaSGD, ProtoNet, Reptile
 from metafusion.config import load_config
 from metafusion.engine import build_experiment, meta_test, meta_train
 
@@ -248,7 +248,7 @@ def test_adapt_never_modifies_the_meta_model(name, small_synthetic):
 
 # Learning within seconds on an easy synthetic 5-way 1-shot task (tabular + text modalities).
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ALGORITHMS.names())
+@pytest.mark.parametrize("name", [n for n in ALGORITHMS.names() if n != "centroid"])  # centroid learns nothing
 def test_each_algorithm_learns_well_above_chance_and_is_deterministic(name):
     from metafusion.data import make_synthetic
 
@@ -270,3 +270,85 @@ def test_each_algorithm_learns_well_above_chance_and_is_deterministic(name):
     assert results[0] == results[1], "same seed, different numbers"
     assert results[0] > 0.5, f"{name}: {results[0]:.3f} (chance is 0.2)"
     assert results[0] > untrained[0], f"{name}: meta-training did not help ({untrained[0]:.3f} -> {results[0]:.3f})"
+
+
+def test_centroid_is_the_nearest_mean_of_l2_normalised_modalities():
+    model, episode = tiny_tabular_model(), tiny_episode(ways=3, shots=2, queries=3)
+    episode.query.mask[0, 1] = False  # an absent modality contributes a zero block
+    episode.query.inputs["tab1"][0] = 0.0
+
+    def features(batch):  # written out: each modality L2-normalised, zeros where absent, concatenated
+        blocks = [batch.inputs[m] / batch.inputs[m].norm(dim=1, keepdim=True).clamp_min(1e-12) * batch.mask[:, [j]]
+                  for j, m in enumerate(("tab0", "tab1"))]
+        return torch.cat(blocks, 1)
+
+    zs, zq = features(episode.support), features(episode.query)
+    protos = torch.stack([zs[episode.support.labels == c].mean(0) for c in range(3)])
+    cosine = F.normalize(zq, dim=1) @ F.normalize(protos, dim=1).T
+    learner = Centroid(model, **COMMON).adapt(episode.support)
+    assert torch.allclose(learner(episode.query), 10 * cosine)
+    euclid = Centroid(model, metric="euclidean", **COMMON).adapt(episode.support)
+    assert torch.allclose(euclid(episode.query), -torch.cdist(zq, protos) ** 2)
+    assert list(Centroid(model, **COMMON).parameters()) == []  # nothing to meta-learn
+
+
+def test_centroid_reads_token_ids_as_a_bag_of_words():
+    from metafusion.algorithms.centroid import frozen_features
+    from metafusion.data import Batch
+
+    ids = torch.tensor([[3, 1, 3, 0], [2, 0, 0, 0]])  # 0 is padding
+    batch = Batch({"text": ids}, torch.ones(2, 1, dtype=torch.bool), torch.tensor([0, 1]), ("text",))
+    z = frozen_features(batch, ("text",), vocab_size=5)
+    expected = F.normalize(torch.tensor([[1.0, 0, 2, 0], [0, 1, 0, 0]], dtype=z.dtype), dim=1)  # words 1..4
+    assert torch.allclose(z, expected)
+
+
+def test_protonet_cosine_uses_a_meta_learned_scale():
+    model, episode = tiny_tabular_model(), tiny_episode()
+    algo = ProtoNet(model, metric="cosine", **COMMON)
+    algo.meta_backward([episode])
+    scale = algo.scale.log_scale
+    assert scale.grad is not None and scale.grad.abs() > 0
+    assert any(p is scale for p in algo.parameters())  # the outer optimizer updates it
+    z_s, z_q = model.features(episode.support), model.features(episode.query)
+    protos = torch.stack([z_s[episode.support.labels == c].mean(0) for c in range(episode.ways)])
+    expected = scale.exp() * F.normalize(z_q, dim=1) @ F.normalize(protos, dim=1).T
+    assert torch.allclose(algo.adapt(episode.support)(episode.query), expected.detach())
+
+
+def test_proto_maml_starts_the_head_at_the_prototypes_and_trains_the_encoder_through_them():
+    model, episode = tiny_tabular_model(), tiny_episode()
+    algo = MAML(model, proto_init=True, **{**COMMON, "inner_steps_test": 0})
+    z_s, z_q = model.features(episode.support), model.features(episode.query)
+    c = torch.stack([z_s[episode.support.labels == k].mean(0) for k in range(episode.ways)])
+    expected = 2 * z_q @ c.T - (c ** 2).sum(1)  # = -||z - c||^2 + ||z||^2: ProtoNet's ranking
+    learner = algo.adapt(episode.support)
+    assert torch.allclose(learner(episode.query), expected)
+    algo.meta_backward([episode])
+    head = model.head.linear
+    assert head.weight.grad is None and head.bias.grad is None  # replaced by the prototypes in every task
+    encoder = next(model.encoders["tab0"].parameters())
+    assert encoder.grad is not None and encoder.grad.abs().sum() > 0
+
+
+def test_a_diverged_episode_is_counted_and_its_queries_are_wrong():
+    from metafusion.algorithms.base import classification_metrics
+    from metafusion.engine import meta_test
+
+    logits = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [0.0, 1.0]])
+    m = classification_metrics(logits, torch.tensor([0, 0, 1]), ways=2)
+    assert m["diverged"] and m["accuracy"] == pytest.approx(2 / 3)
+
+    class Diverging(ProtoNet):  # the second episode's adapted learner outputs NaN
+        calls = 0
+
+        def adapt(self, support, steps=None):
+            Diverging.calls += 1
+            learner = super().adapt(support, steps)
+            return (lambda batch: learner(batch) * float("nan")) if Diverging.calls == 2 else learner
+
+    model = tiny_tabular_model()
+    episodes = [tiny_episode(seed=s) for s in range(3)]
+    result = meta_test(Diverging(model, **COMMON), episodes)
+    assert result.episodes_diverged == 1 and result.accuracies[1] == 0.0
+    assert torch.isfinite(torch.tensor(result.loss))  # averaged over the finite episodes

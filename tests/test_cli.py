@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -45,6 +47,10 @@ def test_bad_usage_exits_non_zero_with_usage(argv, capsys):
     (["--modalities", "image,smell"], "no modality 'smell'"),
     (["--dataset", "omniglot", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),
     (["--fusion", "sum"], "attention, concat, mean, late, transformer"),
+    (["--set", "data.train_ways=10"], "only protonet (which has no classifier head) can train on more ways"),
+    (["--set", "algo.metric=cosine"], "algo.metric applies to protonet and centroid, not maml"),
+    (["--algo", "reptile", "--set", "algo.proto_init=true"], "applies to maml, fomaml and anil, not reptile"),
+    (["--set", "algo.proto_init=true", "--fusion", "late"], "'late' fusion has one head per modality"),
 ])
 def test_bad_values_give_clear_errors(tmp_path, capsys, args, message):
     assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", tmp_path / "r", *args) == 2
@@ -108,9 +114,30 @@ def test_compare_uses_identical_episodes(tmp_path, capsys):
     a = json.loads((out / "maml" / "results.json").read_text())
     b = json.loads((out / "reptile" / "results.json").read_text())
     assert a["fingerprint"] == b["fingerprint"] and a["episodes"] == b["episodes"] == 6
+    baseline = json.loads((out / "centroid" / "results.json").read_text())  # added to every comparison
+    assert baseline["fingerprint"] == a["fingerprint"] and baseline["iterations"] == 0
     table = (out / "compare.md").read_text()
-    assert "| maml |" in table and "| reptile |" in table and (out / "compare.csv").is_file()
-    assert "accuracy (95% CI)" in capsys.readouterr().out
+    assert "| maml |" in table and "| reptile |" in table and "| centroid |" in table
+    assert (out / "compare.csv").is_file() and "accuracy (95% CI)" in capsys.readouterr().out
+
+
+def test_compare_leaves_the_baseline_out_when_told(tmp_path):
+    out = tmp_path / "cmp"
+    assert run_cli("compare", *TINY, "--algos", "protonet", "--iterations", 2, "--no-baseline", "--out", out) == 0
+    assert not (out / "centroid").exists() and "| centroid |" not in (out / "compare.md").read_text()
+
+
+def test_centroid_trains_nothing_and_every_stage_still_works(tmp_path, capsys):
+    run = tmp_path / "centroid"
+    assert run_cli("meta-train", *TINY, "--algo", "centroid", "--out", run) == 0
+    train = json.loads((run / "train.json").read_text())
+    assert train["iterations"] == 0 and 0.2 < train["best_val_accuracy"] <= 1.0
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    assert run_cli("meta-test", "--run", run, "--quiet") == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["algorithm"] == "centroid" and results["episodes_diverged"] == 0
+    assert run_cli("fine-tune", "--run", run, "--quiet") == 0
+    assert "query accuracy" in capsys.readouterr().out
 
 
 def test_nan_loss_stops_with_the_iteration(tmp_path, capsys):
@@ -175,3 +202,102 @@ def test_fine_tune_on_a_users_folder(tmp_path):
     assert run_cli("fine-tune", "--run", run, "--task", tmp_path / "task", "--quiet") == 0
     ft = json.loads((run / "finetune" / "finetune.json").read_text())
     assert ft["ways"] == 3 and ft["shots"] == 1 and ft["queries"] == 6  # the user's 3 classes, 2 queries each
+
+
+# --- bad input: each case exits 2 with one line naming the problem, and never shows a traceback -----------
+def _manifest(tmp_path, edit=None):
+    """A copy of tests/data/tiny_manifest.csv (and its files) that ``edit(rows, folder)`` may change."""
+    import csv
+    import shutil
+
+    data = Path(__file__).parent / "data"
+    shutil.copytree(data / "tiny_folder", tmp_path / "tiny_folder")
+    with (data / "tiny_manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if edit:
+        edit(rows, tmp_path / "tiny_folder")
+    path = tmp_path / "manifest.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _nan_tabular(rows, folder):
+    import numpy as np
+
+    x = np.load(folder / "cat" / "cat0.npy")
+    x[1] = np.nan
+    np.save(folder / "cat" / "cat0.npy", x)
+
+
+def _bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  ways: 5\n  shots: [1\ntrain: {iterations: 3}\n")
+    return ["--config", path]
+
+
+@pytest.mark.parametrize("case,message", [
+    (lambda t: _bad_yaml(t), "bad.yaml:4:6: not valid YAML: expected ',' or ']'"),
+    (lambda t: ["--device", "cuda"], "no CUDA device is available on this machine; use --device cpu"),
+    (lambda t: ["--device", "tpu"], "train.device='tpu' is not a device"),
+    (lambda t: ["--inner-lr", "-1"], "algo.inner_lr must be > 0, got -1.0"),
+    (lambda t: ["--meta-lr", "-0.1"], "train.meta_lr must be > 0, got -0.1"),
+    (lambda t: ["--ways", "1"], "data.ways must be >= 2"),
+    (lambda t: ["--budget", "0"], "train.budget_minutes must be > 0"),
+    (lambda t: ["--dataset", "manifest", "--data-root", _manifest(t, _nan_tabular)],
+     "cat0.npy (tabular) holds 1 non-finite values (NaN or inf)"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the no-GPU case, on any machine
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("an earlier run")
+    assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", run, "--overwrite", *case(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert [p.name for p in run.iterdir()] == ["keep.txt"]  # a failed command writes nothing into the folder
+
+
+def test_non_finite_files_can_be_masked_and_counted(tmp_path, capsys):
+    from metafusion.config import DataConfig
+    from metafusion.data import DATASETS
+
+    ds = DATASETS.build("manifest", DataConfig(dataset="manifest", root=str(_manifest(tmp_path, _nan_tabular)),
+                                               skip_unreadable=True))
+    assert ds.metadata["skipped"] == 1 and not ds.present[0, ds.modalities.index("tabular")]
+    assert torch.isfinite(ds.data["tabular"]).all()
+    assert "skipped 1 unreadable files" in capsys.readouterr().out
+
+
+def test_inline_text_longer_than_a_file_name_loads_as_text(tmp_path):
+    from metafusion.data.manifest import load_user_data
+
+    long = "please tell me " * 30  # 450 characters: tried as a path, the file system refuses the name
+
+    def edit(rows, folder):
+        rows[0]["text"] = long
+
+    ds = load_user_data(_manifest(tmp_path, edit))
+    assert ds.metadata["texts"][0] == long and ds.present[0].all()
+
+
+def test_a_diverged_meta_test_is_reported_not_averaged_silently(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("run", *TINY, "--iterations", 2, "--set", "algo.inner_lr_test=1e30", "--out", run) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["episodes_diverged"] == results["episodes"] == 6 and results["accuracy_mean"] == 0.0
+    assert "6 of 6 episodes diverged" in capsys.readouterr().out
+
+
+def test_a_bug_shows_its_traceback_and_says_it_is_one(monkeypatch, capsys):
+    from metafusion.engine import stages
+
+    def broken(*args, **kwargs):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(stages, "stage_meta_train", broken)
+    assert run_cli("meta-train", *TINY, "--iterations", 1) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "a bug in metafusion" in err

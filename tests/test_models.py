@@ -225,6 +225,18 @@ def test_pretrained_text_encoder_loads_offline_and_stays_frozen(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(before, frozen.model.parameters()))
 
 
+def test_minilm_projection_at_the_encoders_width_starts_as_the_identity_and_learns():
+    from metafusion.models.encoders.text import PretrainedTextProjection
+
+    x = torch.randn(6, 384)
+    residual = PretrainedTextProjection(out_dim=384, hidden=16)
+    assert torch.equal(residual(x), x)  # meta-learning starts from the pretrained features themselves
+    residual(x).pow(2).sum().backward()
+    assert residual.proj[-1].weight.grad.abs().sum() > 0  # ... and can move away from them
+    narrow = PretrainedTextProjection(out_dim=8, hidden=16)
+    assert narrow(x).shape == (6, 8) and not narrow.residual
+
+
 def test_a_sample_with_none_of_the_models_modalities_gets_the_head_bias_not_nan(small_synthetic):
     """model.modalities=[image] on data where some samples lack the image: those samples get z = 0,
     and gradients stay finite, so a single-modality model can run on the fused model's episodes."""

@@ -75,7 +75,7 @@ class MetaAlgorithm:
         metrics = classification_metrics(logits, labels, episode.ways)
         inner = fused_model(learner)
         weights = inner.modality_weights(episode.query) if isinstance(inner, FusionModel) else None
-        if weights is not None:
+        if weights is not None and bool(torch.isfinite(weights).all()):
             metrics["modality_weights"] = dict(zip(inner.modalities, weights.mean(0).tolist()))
         return metrics
 
@@ -148,8 +148,12 @@ def cross_entropy(learner: nn.Module, batch: Batch) -> Tensor:
 
 
 def classification_metrics(logits: Tensor, labels: Tensor, ways: int) -> dict[str, float]:
-    """Accuracy, loss and macro-F1 (mean over classes of 2PR/(P+R); 0 for a class never right)."""
-    pred = logits.argmax(1)
+    """Accuracy, loss and macro-F1 (mean over classes of 2PR/(P+R); 0 for a class never right).
+
+    A query whose logits are not finite (a diverged inner loop) counts as wrong, and ``diverged`` says
+    that the episode had one."""
+    finite = torch.isfinite(logits).all(1)  # (N,)
+    pred = torch.where(finite, torch.nan_to_num(logits).argmax(1), -1)
     f1 = []
     for c in range(ways):
         tp = ((pred == c) & (labels == c)).sum().item()
@@ -158,4 +162,4 @@ def classification_metrics(logits: Tensor, labels: Tensor, ways: int) -> dict[st
         f1.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return {"accuracy": (pred == labels).float().mean().item(),
             "loss": F.cross_entropy(logits, labels).item(),
-            "macro_f1": sum(f1) / ways}
+            "macro_f1": sum(f1) / ways, "diverged": not bool(finite.all())}

@@ -1,6 +1,10 @@
 """Prototypical Networks (Snell et al. 2017) on the fused embedding: no inner loop; a query's logits
-are negative squared Euclidean distances to the class means of the support embeddings."""
+are negative squared Euclidean distances to the class means of the support embeddings, or
+(``algo.metric=cosine``) cosine similarities times a meta-learned scale (Gidaris & Komodakis 2018;
+Chen et al. 2019), which keeps the geometry of L2-normalised pretrained features."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -17,32 +21,62 @@ def prototypes(z: Tensor, labels: Tensor, ways: int) -> Tensor:
     return onehot.T @ z / onehot.sum(0).unsqueeze(1)
 
 
-def proto_logits(z: Tensor, protos: Tensor) -> Tensor:
-    """``-||z_i - p_c||^2``, ``[N, ways]``."""
-    return -torch.cdist(z, protos).pow(2)
+def proto_logits(z: Tensor, protos: Tensor, scale: Tensor | None = None) -> Tensor:
+    """``-||z_i - p_c||^2`` (``scale`` None), else ``scale * cos(z_i, p_c)``; ``[N, ways]``."""
+    if scale is None:
+        return -torch.cdist(z, protos).pow(2)
+    return scale * F.normalize(z, dim=-1) @ F.normalize(protos, dim=-1).T
+
+
+class Scale(nn.Module):
+    """A positive meta-learned scale (temperature) for cosine logits, kept as its logarithm."""
+
+    def __init__(self, init: float = 10.0):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+
+    def forward(self) -> Tensor:
+        return self.log_scale.exp()
 
 
 class PrototypeClassifier(nn.Module):
     """The learner ProtoNet's ``adapt`` returns: the embedding model plus fixed prototypes."""
 
-    def __init__(self, model: FusionModel, protos: Tensor):
+    def __init__(self, model: FusionModel, protos: Tensor, scale: Tensor | None = None):
         super().__init__()
         self.module = model
         self.register_buffer("protos", protos)
+        self.scale = scale
 
     def forward(self, batch: Batch) -> Tensor:
-        return proto_logits(self.module.features(batch), self.protos)
+        return proto_logits(self.module.features(batch), self.protos, self.scale)
 
 
 @ALGORITHMS.register("protonet")
 class ProtoNet(MetaAlgorithm):
     name = "protonet"
 
+    def __init__(self, model: FusionModel, *, metric: str = "euclidean", **kwargs):
+        super().__init__(model, **kwargs)
+        if metric not in ("euclidean", "cosine"):
+            raise ValueError(f"algo.metric={metric!r} is not valid; choose one of: cosine, euclidean")
+        self.scale = Scale().to(next(model.parameters()).device) if metric == "cosine" else None
+        # The checkpointed module: the model alone for the paper's Euclidean form (as before), the model
+        # and its scale for the cosine form.
+        self._module = model if self.scale is None else nn.ModuleDict({"model": model, "scale": self.scale})
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def _scale(self) -> Tensor | None:
+        return None if self.scale is None else self.scale()
+
     def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:
         tally = TaskTally()
         for task in tasks:
             protos = prototypes(self.model.features(task.support), task.support.labels, task.ways)
-            logits = proto_logits(self.model.features(task.query), protos)
+            logits = proto_logits(self.model.features(task.query), protos, self._scale())
             loss = F.cross_entropy(logits, task.query.labels)
             (loss / len(tasks)).backward()
             tally.add(loss.item(), logits.detach(), task.query.labels)
@@ -52,4 +86,5 @@ class ProtoNet(MetaAlgorithm):
         ways = int(support.labels.max()) + 1
         with torch.no_grad():
             protos = prototypes(self.model.features(support), support.labels, ways)
-        return PrototypeClassifier(self.model, protos)
+            scale = self._scale()
+        return PrototypeClassifier(self.model, protos, scale)

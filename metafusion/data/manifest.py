@@ -34,32 +34,59 @@ def tokenize(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
+def token_ids(texts: list[str], length: int, vocabulary: list[str] | None = None) -> tuple[Tensor, list[str]]:
+    """Texts -> token ids ``[N, length]`` (0 = padding; words outside ``vocabulary`` dropped) and the
+    vocabulary (``["<pad>", *sorted words of texts]`` when none is given)."""
+    vocab = vocabulary or ["<pad>"] + sorted({w for t in texts for w in tokenize(t)})
+    index = {w: i for i, w in enumerate(vocab)}
+    ids = torch.zeros(len(texts), length, dtype=torch.long)
+    for i, t in enumerate(texts):
+        tok = [index[w] for w in tokenize(t) if w in index][:length]
+        ids[i, :len(tok)] = torch.tensor(tok, dtype=torch.long)
+    return ids, vocab
+
+
 def _read_array(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False)
     return np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=1)
 
 
-def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any]) -> Any:
-    """One cell -> a numpy array (or text). Raises DataError naming the file on failure."""
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system: inline text, not a path
+        return False
+
+
+def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any], column: str | None = None) -> Any:
+    """One cell -> a numpy array (or text). Raises DataError naming the file (and the manifest column)
+    on failure, non-finite values (NaN, inf) included."""
     if modality == "text":
         path = base / str(value)
-        if str(value).endswith(".txt") or path.is_file():
+        if str(value).endswith(".txt") or _is_file(path):
             return path.read_text(encoding="utf-8")
         return str(value)  # inline text
     path = base / str(value)
-    if not path.is_file():
+    if not _is_file(path):
         raise FileNotFoundError(path)
+    what = column or modality
     try:
         if modality == "image":
             size = opts["image_size"]
             img = Image.open(path).convert("L").resize((size, size), resample=Image.LANCZOS)
-            return np.asarray(img, dtype=np.float32)[None] / 255.0
-        if modality == "audio":
-            return read_wav(path, opts["audio_length"])[None]
-        return np.asarray(_read_array(path), dtype=np.float32)
+            array = np.asarray(img, dtype=np.float32)[None] / 255.0
+        elif modality == "audio":
+            array = read_wav(path, opts["audio_length"])[None]
+        else:
+            array = np.asarray(_read_array(path), dtype=np.float32)
     except (OSError, ValueError, UnidentifiedImageError, DataError) as e:
-        raise DataError(f"cannot read {path} as {modality}: {e}") from None
+        raise DataError(f"cannot read {path} as {what}: {e}") from None
+    bad = int(array.size - np.isfinite(array).sum())
+    if bad:
+        raise DataError(f"{path} ({what}) holds {bad} non-finite values (NaN or inf); fix the file, or set "
+                        f"data.skip_unreadable=true to mask it")
+    return array
 
 
 def _rows_from_manifest(path: Path) -> list[dict[str, str]]:
@@ -129,7 +156,7 @@ def load_user_data(path: str | Path, modalities: tuple[str, ...] | None = None,
                 raw[c].append(None)
                 continue
             try:
-                raw[c].append(_read(reader, value, base, opts))
+                raw[c].append(_read(reader, value, base, opts, column=c))
             except FileNotFoundError:
                 raw[c].append(None)  # a missing file masks that modality for that sample
             except DataError:
@@ -157,15 +184,10 @@ def load_user_data(path: str | Path, modalities: tuple[str, ...] | None = None,
         present.append(torch.tensor([v is not None for v in values]))
         if m == "text":
             texts = [v or "" for v in values]
-            vocab = like.metadata["vocabulary"] if like is not None and "vocabulary" in like.metadata else \
-                ["<pad>"] + sorted({w for t in texts for w in tokenize(t)})
-            index = {w: i for i, w in enumerate(vocab)}
+            vocab = like.metadata.get("vocabulary") if like is not None else None
             length = like.data["text"].shape[-1] if like is not None and "text" in like.data else text_length
-            ids = torch.zeros(len(texts), length, dtype=torch.long)
-            for i, t in enumerate(texts):
-                tok = [index[w] for w in tokenize(t) if w in index][:length]
-                ids[i, :len(tok)] = torch.tensor(tok, dtype=torch.long)
-            data[m], metadata["vocabulary"], metadata["texts"] = ids, vocab, texts
+            data[m], metadata["vocabulary"] = token_ids(texts, length, vocab)
+            metadata["texts"] = texts
         else:
             data[m] = _stack(values, m, path, like.data[m].shape[1:] if like is not None and m in like.data else None)
     present_t = torch.stack(present, 1) if present else torch.zeros(len(rows), 0, dtype=torch.bool)

@@ -2,6 +2,7 @@
 expects its files (shown by `metafusion datasets`)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import DataConfig
@@ -15,6 +16,8 @@ EXPECTED_FILES = {
     "omniglot": "omniglot/images_background.zip, omniglot/images_evaluation.zip (or extracted folders)",
     "omniglot-strokes": "omniglot/images_background.zip + strokes_background*.zip (full or small1/small2)",
     "fsdd": "fsdd/recordings/{digit}_{speaker}_{index}.wav",
+    "clinc150": "clinc150/data_full.json + clinc150/domains.json",
+    "fashion": "fashion/styles.csv + fashion/images.zip (images/<id>.jpg)",
     "manifest": "a CSV/JSONL manifest or a root/<class>/<sample>.<ext> folder, given as data.root",
 }
 
@@ -56,6 +59,20 @@ def fsdd(cfg: DataConfig) -> MultimodalDataset:
     return load(require_root(cfg, ""))
 
 
+@DATASETS.register("clinc150")
+def clinc150(cfg: DataConfig) -> MultimodalDataset:
+    from .clinc150 import clinc150 as load
+
+    return load(require_root(cfg, ""), cfg.split, seed=cfg.data_seed)
+
+
+@DATASETS.register("fashion")
+def fashion(cfg: DataConfig) -> MultimodalDataset:
+    from .fashion import fashion as load
+
+    return load(require_root(cfg, ""), cfg.image_size, seed=cfg.data_seed)
+
+
 @DATASETS.register("manifest")
 def manifest(cfg: DataConfig) -> MultimodalDataset:
     from .manifest import load_user_data
@@ -77,6 +94,16 @@ def check_files(name: str, root: Path) -> str:
             return "ok (built in)"
         if name == "manifest":
             return "given per run as data.root (a manifest file or class folders)"
+        if name == "clinc150":
+            from .clinc150 import find_clinc150
+
+            data = json.loads((find_clinc150(root) / "data_full.json").read_text())
+            return f"ok: {sum(len(data.get(s, [])) for s in ('train', 'val', 'test'))} utterances"
+        if name == "fashion":
+            from .fashion import find_fashion, read_styles
+
+            rows = read_styles(find_fashion(root))
+            return f"ok: {len(rows)} products, {sum(r['has_image'] == '1' for r in rows)} with a photo"
         if name == "fsdd":
             from .fsdd import find_recordings
 

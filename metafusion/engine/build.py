@@ -80,6 +80,12 @@ def make_algorithm(cfg: RunConfig, model: FusionModel, dataset: MultimodalDatase
         kwargs.update(inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer, seed=cfg.train.seed)
     if a.name == "finetune":
         kwargs.update(train_classes=dataset.splits["train"])
+    if a.name in ("protonet", "centroid"):
+        kwargs.update(metric=a.metric)
+    if a.name == "centroid":
+        kwargs.update(vocab_size=model_spec(dataset).vocab_size)
+    if a.proto_init:
+        kwargs.update(proto_init=True)
     return ALGORITHMS.build(a.name, model, **kwargs)
 
 
@@ -108,7 +114,7 @@ def build_experiment(cfg: RunConfig, dataset: MultimodalDataset | None = None) -
     model = make_model(cfg, dataset).to(cfg.train.device)
     algorithm = make_algorithm(cfg, model, dataset)
     d = cfg.data
-    sampler = EpisodeSampler(dataset, "train", d.ways, d.train_shots, d.train_queries, seed=cfg.train.seed,
+    sampler = EpisodeSampler(dataset, "train", d.train_ways, d.train_shots, d.train_queries, seed=cfg.train.seed,
                              modality_dropout=d.modality_dropout)
     val = fixed_episodes(dataset, "val", d.ways, d.shots, d.queries, d.val_episodes, seed=d.episode_seed + 1)
     return Experiment(cfg, dataset, model, algorithm, sampler, val)

@@ -22,6 +22,7 @@ class EvalResult:
     fingerprint: str  # hash of the episodes: equal for two runs iff they were tested on the same tasks
     seconds: float
     modality_weights: dict[str, float] = field(default_factory=dict)
+    episodes_diverged: int = 0  # episodes with non-finite logits (their non-finite queries count as wrong)
     accuracies: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_accuracies: bool = False) -> dict:
@@ -43,17 +44,24 @@ def confidence_interval(values: list[float]) -> tuple[float, float, float]:
 def meta_test(algorithm: MetaAlgorithm, episodes: list[Episode], quiet: bool = True, desc: str = "meta-test",
               device: str = "cpu") -> EvalResult:
     start = time.perf_counter()
-    accs, f1s, losses, weights = [], [], [], []
+    accs, f1s, losses, weights, diverged = [], [], [], [], 0
     bar = tqdm(episodes, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
     for episode in bar:
         m = algorithm.evaluate(episode.to(device))
         accs.append(m["accuracy"])
         f1s.append(m["macro_f1"])
-        losses.append(m["loss"])
+        if m["diverged"]:
+            diverged += 1
+        else:
+            losses.append(m["loss"])
         if "modality_weights" in m:
             weights.append(m["modality_weights"])
         bar.set_postfix(acc=f"{sum(accs) / len(accs):.3f}")
     mean, std, ci = confidence_interval(accs)
     mw = {m: sum(w[m] for w in weights) / len(weights) for m in weights[0]} if weights else {}
-    return EvalResult(mean, std, ci, sum(f1s) / len(f1s), sum(losses) / len(losses), len(episodes),
-                      episodes_fingerprint(episodes), time.perf_counter() - start, mw, accs)
+    if diverged:
+        tqdm.write(f"warning: {desc}: {diverged} of {len(episodes)} episodes diverged (non-finite logits); their "
+                   f"non-finite queries count as wrong and the loss is averaged over the other episodes")
+    loss = sum(losses) / len(losses) if losses else float("nan")
+    return EvalResult(mean, std, ci, sum(f1s) / len(f1s), loss, len(episodes), episodes_fingerprint(episodes),
+                      time.perf_counter() - start, mw, diverged, accs)

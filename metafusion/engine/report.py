@@ -192,7 +192,8 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
         cells = [r["algorithm"], f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_ci95']:.2f} %",
                  f"{r['macro_f1']:.3f}", f"{r['train_seconds']:.1f} s", f"{r['tasks_per_s']:.1f}",
                  f"{r['peak_memory_mb']:.0f} MiB", str(r["episodes"])]
-        cells += [f"{(r.get('modality_weights') or {}).get(m, float('nan')):.3f}" for m in modalities]
+        weights = r.get("modality_weights") or {}
+        cells += [f"{weights[m]:.3f}" if m in weights else "—" for m in modalities]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

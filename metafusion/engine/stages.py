@@ -28,15 +28,23 @@ class RunFolderError(FileExistsError):
     """A run folder would be overwritten, or is missing what a stage needs."""
 
 
+def check_run_dir(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse a taken run folder unless ``overwrite``; writes nothing."""
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"--out {run_dir} is a file, not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise RunFolderError(f"run folder {run_dir} already exists; pass --overwrite or choose another --out")
+
+
 def prepare_run_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     run_dir = Path(out)
     if resume:
         if not (run_dir / "last.pt").is_file():
             raise RunFolderError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
         return run_dir
+    check_run_dir(run_dir, overwrite)
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunFolderError(f"run folder {run_dir} already exists; pass --overwrite or choose another --out")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -56,7 +64,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
 def _summary(exp: Experiment, result, train: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
     cfg = exp.cfg
     return {"name": run_dir.name, "algorithm": cfg.algo.name, "dataset": cfg.data.dataset,
-            "modalities": list(exp.dataset.modalities), "fusion": cfg.model.fusion,
+            "modalities": list(exp.model.modalities), "fusion": cfg.model.fusion,
             "ways": cfg.data.ways, "shots": cfg.data.shots, "queries": cfg.data.queries,
             **result.to_dict(),
             "transductive": cfg.algo.transductive,
@@ -78,11 +86,14 @@ def stage_meta_train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False
     cfg = cfg if cfg is not None else experiment.cfg
     rank = distributed.init(cfg.train.device)
     if rank.main and not resume:
+        check_run_dir(out, overwrite)  # before the data loads: a taken folder fails in a second
+    cfg.train.device = distributed.device_for(cfg.train.device)
+    # Data and model come first: a command that fails on bad input leaves an existing run folder untouched.
+    exp = experiment or build_experiment(cfg)
+    if rank.main and not resume:
         prepare_run_dir(out, overwrite)
     distributed.barrier()
     run_dir = Path(out)
-    cfg.train.device = distributed.device_for(cfg.train.device)
-    exp = experiment or build_experiment(cfg)
     if rank.main:
         save_config(exp.cfg, run_dir)
     train = meta_train(exp, run_dir, resume=resume, quiet=quiet, stop_at=stop_at)
@@ -186,16 +197,24 @@ def stage_run(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, quiet
 
 
 def stage_compare(cfg: RunConfig, algos: list[str], out: str | Path, *, overwrite: bool = False,
-                  quiet: bool = False) -> tuple[list[dict[str, Any]], str]:
+                  quiet: bool = False, baseline: bool = True) -> tuple[list[dict[str, Any]], str]:
     """Meta-train each algorithm on the same meta-train stream (same seed) and test all of them on the
-    identical fixed test episodes; write compare.md / compare.csv and one run folder per algorithm."""
-    out = prepare_run_dir(out, overwrite)
-    rows = []
-    for name in algos:
+    identical fixed test episodes; write compare.md / compare.csv and one run folder per algorithm.
+    ``baseline`` adds the ``centroid`` row (frozen features + nearest class mean, seconds to run): the
+    number every meta-learner in the table has to beat."""
+    if baseline and "centroid" not in algos:
+        algos = [*algos, "centroid"]
+    configs = []
+    for name in algos:  # every algorithm's settings are checked before anything runs or is written
         c = copy.deepcopy(cfg)
         c.algo.name = name
-        c = resolve(c)
-        exp, _, run_dir = stage_meta_train(c, out / name, quiet=quiet)
+        configs.append(resolve(c))
+    check_run_dir(out, overwrite)
+    first = build_experiment(configs[0])  # bad data fails here, before the folder is touched
+    out = prepare_run_dir(out, overwrite)
+    rows = []
+    for i, c in enumerate(configs):
+        exp, _, run_dir = stage_meta_train(c, out / c.algo.name, quiet=quiet, experiment=first if i == 0 else None)
         rows.append(stage_meta_test(run_dir, quiet=quiet, experiment=exp))
     if len({r["fingerprint"] for r in rows}) != 1:  # internal invariant: the comparison would be unfair
         raise AssertionError("algorithms were tested on different episodes")

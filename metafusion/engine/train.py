@@ -13,7 +13,7 @@ from . import distributed
 from .build import Experiment
 from .checkpoint import library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluate import meta_test
-from .report import MetricsLog, PeakMemory
+from .report import MetricsLog, PeakMemory, peak_memory_mb
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,6 +44,8 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
         raise ValueError(f"train.meta_batch={cfg.meta_batch} is smaller than the {rank.world} ranks: "
                          f"every rank needs at least one task")
     params = list(algo.parameters())
+    if not params:  # nothing to meta-learn (centroid): validate once and checkpoint, so every stage works
+        return _without_meta_parameters(exp, run_dir if rank.main else None)
     opt = make_optimizer(cfg.optimizer, params, cfg.meta_lr)
     state = {"step": 0, "best": -1.0, "elapsed": 0.0}
     # Linear schedule: the meta lr (Reptile's epsilon) falls from meta_lr to 0 over the run. With a
@@ -139,9 +141,22 @@ def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None
             break
 
 
+def _without_meta_parameters(exp: Experiment, run_dir: Path | None) -> dict:
+    val = meta_test(exp.algorithm, exp.val_episodes, device=exp.cfg.train.device)
+    state = {"step": 0, "best": val.accuracy_mean, "elapsed": 0.0}
+    if run_dir:
+        log = MetricsLog(run_dir)
+        log.write({"step": 0, "loss": val.loss, "val_accuracy": val.accuracy_mean})
+        log.close()
+        for name in ("best.pt", "last.pt"):
+            save_checkpoint(run_dir / name, _payload(exp, None, None, state))
+    return {"iterations": 0, "seconds": 0.0, "tasks_per_s": 0.0, "best_val_accuracy": val.accuracy_mean,
+            "peak_memory_mb": peak_memory_mb()}
+
+
 def _payload(exp: Experiment, opt, sched, state: dict) -> dict:
     return {"module": exp.algorithm.module.state_dict(), "algorithm": exp.algorithm.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "optimizer": opt.state_dict() if opt else {}, "scheduler": sched.state_dict() if sched else {},
             "sampler": exp.train_sampler.state_dict(), "rng": rng_state(), "step": state["step"],
             "best_val_accuracy": state["best"], "elapsed": state["elapsed"], "config": to_dict(exp.cfg),
             "versions": library_versions()}

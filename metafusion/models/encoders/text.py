@@ -75,6 +75,11 @@ class FrozenTextModel:
 class PretrainedTextProjection(nn.Module):
     """Trainable projection of frozen MiniLM-L6 sentence features ``[B, 384] -> [B, d]``.
 
+    With ``d == 384`` (``model.width=384``) the projection is residual and starts as the identity,
+    ``h = x + MLP(x)`` with the MLP's last layer zero: meta-learning starts from what the pretrained
+    encoder knows and adds to it, instead of from a random projection that first has to rediscover it.
+    Otherwise it is a two-layer MLP ``384 -> hidden -> d``.
+
     Choosing this encoder makes the data pipeline replace the text modality by ``FrozenTextModel``
     features (computed once per sample); see ``metafusion.engine.build``.
     """
@@ -84,7 +89,11 @@ class PretrainedTextProjection(nn.Module):
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (384,)):
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(input_shape[-1], hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+        self.residual = input_shape[-1] == out_dim
+        if self.residual:
+            nn.init.zeros_(self.proj[-1].weight)
+            nn.init.zeros_(self.proj[-1].bias)
         self.out_dim = out_dim
 
     def forward(self, features: Tensor) -> Tensor:  # (B, 384) -> (B, out_dim)
-        return self.proj(features)
+        return features + self.proj(features) if self.residual else self.proj(features)
