@@ -26,7 +26,12 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     ("algo.name", "mamal", "choose one of: maml, fomaml, reptile"),
     ("model.fusion", "sum", "attention, concat, mean, late, transformer"),
     ("data.ways", "five", "expected an integer"),
-    ("data.ways", 0, "must be >= 1"),
+    ("data.ways", 0, "data.ways must be >= 2"),
+    ("data.shots", 0, "data.shots must be >= 1"),
+    ("algo.inner_lr", -1, "algo.inner_lr must be > 0"),
+    ("train.meta_lr", 0, "train.meta_lr must be > 0"),
+    ("train.clip", -1, "train.clip must be > 0"),
+    ("algo.metric", "manhattan", "choose one of: cosine, euclidean"),
     ("data.missing_rate", 1.5, r"must be in \[0, 1\)"),
 ])
 def test_bad_values_are_named(key, value, match):

@@ -20,19 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .dataset import DataError, MultimodalDataset, split_classes
+from .dataset import DataError, MultimodalDataset, find_data_folder, split_classes
 from .manifest import token_ids
 
 SPLITS = ("protocol", "cross-domain")
 
 
 def find_clinc150(root: str | Path) -> Path:
-    root = Path(root)
-    for candidate in (root, root / "clinc150"):
-        if (candidate / "data_full.json").is_file():
-            return candidate
-    raise DataError(f"no CLINC150 data under {root}: expected data_full.json and domains.json in {root} "
-                    f"or {root / 'clinc150'} (https://github.com/clinc/oos-eval, data/)")
+    return find_data_folder(root, "clinc150", "data_full.json",
+                            "data_full.json and domains.json (https://github.com/clinc/oos-eval, data/)")
 
 
 def clinc150(root: str | Path, split: str = "protocol", text_length: int = 32, seed: int = 0) -> MultimodalDataset:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -136,3 +137,13 @@ def split_classes(classes: list[int], fractions: tuple[float, float, float], see
     n_val = round(fractions[1] * len(order))
     return {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
             "test": sorted(order[n_train + n_val:])}
+
+
+def find_data_folder(root: str | Path, name: str, marker: str, expects: str) -> Path:
+    """``root`` or ``root/name``, whichever holds the file ``marker``; else a DataError saying what
+    dataset ``name`` ``expects`` there."""
+    root = Path(root)
+    for candidate in (root, root / name):
+        if (candidate / marker).is_file():
+            return candidate
+    raise DataError(f"no {name} data under {root}: expected {expects} in {root} or {root / name}")

@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .cache import cached, files_key
-from .dataset import DataError, MultimodalDataset, split_classes
+from .dataset import DataError, MultimodalDataset, find_data_folder, split_classes
 from .manifest import token_ids
 
 ATTRIBUTES = ("gender", "baseColour", "season", "usage", "year")
@@ -40,12 +40,7 @@ REQUIRED_COLUMNS = ("id", "articleType", "productDisplayName", "has_image", *ATT
 
 
 def find_fashion(root: str | Path) -> Path:
-    root = Path(root)
-    for candidate in (root, root / "fashion"):
-        if (candidate / "styles.csv").is_file():
-            return candidate
-    raise DataError(f"no fashion data under {root}: expected styles.csv and images.zip in {root} or "
-                    f"{root / 'fashion'}")
+    return find_data_folder(root, "fashion", "styles.csv", "styles.csv and images.zip")
 
 
 def read_styles(base: Path) -> list[dict[str, str]]:
