@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm
-from .protonet import prototypes
+from .protonet import proto_logits, prototypes
 
 METRICS = ("cosine", "euclidean")
 COSINE_SCALE = 10.0  # turns cosine similarities into logits; it changes the loss, never the prediction
@@ -40,13 +40,6 @@ def frozen_features(batch: Batch, modalities: tuple[str, ...], vocab_size: int) 
     return torch.cat(blocks, 1)
 
 
-def nearest_mean_logits(z: Tensor, protos: Tensor, metric: str) -> Tensor:
-    """``[N, ways]`` logits of ``z [N, D]`` against class means ``[ways, D]``."""
-    if metric == "cosine":
-        return COSINE_SCALE * F.normalize(z, dim=1) @ F.normalize(protos, dim=1).T
-    return -torch.cdist(z, protos).pow(2)
-
-
 class CentroidClassifier(nn.Module):
     """The learner ``Centroid.adapt`` returns: fixed class means over frozen features."""
 
@@ -56,8 +49,9 @@ class CentroidClassifier(nn.Module):
         self.modalities, self.vocab_size, self.metric = modalities, vocab_size, metric
 
     def forward(self, batch: Batch) -> Tensor:  # -> (B, ways)
-        return nearest_mean_logits(frozen_features(batch, self.modalities, self.vocab_size), self.protos,
-                                   self.metric)
+        z = frozen_features(batch, self.modalities, self.vocab_size)
+        scale = z.new_tensor(COSINE_SCALE) if self.metric == "cosine" else None  # None: -||z - c||^2
+        return proto_logits(z, self.protos, scale)
 
 
 @ALGORITHMS.register("centroid")
