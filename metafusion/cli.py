@@ -120,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ConfigError
     from .data import DataError
-    from .engine import NonFiniteLossError, RunFolderError
+    from .engine import NonFiniteLossError, RunFolderError, TrainingStopped
 
     try:
         return _dispatch(args, extra)
     except (ConfigError, DataError, RunFolderError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         print(f"metafusion {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # SIGINT/SIGTERM during meta-training: last.pt written
+        print(f"metafusion {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"metafusion {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -81,6 +81,7 @@ class AlgoConfig:
     learn_inner_lr: bool = False  # maml/fomaml/anil: meta-learn one inner learning rate per layer
     task_batched: bool = False  # maml/fomaml/anil: all tasks of a meta-batch in one vmapped network (GPUs)
     transductive: bool = True  # evaluation: query batch statistics together (True) or one query at a time
+    batched_eval: str = "auto"  # adapt evaluation episodes together under vmap: auto (where faster) | on | off
     metric: str | None = None  # centroid (default cosine) / protonet (default euclidean): cosine | euclidean
     proto_init: bool = False  # maml/fomaml/anil: head initialised from support prototypes (Proto-MAML)
 
@@ -93,7 +94,8 @@ class TrainConfig:
     optimizer: str | None = None  # adam | sgd
     schedule: str | None = None  # constant | linear (linear anneals the meta lr to 0)
     clip: float | None = None  # max meta-gradient norm
-    val_interval: int = 0  # 0 -> 10 validations over the run
+    val_interval: int = 0  # 0 -> automatic: validation takes at most val_fraction of the run
+    val_fraction: float = 0.1  # automatic validation's share of the meta-training time
     log_interval: int = 10
     on_nan: str = "stop"  # stop | skip
     budget_minutes: float | None = None  # stop meta-training after this much wall time
@@ -281,8 +283,6 @@ def resolve(cfg: RunConfig) -> RunConfig:
         cfg.data.train_queries = cfg.data.queries
     if cfg.data.root is None:
         cfg.data.root = default_data_root()
-    if cfg.train.val_interval <= 0:
-        cfg.train.val_interval = max(1, cfg.train.iterations // 10)
     validate(cfg)
     return cfg
 
@@ -334,6 +334,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("train.optimizer", cfg.train.optimizer, ("adam", "sgd"))
     _choice("train.schedule", cfg.train.schedule, ("constant", "linear"))
     _choice("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
+    _choice("algo.batched_eval", cfg.algo.batched_eval, ("auto", "on", "off"))
     _choice("data.split", cfg.data.split, ("protocol", "background", "cross-domain"))
     for key in ("shots", "queries", "val_episodes", "test_episodes", "image_size", "stroke_length",
                 "samples_per_class"):
@@ -349,6 +350,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("train.log_interval", cfg.train.log_interval)
     _positive("train.threads", cfg.train.threads)
     _greater("train.budget_minutes", cfg.train.budget_minutes)
+    _greater("train.val_fraction", cfg.train.val_fraction)
     _greater("train.clip", cfg.train.clip)
     if cfg.algo.name not in NO_META_PARAMETERS:
         _greater("train.meta_lr", cfg.train.meta_lr)

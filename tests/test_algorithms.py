@@ -233,6 +233,64 @@ def test_task_batched_refuses_what_it_cannot_batch(small_synthetic):
         MAML(model, task_batched=True, **COMMON).meta_backward([a, b])
 
 
+# Batched evaluation (every episode adapted at once under vmap) against the per-episode loop, float64.
+# Two-shot supports of 3 ways with inner_batch 4 make Reptile cycle through shuffled mini-batches.
+BATCHED_CASES = [("maml", {}), ("maml", {"algo.learn_inner_lr": True}), ("metasgd", {}), ("anil", {}),
+                 ("fomaml", {"algo.transductive": False}),
+                 ("reptile", {"algo.inner_batch": 4}), ("reptile", {"algo.inner_optimizer": "sgd"}),
+                 ("reptile", {"algo.transductive": False}), ("finetune", {}), ("protonet", {}),
+                 ("protonet", {"algo.metric": "cosine", "algo.transductive": False})]
+
+
+@pytest.mark.parametrize("modalities", [["image", "tabular"], ["text", "tabular"]])
+@pytest.mark.parametrize("name,settings", BATCHED_CASES)
+def test_batched_evaluation_equals_the_per_episode_loop(name, settings, modalities, small_synthetic):
+    """Same logits-derived metrics and modality weights, with BatchNorm (image) and with missing
+    modalities (so the episodes fall into several same-mask groups; not for Reptile with Adam, whose
+    mini-batches would then lack a modality: see the next-but-one test)."""
+    adam = name == "reptile" and settings.get("algo.inner_optimizer") != "sgd"
+    ds = small_synthetic.select_modalities(modalities).with_missing(0.0 if adam else 0.3, seed=1)
+    cfg = load_config(None, {"algo.name": name, "model.width": 8, "model.hidden": 8, "data.val_episodes": 6,
+                             "data.ways": 3, "data.shots": 2, "data.queries": 3, "algo.inner_steps_test": 3,
+                             **settings})
+    exp = build_experiment(cfg, ds)
+    exp.model.double()
+    episodes = [e.to("cpu", torch.float64) for e in exp.val_episodes]
+    torch.manual_seed(0)  # the fine-tune baseline draws each episode's fresh head from the global RNG
+    loop = exp.algorithm.evaluate_many(episodes, batched=False)
+    torch.manual_seed(0)
+    exp.algorithm.evaluate = None  # the batched path must not fall back to the loop
+    batched = exp.algorithm.evaluate_many(episodes, batched=True)
+    for a, b in zip(loop, batched):
+        assert a["accuracy"] == b["accuracy"] and a["macro_f1"] == b["macro_f1"]
+        assert abs(a["loss"] - b["loss"]) < 1e-10
+        assert a.keys() == b.keys()
+        for m, w in a.get("modality_weights", {}).items():
+            assert abs(w - b["modality_weights"][m]) < 1e-10
+
+
+def test_batched_evaluation_is_used_where_it_pays(small_synthetic):
+    from metafusion.models.execution import episodes_vmap_pays
+
+    settings = {"model.width": 8, "model.hidden": 8, "data.val_episodes": 1}
+    mlp = build_experiment(load_config(None, settings), small_synthetic.select_modalities(["tabular"])).model
+    conv = build_experiment(load_config(None, settings), small_synthetic.select_modalities(["image"])).model
+    assert episodes_vmap_pays(mlp, "cpu") and not episodes_vmap_pays(conv, "cpu")
+    assert episodes_vmap_pays(conv, "cuda")
+    with pytest.raises(ValueError, match="batched_eval"):
+        MAML(tiny_tabular_model(), batched_eval="sometimes", **COMMON)
+
+
+def test_reptile_adapts_one_by_one_where_adam_would_skip_a_parameter():
+    """A mini-batch without a modality leaves its encoder's gradient None, which torch's Adam skips
+    (the functional form's zero gradient would still count a step): such episodes take the loop."""
+    model, episode = tiny_tabular_model(), tiny_episode()
+    episode.support.mask[:, 1] = False
+    algo = Reptile(model, inner_batch=10, **COMMON)
+    assert algo.functional_form([episode]) is None
+    assert algo.evaluate_many([episode], batched=True)[0]["accuracy"] == algo.evaluate(episode)["accuracy"]
+
+
 @pytest.mark.parametrize("name", ALGORITHMS.names())
 def test_adapt_never_modifies_the_meta_model(name, small_synthetic):
     cfg = load_config(None, {"algo.name": name, "model.width": 8, "model.hidden": 8, "data.val_episodes": 1,
@@ -349,6 +407,6 @@ def test_a_diverged_episode_is_counted_and_its_queries_are_wrong():
 
     model = tiny_tabular_model()
     episodes = [tiny_episode(seed=s) for s in range(3)]
-    result = meta_test(Diverging(model, **COMMON), episodes)
+    result = meta_test(Diverging(model, batched_eval="off", **COMMON), episodes)  # adapt() is the loop's
     assert result.episodes_diverged == 1 and result.accuracies[1] == 0.0
     assert torch.isfinite(torch.tensor(result.loss))  # averaged over the finite episodes

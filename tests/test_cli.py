@@ -186,6 +186,40 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     assert strip(killed / "metrics.jsonl") == strip(tmp_path / "full" / "metrics.jsonl")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_writes_last_pt_and_says_how_to_resume(tmp_path, signum):
+    """SIGTERM/SIGINT end meta-training after the current step with last.pt written (not only at the last
+    validation), exit 128 + the signal, and the resumed run equals the uninterrupted one."""
+    common = [*TINY, "--algo", "reptile", "--iterations", 60, "--set", "data.train_shots=2",
+              "--set", "train.val_interval=50"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.run(_cli("meta-train", *common, "--out", tmp_path / "full"), check=True, env=env,
+                   capture_output=True)
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(_cli("meta-train", *common, "--set", "train.log_interval=1", "--out", stopped),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # wait for a few logged iterations
+        metrics = stopped / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "--resume" in err and "last.pt" in err
+    step = torch.load(stopped / "last.pt", weights_only=False)["step"]
+    assert 3 <= step < 50, f"last.pt should hold the step the signal ended (got step {step})"
+
+    subprocess.run(_cli("meta-train", "--resume", stopped, "--quiet"), check=True, env=env, capture_output=True)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    resumed = torch.load(stopped / "last.pt", weights_only=False)
+    assert resumed["step"] == full["step"] == 60
+    for k, v in full["module"].items():
+        assert torch.equal(v, resumed["module"][k]), k
+
+
 def test_fine_tune_on_a_users_folder(tmp_path):
     """Meta-train on synthetic image + tabular data, then adapt to a user's own 3-class folder."""
     import numpy as np

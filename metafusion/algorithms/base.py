@@ -10,9 +10,12 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
+from ..models.execution import episodes_vmap_pays
 from ..registry import Registry
+from .batched import State, evaluate_batched, functional
 
 ALGORITHMS: Registry = Registry("algorithm")
+BATCHED_EVAL = ("auto", "on", "off")  # adapt evaluation episodes together: where it pays | always | never
 
 
 class MetaAlgorithm:
@@ -20,13 +23,22 @@ class MetaAlgorithm:
     metrics; the training loop owns the optimizer, schedule, clipping and logging.
     ``adapt(support)`` returns a task-specific learner (a module mapping a Batch to logits) without
     touching the meta-parameters; ``evaluate(episode)`` adapts on the support and scores the query.
+
+    Optionally, an algorithm also writes its test-time adaptation as pure functions
+    (``functional_form`` / ``functional_adapt`` / ``functional_logits``): ``evaluate_many`` then adapts
+    many episodes at once (``batched.evaluate_batched``) with the same predictions as the loop.
     """
 
     name = "base"
 
     def __init__(self, model: FusionModel, *, inner_lr: float, inner_steps: int, inner_lr_test: float,
-                 inner_steps_test: int, transductive: bool = True, adapt_scope: str = "all", **_: object):
+                 inner_steps_test: int, transductive: bool = True, adapt_scope: str = "all",
+                 batched_eval: str = "auto", **_: object):
+        if batched_eval not in BATCHED_EVAL:
+            raise ValueError(f"algo.batched_eval={batched_eval!r} is not valid; "
+                             f"choose one of: {', '.join(BATCHED_EVAL)}")
         self.model = model
+        self.batched_eval = batched_eval
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
         self.inner_lr_test, self.inner_steps_test = inner_lr_test, inner_steps_test
         self.transductive = transductive
@@ -71,13 +83,50 @@ class MetaAlgorithm:
     def evaluate(self, episode: Episode) -> dict[str, float]:
         learner = self.adapt(episode.support)
         logits = self.predict(learner, episode)
-        labels = episode.query.labels
-        metrics = classification_metrics(logits, labels, episode.ways)
         inner = fused_model(learner)
         weights = inner.modality_weights(episode.query) if isinstance(inner, FusionModel) else None
+        return self._metrics(logits, weights, episode)
+
+    def _metrics(self, logits: Tensor, weights: Tensor | None, episode: Episode) -> dict[str, float]:
+        metrics = classification_metrics(logits, episode.query.labels, episode.ways)
         if weights is not None and bool(torch.isfinite(weights).all()):
-            metrics["modality_weights"] = dict(zip(inner.modalities, weights.mean(0).tolist()))
+            metrics["modality_weights"] = dict(zip(self.model.modalities, weights.mean(0).tolist()))
         return metrics
+
+    def evaluate_many(self, episodes: list[Episode], batched: bool | None = None) -> list[dict[str, float]]:
+        """``evaluate`` of each episode. Batched (all adapted at once) where the algorithm has a functional
+        form and ``batched`` (default: ``algo.batched_eval``, whose ``auto`` asks
+        ``execution.episodes_vmap_pays``) says so; else one by one."""
+        if batched is None:
+            device = episodes[0].query.labels.device if episodes else torch.device("cpu")
+            batched = (self.batched_eval == "on" or self.batched_eval == "auto"
+                       and episodes_vmap_pays(self.model, device))
+        results = evaluate_batched(self, episodes) if batched and episodes else None
+        if results is None:
+            return [self.evaluate(e) for e in episodes]
+        return [self._metrics(logits, weights, e) for (logits, weights), e in zip(results, episodes)]
+
+    # -- functional form of test-time adaptation (optional; see batched.py) ----------------------
+    def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
+        """The state every episode starts from (shared) and one state of its own per episode (in
+        episode order), or None where this algorithm, so configured, has no functional form."""
+        return None
+
+    def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
+        """What ``adapt`` does, as a pure function of the state (vmapped over episodes)."""
+        raise NotImplementedError
+
+    def functional_logits(self, state: State, batch: Batch) -> Tensor:
+        """What the adapted learner computes on ``batch``, as a pure function of the adapted state
+        (by default: the model with the adapted parameters ``state["model"]``)."""
+        return functional(self.model, state["model"], nn.Module.__call__, batch)
+
+    def functional_weights(self, state: State, batch: Batch) -> Tensor | None:
+        """The modality weights ``evaluate`` reports, from the model parameters in ``state``."""
+        params = state.get("model")
+        if params is None:
+            return None
+        return functional(self.model, params, FusionModel.modality_weights, batch)
 
 
 class TaskTally:

@@ -10,6 +10,17 @@ from torch import nn
 from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm
+from .batched import State, functional, model_parameters
+
+# The head is fitted as Chen et al. fit theirs: full-batch SGD with momentum and weight decay.
+MOMENTUM, WEIGHT_DECAY = 0.9, 1e-3
+
+
+def fused_features(model: FusionModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused feature z and the modality mask a head consumes."""
+    h, mask = model.encode(batch)
+    z, _ = model.fusion(h, mask)
+    return z, mask
 
 
 class FeatureHeadClassifier(nn.Module):
@@ -20,9 +31,7 @@ class FeatureHeadClassifier(nn.Module):
         self.module, self.head = model, head
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        h, mask = self.module.encode(batch)
-        z, _ = self.module.fusion(h, mask)
-        return self.head(z, mask)
+        return self.head(*fused_features(self.module, batch))
 
 
 @ALGORITHMS.register("finetune")
@@ -45,15 +54,19 @@ class FineTuneBaseline(MetaAlgorithm):
         loss.backward()
         return {"loss": loss.item(), "accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
+    def _fresh_head(self, ways: int) -> nn.Module:
+        """A randomly initialised task head on the model's device and in its dtype."""
+        like = next(self.model.parameters())
+        return self.model.fusion.make_head(ways).to(like.device, like.dtype)
+
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         """Fit a new head on frozen support features: SGD, momentum 0.9, full batch (Chen et al.)."""
         steps = self.inner_steps_test if steps is None else steps
         ways = int(support.labels.max()) + 1
         with torch.no_grad():
-            h, mask = self.model.encode(support)
-            z, _ = self.model.fusion(h, mask)
-        head = self.model.fusion.make_head(ways)
-        opt = torch.optim.SGD(head.parameters(), lr=self.inner_lr_test, momentum=0.9, weight_decay=1e-3)
+            z, mask = fused_features(self.model, support)
+        head = self._fresh_head(ways)
+        opt = torch.optim.SGD(head.parameters(), lr=self.inner_lr_test, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         with torch.enable_grad():
             for _ in range(steps):
                 loss = F.cross_entropy(head(z, mask), support.labels)
@@ -61,3 +74,28 @@ class FineTuneBaseline(MetaAlgorithm):
                 loss.backward()
                 opt.step()
         return FeatureHeadClassifier(self.model, head)
+
+    # -- functional form: the head fit as SGD with momentum on a dict of head parameters ---------
+    def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
+        # Fresh heads drawn in episode order, as one ``adapt`` after another draws them.
+        heads = [self._fresh_head(e.ways) for e in episodes]
+        return {"model": model_parameters(self.model), "head_module": heads[0]}, [{"head": model_parameters(h)}
+                                                                                for h in heads]
+
+    def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
+        z, mask = functional(self.model, state["model"], fused_features, support)
+        head, momentum = dict(state["head"]), None
+
+        def loss(h: dict) -> torch.Tensor:
+            return F.cross_entropy(functional(state["head_module"], h, nn.Module.__call__, z, mask), support.labels)
+
+        for _ in range(self.inner_steps_test):
+            grads = torch.func.grad(loss)(head)
+            step = {n: grads[n] + WEIGHT_DECAY * head[n] for n in head}
+            momentum = step if momentum is None else {n: MOMENTUM * momentum[n] + step[n] for n in head}
+            head = {n: head[n] - self.inner_lr_test * momentum[n] for n in head}
+        return {**state, "head": head}
+
+    def functional_logits(self, state: State, batch: Batch) -> torch.Tensor:
+        z, mask = functional(self.model, state["model"], fused_features, batch)
+        return functional(state["head_module"], state["head"], nn.Module.__call__, z, mask)

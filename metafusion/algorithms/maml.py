@@ -16,6 +16,7 @@ from ..models.execution import decomposed_batchnorm, memory_format
 from ..models.model import FusionModel
 from ..models.fusion import LinearHead
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
+from .batched import State, functional, model_parameters
 from .protonet import prototypes
 
 
@@ -98,6 +99,31 @@ class MAML(MetaAlgorithm):
         steps = self.inner_steps_test if steps is None else steps
         with torch.enable_grad():
             return self._adapt(support, steps, self.inner_lr_test, create_graph=False)
+
+    # -- functional form: the test-time inner loop as SGD on a dict of parameters ---------------
+    def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
+        if self.proto_init:
+            return None
+        names = [n for (n, _), a in zip(self.model.named_parameters(), self._adapted) if a]
+        if self.layer_lrs is not None:
+            rates = dict(zip(names, (r.detach() for r in self.layer_lrs)))
+        elif isinstance(self.wrapper, L2LMetaSGD):  # one rate per parameter of the model, in order
+            every = [n for n, _ in self.model.named_parameters()]
+            rates = {n: r.detach() for n, r in zip(every, self.wrapper.lrs) if n in names}
+        else:
+            rates = {n: self.inner_lr_test for n in names}
+        return {"model": model_parameters(self.model), "rates": rates}, [{} for _ in episodes]
+
+    def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
+        params, rates = dict(state["model"]), state["rates"]
+        for _ in range(self.inner_steps_test):
+            def loss(adapted: dict, frozen: dict = params) -> torch.Tensor:
+                return F.cross_entropy(functional(self.model, {**frozen, **adapted}, nn.Module.__call__, support),
+                                       support.labels)
+
+            grads = torch.func.grad(loss)({n: params[n] for n in rates})
+            params.update({n: params[n] - rates[n] * grads[n] for n in rates})
+        return {**state, "model": params}
 
     def _meta_backward_task_batched(self, tasks: list[Episode]) -> dict[str, float]:
         """The same meta-gradient as the loop, with every task of the meta-batch in one network call:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally
+from .batched import State, functional, model_parameters
 
 
 def prototypes(z: Tensor, labels: Tensor, ways: int) -> Tensor:
@@ -88,3 +89,15 @@ class ProtoNet(MetaAlgorithm):
             protos = prototypes(self.model.features(support), support.labels, ways)
             scale = self._scale()
         return PrototypeClassifier(self.model, protos, scale)
+
+    # -- functional form: prototypes from the support features ----------------------------------
+    def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
+        return {"model": model_parameters(self.model), "scale": self._scale()}, [{} for _ in episodes]
+
+    def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
+        z = functional(self.model, state["model"], FusionModel.features, support)
+        return {**state, "protos": prototypes(z, support.labels, ways)}
+
+    def functional_logits(self, state: State, batch: Batch) -> Tensor:
+        z = functional(self.model, state["model"], FusionModel.features, batch)
+        return proto_logits(z, state["protos"], state["scale"])

@@ -13,18 +13,23 @@ adapts a separate copy with a fresh inner optimizer, so it never disturbs traini
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
+from .batched import State, functional, model_parameters
+
+ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # torch's defaults; beta1 = 0 as in the paper
 
 
 def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), fused=True)  # beta1 = 0 as in the paper
+        return torch.optim.Adam(params, lr=lr, betas=(0.0, ADAM_BETA2), eps=ADAM_EPS, fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     raise ValueError(f"unknown inner optimizer {name!r}; choose adam or sgd")
@@ -53,18 +58,22 @@ class Reptile(MetaAlgorithm):
         for dst, src in zip(target.parameters(), self.model.parameters()):
             dst.copy_(src)
 
-    def _inner_loop(self, learner: nn.Module, opt: torch.optim.Optimizer, data: Batch, steps: int,
-                    generator: torch.Generator) -> float:
-        """``steps`` optimizer steps on mini-batches of ``inner_batch`` rows, cycling through a
-        shuffled copy of ``data`` (one epoch = ceil(len / inner_batch) steps)."""
-        n, loss = len(data), torch.tensor(0.0)
-        order = torch.randperm(n, generator=generator)
-        pos = 0
+    def _minibatches(self, n: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """The rows of each of ``steps`` mini-batches of ``inner_batch`` rows, cycling through shuffled
+        copies of ``range(n)`` (one epoch = ceil(n / inner_batch) steps)."""
+        order, pos, out = torch.randperm(n, generator=generator), 0, []
         for _ in range(steps):
             if pos >= n:
                 order, pos = torch.randperm(n, generator=generator), 0
-            rows = order[pos:pos + self.inner_batch]
+            out.append(order[pos:pos + self.inner_batch])
             pos += self.inner_batch
+        return out
+
+    def _inner_loop(self, learner: nn.Module, opt: torch.optim.Optimizer, data: Batch, steps: int,
+                    generator: torch.Generator) -> float:
+        """``steps`` optimizer steps on the mini-batches of ``_minibatches``."""
+        loss = torch.tensor(0.0)
+        for rows in self._minibatches(len(data), steps, generator):
             loss = cross_entropy(learner, data.index(rows))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -96,6 +105,44 @@ class Reptile(MetaAlgorithm):
         with torch.enable_grad():  # a fixed mini-batch order: evaluation is a function of the weights
             self._inner_loop(learner, opt, support, steps, torch.Generator().manual_seed(0))
         return learner
+
+    # -- functional form: the test-time inner loop as Adam/SGD steps on a dict of parameters -----
+    def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
+        # The mini-batch rows are drawn here (vmap allows no random op inside): the same for every
+        # episode of a support size, as ``adapt``'s fixed generator draws them.
+        batches = {n: self._minibatches(n, self.inner_steps_test, torch.Generator().manual_seed(0))
+                   for n in {len(e.support) for e in episodes}}
+        # torch's Adam skips a parameter whose gradient is None (its step count stays); a functional
+        # gradient is zero instead. They differ only when a mini-batch carries none of a modality, so
+        # then the episodes adapt one by one.
+        for e in episodes:
+            columns = [e.support.modalities.index(m) for m in self.model.modalities]
+            for rows in batches[len(e.support)]:
+                mask = e.support.mask[rows.to(e.support.mask.device)][:, columns]
+                if self.inner_optimizer == "adam" and not bool(mask.any(0).all()):
+                    return None
+        names = [n for (n, _), a in zip(self.model.named_parameters(), self._adapted) if a]
+        return {"model": model_parameters(self.model), "names": names, "batches": batches}, [{} for _ in episodes]
+
+    def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
+        params, names, lr = dict(state["model"]), state["names"], self.inner_lr_test
+        second = {n: torch.zeros_like(params[n]) for n in names}  # Adam's v (beta1 = 0: m is the gradient)
+        for t, rows in enumerate(state["batches"][len(support)], 1):
+            batch = support.index(rows.to(support.mask.device))
+
+            def loss(adapted: dict, frozen: dict = params, batch: Batch = batch) -> torch.Tensor:
+                return F.cross_entropy(functional(self.model, {**frozen, **adapted}, nn.Module.__call__, batch),
+                                       batch.labels)
+
+            grads = torch.func.grad(loss)({n: params[n] for n in names})
+            for n in names:
+                if self.inner_optimizer == "sgd":
+                    params[n] = params[n] - lr * grads[n]
+                    continue
+                second[n] = second[n] * ADAM_BETA2 + (1 - ADAM_BETA2) * grads[n] * grads[n]
+                denom = second[n].sqrt() / math.sqrt(1 - ADAM_BETA2 ** t) + ADAM_EPS
+                params[n] = params[n] - lr * grads[n] / denom
+        return {**state, "model": params}
 
     def state_dict(self) -> dict:
         return {"inner_optimizer": self.inner_opt.state_dict(), "generator": self.generator.get_state()}

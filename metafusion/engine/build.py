@@ -69,7 +69,7 @@ def make_algorithm(cfg: RunConfig, model: FusionModel, dataset: MultimodalDatase
     a = cfg.algo
     kwargs = dict(inner_lr=a.inner_lr, inner_steps=a.inner_steps, inner_lr_test=a.inner_lr_test,
                   inner_steps_test=a.inner_steps_test, transductive=a.transductive,
-                  adapt_scope=cfg.model.adapt, first_order=a.first_order)
+                  adapt_scope=cfg.model.adapt, first_order=a.first_order, batched_eval=a.batched_eval)
     if a.learn_inner_lr:
         kwargs.update(learn_inner_lr=True)
     if a.task_batched:

@@ -11,6 +11,11 @@ from ..algorithms import MetaAlgorithm
 from ..data import Episode, episodes_fingerprint
 
 
+# Episodes handed to ``evaluate_many`` at once: enough to fill a vmap, few enough to bound its memory
+# (the stacked weights and activations of every episode in the call) and to keep the bar moving.
+EPISODES_PER_CALL = 50
+
+
 @dataclass
 class EvalResult:
     accuracy_mean: float
@@ -43,20 +48,25 @@ def confidence_interval(values: list[float]) -> tuple[float, float, float]:
 
 def meta_test(algorithm: MetaAlgorithm, episodes: list[Episode], quiet: bool = True, desc: str = "meta-test",
               device: str = "cpu") -> EvalResult:
+    """Adapt on each episode's support set and score its query set; ``EPISODES_PER_CALL`` episodes at a
+    time go to ``algorithm.evaluate_many`` (adapted together where that is faster)."""
     start = time.perf_counter()
     accs, f1s, losses, weights, diverged = [], [], [], [], 0
-    bar = tqdm(episodes, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
-    for episode in bar:
-        m = algorithm.evaluate(episode.to(device))
-        accs.append(m["accuracy"])
-        f1s.append(m["macro_f1"])
-        if m["diverged"]:
-            diverged += 1
-        else:
-            losses.append(m["loss"])
-        if "modality_weights" in m:
-            weights.append(m["modality_weights"])
+    bar = tqdm(total=len(episodes), desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
+    for first in range(0, len(episodes), EPISODES_PER_CALL):
+        chunk = [e.to(device) for e in episodes[first:first + EPISODES_PER_CALL]]
+        for m in algorithm.evaluate_many(chunk):
+            accs.append(m["accuracy"])
+            f1s.append(m["macro_f1"])
+            if m["diverged"]:
+                diverged += 1
+            else:
+                losses.append(m["loss"])
+            if "modality_weights" in m:
+                weights.append(m["modality_weights"])
+        bar.update(len(chunk))
         bar.set_postfix(acc=f"{sum(accs) / len(accs):.3f}")
+    bar.close()
     mean, std, ci = confidence_interval(accs)
     mw = {m: sum(w[m] for w in weights) / len(weights) for m in weights[0]} if weights else {}
     if diverged:

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -18,6 +23,77 @@ from .report import MetricsLog, PeakMemory, peak_memory_mb
 
 class NonFiniteLossError(RuntimeError):
     """Meta-training produced a NaN/inf loss or gradient (and the config says stop)."""
+
+
+class TrainingStopped(RuntimeError):
+    """SIGINT/SIGTERM ended meta-training after a step; ``last.pt`` holds that step."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+# Automatic validation (train.val_interval = 0): timed on a few episodes, then at most this many
+# validations over the run, never fewer episodes than MIN_VAL_EPISODES (fewer cannot rank checkpoints:
+# the 95 % CI of 20 five-way episodes is already several points wide).
+PROBE_EPISODES, MAX_VALIDATIONS, MIN_VAL_EPISODES = 2, 10, 20
+
+
+@dataclass
+class ValidationPlan:
+    interval: int  # validate every `interval` iterations (and at the end)
+    episodes: int  # on the first `episodes` of the fixed validation episodes
+    auto: bool
+
+
+def plan_validation(exp: Experiment, step_seconds: float) -> tuple[ValidationPlan, float]:
+    """The automatic plan for ``exp``, from the last step's time and a validation episode's time
+    (measured here on ``PROBE_EPISODES``). Returns the plan and the seconds the measurement took."""
+    cfg = exp.cfg.train
+    start = time.perf_counter()
+    meta_test(exp.algorithm, exp.val_episodes[:PROBE_EPISODES], device=cfg.device)
+    probe = time.perf_counter() - start
+    per_episode = probe / min(PROBE_EPISODES, len(exp.val_episodes))
+    iterations = cfg.iterations
+    if cfg.budget_minutes:
+        iterations = min(iterations, math.ceil(60 * cfg.budget_minutes / max(step_seconds, 1e-9)))
+    return choose_validation(iterations, step_seconds, per_episode, len(exp.val_episodes), cfg.val_fraction), probe
+
+
+def choose_validation(iterations: int, step_seconds: float, episode_seconds: float, episodes: int,
+                      fraction: float) -> ValidationPlan:
+    """Validation within ``fraction`` of the run's meta-training time: up to ``MAX_VALIDATIONS`` on all
+    ``episodes`` if they fit, else one, at the end, on fewer episodes (never below ``MIN_VAL_EPISODES``)."""
+    allowed = fraction * iterations * step_seconds  # seconds of validation in the whole run
+    count = min(MAX_VALIDATIONS, int(allowed // (episodes * episode_seconds)))
+    if count < 1:
+        count, episodes = 1, min(episodes, max(MIN_VAL_EPISODES, int(allowed // episode_seconds)))
+    return ValidationPlan(max(1, math.ceil(iterations / count)), episodes, auto=True)
+
+
+@contextmanager
+def stop_requests() -> Iterator[dict]:
+    """While active, SIGINT and SIGTERM only record themselves (``requests["signum"]``) so the loop can
+    finish its step and write ``last.pt``; a second signal acts as usual (e.g. Ctrl-C twice kills).
+    Outside the main thread signals cannot be caught, and nothing changes."""
+    requests: dict = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def record(signum, frame):
+        requests["signum"] = signum
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    for s in previous:
+        signal.signal(s, record)
+    try:
+        yield requests
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -37,6 +113,10 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
     ``run_dir``. ``resume`` continues from ``run_dir/last.pt`` and reproduces the uninterrupted run
     exactly. ``stop_at`` ends after that iteration (as an interruption would; used by tests).
 
+    Validation runs every ``train.val_interval`` iterations on every validation episode, or, with
+    ``val_interval = 0`` (the default), as ``plan_validation`` decides after the second iteration.
+    SIGINT/SIGTERM end the run after the current step, write ``last.pt`` and raise ``TrainingStopped``.
+
     Under torchrun the meta-batch is split across ranks (see ``distributed``); only rank 0 writes."""
     cfg, algo = exp.cfg.train, exp.algorithm
     rank = distributed.current()
@@ -47,7 +127,8 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
     if not params:  # nothing to meta-learn (centroid): validate once and checkpoint, so every stage works
         return _without_meta_parameters(exp, run_dir if rank.main else None)
     opt = make_optimizer(cfg.optimizer, params, cfg.meta_lr)
-    state = {"step": 0, "best": -1.0, "elapsed": 0.0}
+    state = {"step": 0, "best": -1.0, "elapsed": 0.0,
+             "plan": ValidationPlan(cfg.val_interval, len(exp.val_episodes), auto=False) if cfg.val_interval else None}
     # Linear schedule: the meta lr (Reptile's epsilon) falls from meta_lr to 0 over the run. With a
     # time budget the run's end is whichever comes first, iterations or minutes, so the schedule
     # follows the further along of the two: a budget-cut run still anneals to 0 (as the papers' did).
@@ -67,27 +148,30 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
         exp.train_sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
         state.update(step=ckpt["step"], best=ckpt["best_val_accuracy"], elapsed=ckpt["elapsed"])
+        if ckpt.get("validation"):  # the interrupted run's plan, so the resumed run validates where it would have
+            state["plan"] = ValidationPlan(**ckpt["validation"])
     distributed.broadcast_parameters(params)
     if not rank.main:
         run_dir = None  # rank 0 alone logs, validates and writes checkpoints
     log = MetricsLog(run_dir, resume_step=state["step"]) if run_dir else None
     bar = tqdm(total=total, initial=state["step"], desc=f"meta-train {exp.cfg.algo.name}",
                disable=True if quiet or not rank.main else None, dynamic_ncols=True)
-    with PeakMemory() as memory:
+    with PeakMemory() as memory, stop_requests() as stop:
         try:
-            _loop(exp, opt, sched, params, state, run_dir, log, bar, stop_at, rank)
+            _loop(exp, opt, sched, params, state, run_dir, log, bar, stop_at, rank, stop)
         finally:
             bar.close()
             if log:
                 log.close()
     return {"iterations": state["step"], "seconds": state["elapsed"],
             "tasks_per_s": state["step"] * cfg.meta_batch / max(state["elapsed"], 1e-9),
-            "best_val_accuracy": state["best"], "peak_memory_mb": memory.peak_mb}
+            "best_val_accuracy": state["best"], "peak_memory_mb": memory.peak_mb,
+            "validation": asdict(state["plan"]) if state["plan"] else None}
 
 
 def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None, log, bar, stop_at,
-          rank: distributed.Rank) -> None:
-    """The loop itself; ``state`` (step, best, elapsed) is updated in place."""
+          rank: distributed.Rank, stop: dict) -> None:
+    """The loop itself; ``state`` (step, best, elapsed, plan) is updated in place."""
     cfg, algo = exp.cfg.train, exp.algorithm
     last_path = run_dir / "last.pt" if run_dir else None
     # ``elapsed`` counts meta-training only: validation time is excluded from the budget and tasks/s.
@@ -97,6 +181,7 @@ def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None
         return elapsed_before + time.perf_counter() - start - val_seconds
 
     while state["step"] < cfg.iterations:
+        step_started = clock()
         # Every rank draws the whole meta-batch (identical samplers) and adapts its own share.
         tasks = [exp.train_sampler.sample() for _ in range(cfg.meta_batch)]
         mine = [t.to(cfg.device) for t in rank.shard(tasks)]
@@ -121,10 +206,17 @@ def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None
         record = {"step": step, "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 3),
                   "tasks_per_s": step * cfg.meta_batch / max(elapsed, 1e-9), **metrics}
         sched.step()
-        validate = rank.main and (step % cfg.val_interval == 0 or step == cfg.iterations or out_of_time
-                                  or step == stop_at)
+        if rank.main and state["plan"] is None and step >= min(2, cfg.iterations):  # the 2nd step is warm
+            state["plan"], probe_seconds = plan_validation(exp, elapsed - step_started)
+            val_seconds += probe_seconds
+            if not bar.disable:
+                bar.write(f"validation: every {state['plan'].interval} iterations on {state['plan'].episodes} "
+                          f"episodes (~{cfg.val_fraction:.0%} of the run; set train.val_interval to choose)")
+        plan = state["plan"]
+        validate = rank.main and ((plan is not None and step % plan.interval == 0) or step == cfg.iterations
+                                  or out_of_time or step == stop_at)
         if validate:
-            val = meta_test(algo, exp.val_episodes, device=cfg.device)
+            val = meta_test(algo, exp.val_episodes[:plan.episodes if plan else None], device=cfg.device)
             val_acc, val_seconds = val.accuracy_mean, val_seconds + val.seconds
             record["val_accuracy"] = val_acc
             if val_acc > state["best"]:
@@ -139,6 +231,14 @@ def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{val_acc:.3f}")
         if out_of_time or step == stop_at:
             break
+        if stop["signum"] is not None:
+            name = signal.Signals(stop["signum"]).name
+            if run_dir:
+                if not validate:
+                    save_checkpoint(last_path, _payload(exp, opt, sched, state))
+                raise TrainingStopped(f"stopped by {name} after iteration {step}; {last_path} holds it. Continue "
+                                      f"with: metafusion meta-train --resume {run_dir}", stop["signum"])
+            raise TrainingStopped(f"stopped by {name} after iteration {step}", stop["signum"])
 
 
 def _without_meta_parameters(exp: Experiment, run_dir: Path | None) -> dict:
@@ -159,4 +259,5 @@ def _payload(exp: Experiment, opt, sched, state: dict) -> dict:
             "optimizer": opt.state_dict() if opt else {}, "scheduler": sched.state_dict() if sched else {},
             "sampler": exp.train_sampler.state_dict(), "rng": rng_state(), "step": state["step"],
             "best_val_accuracy": state["best"], "elapsed": state["elapsed"], "config": to_dict(exp.cfg),
+            "validation": asdict(state["plan"]) if state.get("plan") else None,
             "versions": library_versions()}

@@ -13,9 +13,10 @@ from torch import Tensor, nn
 def to_memory_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     """``x`` with the same values in ``memory_format`` (channels_last for the 2-D CNNs: see ``Conv4``).
     ``.to``, not ``.contiguous``: a one-channel NCHW tensor already counts as channels_last-contiguous,
-    so ``.contiguous`` would keep its NCHW strides. Under ``torch.func.vmap`` (non-transductive
-    evaluation) the physical tensor has one more dimension than the layout allows; it stays as it is."""
-    if torch._C._functorch.is_batchedtensor(x):
+    so ``.contiguous`` would keep its NCHW strides. Inside a ``torch.func`` transform (vmap over
+    episodes or query rows) the physical tensor has more dimensions than the layout allows; it stays
+    as it is."""
+    if torch._C._functorch.maybe_current_level() is not None:
         return x
     return x.to(memory_format=memory_format)
 
@@ -45,3 +46,14 @@ def memory_format(model: nn.Module, fmt: torch.memory_format):
 def decomposed_batchnorm(model: nn.Module):
     """BatchNorm written out as mean/var arithmetic inside ``model`` for this block (see batchnorm.py)."""
     return overriding(model, "decomposed", True)
+
+
+def episodes_vmap_pays(model: nn.Module, device: torch.device | str) -> bool:
+    """Is adapting many evaluation episodes under ``torch.func.vmap`` faster than one after another?
+    On a GPU, yes: the per-episode loop is bound by kernel launches. On a CPU only for models without
+    2-D convolutions: vmap turns those into NCHW grouped convolutions, which run no faster than one
+    channels_last convolution per episode, while MLP, embedding and 1-D models are bound by per-call
+    overhead and gain several times (docs/performance.md has the measurements)."""
+    if torch.device(device).type == "cuda":
+        return True
+    return not any(isinstance(m, nn.Conv2d) for m in model.modules())
