@@ -150,6 +150,16 @@ def _cli(*args):
     return [sys.executable, "-m", "metafusion", *map(str, args)]
 
 
+def _resume_and_compare(interrupted: Path, full: Path, steps: int, env: dict) -> None:
+    """Resume ``interrupted`` to its end: its weights must equal the uninterrupted run's."""
+    subprocess.run(_cli("meta-train", "--resume", interrupted, "--quiet"), check=True, env=env, capture_output=True)
+    expected = torch.load(full / "last.pt", weights_only=False)
+    resumed = torch.load(interrupted / "last.pt", weights_only=False)
+    assert resumed["step"] == expected["step"] == steps
+    for k, v in expected["module"].items():
+        assert torch.equal(v, resumed["module"][k]), k
+
+
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     common = [*TINY, "--algo", "reptile", "--iterations", 24, "--set", "data.train_shots=2"]
@@ -175,12 +185,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     step = torch.load(killed / "last.pt", weights_only=False)["step"]
     assert 0 < step < 24, f"the run was not interrupted mid-way (last checkpoint at step {step})"
 
-    subprocess.run(_cli("meta-train", "--resume", killed, "--quiet"), check=True, env=env, capture_output=True)
-    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    resumed = torch.load(killed / "last.pt", weights_only=False)
-    assert resumed["step"] == full["step"] == 24
-    for k, v in full["module"].items():
-        assert torch.equal(v, resumed["module"][k]), k
+    _resume_and_compare(killed, tmp_path / "full", 24, env)
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "tasks_per_s")}  # noqa: E731
                           for line in path.read_text().splitlines()]
     assert strip(killed / "metrics.jsonl") == strip(tmp_path / "full" / "metrics.jsonl")
@@ -212,12 +217,7 @@ def test_a_stop_signal_writes_last_pt_and_says_how_to_resume(tmp_path, signum):
     step = torch.load(stopped / "last.pt", weights_only=False)["step"]
     assert 3 <= step < 50, f"last.pt should hold the step the signal ended (got step {step})"
 
-    subprocess.run(_cli("meta-train", "--resume", stopped, "--quiet"), check=True, env=env, capture_output=True)
-    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    resumed = torch.load(stopped / "last.pt", weights_only=False)
-    assert resumed["step"] == full["step"] == 60
-    for k, v in full["module"].items():
-        assert torch.equal(v, resumed["module"][k]), k
+    _resume_and_compare(stopped, tmp_path / "full", 60, env)
 
 
 def test_fine_tune_on_a_users_folder(tmp_path):

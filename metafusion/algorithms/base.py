@@ -12,7 +12,7 @@ from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
 from ..models.execution import episodes_vmap_pays
 from ..registry import Registry
-from .batched import State, evaluate_batched, functional
+from .batched import State, evaluate_batched, functional, predict_alone
 
 ALGORITHMS: Registry = Registry("algorithm")
 BATCHED_EVAL = ("auto", "on", "off")  # adapt evaluation episodes together: where it pays | always | never
@@ -152,30 +152,13 @@ class TaskTally:
 
 def predict_each_alone(learner: nn.Module, support: Batch, query: Batch) -> Tensor:
     """Logits of each query row computed in a batch of its own with the support set: the
-    non-transductive protocol. The per-query batches run together under ``torch.func.vmap``, which
-    keeps batch statistics per query batch (exactly as separate calls would) but sends all of them
-    through each convolution at once; queries are grouped by which modalities they carry, since the
-    model's code branches on the modality mask. ``predict_each_alone_loop`` is the plain definition."""
-    n, out = len(support), None
-    patterns: dict[tuple[bool, ...], list[int]] = {}
-    for i, row in enumerate(query.mask.tolist()):
-        patterns.setdefault(tuple(row), []).append(i)
-    for rows in patterns.values():
-        idx = torch.tensor(rows, device=query.labels.device)
-        mask = torch.cat([support.mask, query.mask[idx[:1]]])
-        labels = torch.cat([support.labels, query.labels[idx[:1]]])
-
-        def one(inputs: dict[str, Tensor]) -> Tensor:
-            joint = {m: torch.cat([support.inputs[m], x.unsqueeze(0)]) for m, x in inputs.items()}
-            return learner(Batch(joint, mask, labels, support.modalities))[n]
-
-        with warnings.catch_warnings():  # ops without a batching rule (stft, gru_cell) loop inside vmap
-            warnings.filterwarnings("ignore", message="There is a performance drop")
-            logits = torch.func.vmap(one)({m: x[idx] for m, x in query.inputs.items()})
-        if out is None:
-            out = logits.new_empty(len(query), logits.shape[1])
-        out[idx] = logits
-    return out
+    non-transductive protocol. The per-query batches run together under ``torch.func.vmap``
+    (``batched.predict_alone``), which keeps batch statistics per query batch (exactly as separate
+    calls would) but sends all of them through each convolution at once. ``predict_each_alone_loop`` is
+    the plain definition."""
+    with warnings.catch_warnings():  # ops without a batching rule (stft, gru_cell) loop inside vmap
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return predict_alone(learner, support, query)
 
 
 def predict_each_alone_loop(learner: nn.Module, support: Batch, query: Batch) -> Tensor:
