@@ -46,7 +46,9 @@ VARIANTS = {
     "reptile-5": ("reptile", 5, "deepcopy + inner Adam per task (l2l example), 5 steps"),
     "protonet": ("protonet", 0, "embed support+query, class means, distances"),
     "meta-test": ("maml", 10, "clone + 10 SGD steps without graph, predict query"),
+    "meta-test-reptile": ("reptile", 50, "deepcopy + fresh inner Adam per episode, 50 steps, predict query"),
 }
+EVALUATION = ("meta-test", "meta-test-reptile")  # timed as episodes evaluated per second
 MODELS = ("conv4", "multimodal")
 
 
@@ -64,7 +66,7 @@ def experiment(model: str, variant: str, device: str, meta_batch: int, inner_opt
                      "algo": {"name": algo, **({"inner_steps": steps, "inner_steps_test": steps} if steps else {}),
                               **({"inner_lr": 0.4} if algo in ("maml", "fomaml") else {}),
                               **({"inner_optimizer": inner_optimizer} if algo == "reptile" else {}),
-                              **({"task_batched": True} if task_batched and variant != "meta-test"
+                              **({"task_batched": True} if task_batched and variant not in EVALUATION
                                  and algo in ("maml", "fomaml") else {})},
                      "train": {"meta_batch": meta_batch, "device": device}})
     return build_experiment(cfg)
@@ -146,6 +148,8 @@ class Reference:
             (F.cross_entropy(proto_logits(q, protos), task.query.labels) / len(tasks)).backward()
 
     def evaluate(self, episode):
+        if self.variant == "meta-test-reptile":
+            return self._reptile_evaluate(episode)
         learner = self.maml.clone()
         with torch.enable_grad():
             for _ in range(self.steps):
@@ -154,6 +158,22 @@ class Reference:
                 l2l.maml_update(learner, self.lr_test, [None if g is None else g.detach() for g in grads])
         with torch.no_grad():
             return learner(episode.query)
+
+
+    def _reptile_evaluate(self, episode):
+        learner = copy.deepcopy(self.model)
+        opt = (torch.optim.Adam(learner.parameters(), lr=self.lr_test, betas=(0.0, 0.999))
+               if self.inner_optimizer == "adam" else torch.optim.SGD(learner.parameters(), lr=self.lr_test))
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                opt.zero_grad()
+                F.cross_entropy(learner(episode.support), episode.support.labels).backward()
+                opt.step()
+        with torch.no_grad():
+            return learner(episode.query)
+
+    def evaluate_all(self, episodes):
+        return [self.evaluate(e) for e in episodes]
 
 
 class Ours:
@@ -169,6 +189,9 @@ class Ours:
     def evaluate(self, episode):
         learner = self.algo.adapt(episode.support)
         return self.algo.predict(learner, episode)
+
+    def evaluate_all(self, episodes):  # what meta_test runs: batched where algo.batched_eval=auto says so
+        return self.algo.evaluate_many(episodes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,7 +209,7 @@ def gradient_check(model: str, variant: str, device: str, meta_batch: int, task_
         exp = experiment(model, variant, device, meta_batch, inner_optimizer="sgd", task_batched=task_batched)
         ref, ours = Reference(exp, variant), Ours(exp, variant)
         tasks = sample_tasks(exp, meta_batch, device, torch.float64)
-        if variant == "meta-test":
+        if variant in EVALUATION:
             a, b = ours.evaluate(tasks[0]), ref.evaluate(tasks[0])
             return float((a - b).norm() / b.norm())
         ours.meta_backward(tasks)
@@ -207,9 +230,8 @@ def sync(device: str) -> None:
 
 
 def one_iteration(loop, opt, batch, variant: str) -> None:
-    if variant == "meta-test":
-        for task in batch:
-            loop.evaluate(task)
+    if variant in EVALUATION:
+        loop.evaluate_all(batch)
         return
     opt.zero_grad(set_to_none=True)
     loop.meta_backward(batch)
@@ -441,7 +463,7 @@ def main() -> None:
             row = {"model": model, "variant": variant, "reference_loop": VARIANTS[variant][2],
                    "grad_rel_err_fp64": err, "gflop_per_task": flops / 1e9,
                    "reference_tasks_per_s": rates["reference"], "metafusion_tasks_per_s": rates["metafusion"]}
-            if cpu and args.ranks > 1 and variant != "meta-test":
+            if cpu and args.ranks > 1 and variant not in EVALUATION:
                 d = time_distributed(model, variant, args.meta_batch, args.iters, args.rounds, args.ranks)
                 row["distributed_tasks_per_s"] = d["tasks_per_s"]
                 row["distributed_peak_mb_per_rank"] = d["peak_rss_mb"]
