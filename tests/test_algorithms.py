@@ -281,6 +281,26 @@ def test_batched_evaluation_is_used_where_it_pays(small_synthetic):
         MAML(tiny_tabular_model(), batched_eval="sometimes", **COMMON)
 
 
+def test_metasgd_resizes_its_head_rates_with_the_head():
+    """A user's task with another number of classes: the learned rates of the new head keep the old
+    head's mean rate and take the new shape, so adaptation runs (it failed on the shape before)."""
+    model = tiny_tabular_model(ways=5)
+    algo = MetaSGD(model, **COMMON)
+    with torch.no_grad():
+        for rate in algo.wrapper.lrs:
+            rate.uniform_(0.1, 0.5)
+    head_mean = [r.mean().item() for (n, _), r in zip(model.named_parameters(), algo.wrapper.lrs)
+                 if n.startswith("head.")]
+    algo.reset_head(3)
+    for (n, p), rate in zip(model.named_parameters(), algo.wrapper.lrs):
+        assert rate.shape == p.shape, n
+    new_head = [r for (n, _), r in zip(model.named_parameters(), algo.wrapper.lrs) if n.startswith("head.")]
+    assert [r.unique().item() for r in new_head] == pytest.approx(head_mean)
+    episode = tiny_episode(ways=3)
+    assert 0 <= algo.evaluate(episode)["accuracy"] <= 1
+    assert algo.evaluate_many([episode], batched=True)[0]["accuracy"] == algo.evaluate(episode)["accuracy"]
+
+
 def test_reptile_adapts_one_by_one_where_adam_would_skip_a_parameter():
     """A mini-batch without a modality leaves its encoder's gradient None, which torch's Adam skips
     (the functional form's zero gradient would still count a step): such episodes take the loop."""

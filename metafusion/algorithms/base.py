@@ -59,6 +59,11 @@ class MetaAlgorithm:
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         raise NotImplementedError
 
+    def reset_head(self, ways: int) -> None:
+        """A fresh head for tasks of ``ways`` classes (a user's task with its own number of classes);
+        algorithms that keep per-parameter state of the head resize it too."""
+        self.model.reset_head(ways)
+
     def state_dict(self) -> dict:
         """Algorithm state beyond the module's parameters (e.g. an inner optimizer that persists)."""
         return {}

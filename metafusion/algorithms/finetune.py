@@ -48,7 +48,7 @@ class FineTuneBaseline(MetaAlgorithm):
         batch = Batch.cat([Batch.cat([t.support, t.query]) for t in tasks])
         labels = torch.cat([torch.tensor([self.class_index[t.classes[y]] for y in
                                           torch.cat([t.support.labels, t.query.labels]).tolist()])
-                            for t in tasks])
+                            for t in tasks]).to(batch.labels.device)
         logits = self.model(batch)
         loss = F.cross_entropy(logits, labels)
         loss.backward()

@@ -217,6 +217,16 @@ class MetaSGD(MAML):
     def _wrap(self, model: FusionModel) -> nn.Module:
         return L2LMetaSGD(model, lr=self.inner_lr, first_order=self.first_order)
 
+    def reset_head(self, ways: int) -> None:
+        """The new head's per-parameter rates start at the mean of the rates learned for the old head
+        (same tensor role, new shape), so the learned scale of the head's rates is kept."""
+        old = dict(zip((n for n, _ in self.model.named_parameters()), self.wrapper.lrs))
+        super().reset_head(ways)
+        with torch.no_grad():
+            self.wrapper.lrs = nn.ParameterList(
+                [nn.Parameter(torch.full_like(p, old[n].mean().item())) if n.startswith("head.") else old[n]
+                 for n, p in self.model.named_parameters()])
+
     def _update(self, learner: nn.Module, lr: float, grads: list) -> None:
         # learn2learn's meta_sgd_update skips parameters whose gradient is None (unused in this task).
         meta_sgd_update(learner.module, learner.lrs, grads)

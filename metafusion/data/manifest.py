@@ -185,7 +185,8 @@ def load_user_data(path: str | Path, modalities: tuple[str, ...] | None = None,
         if m == "text":
             texts = [v or "" for v in values]
             vocab = like.metadata.get("vocabulary") if like is not None else None
-            length = like.data["text"].shape[-1] if like is not None and "text" in like.data else text_length
+            ids = like.data.get("text") if like is not None else None
+            length = ids.shape[-1] if ids is not None and not ids.is_floating_point() else text_length
             data[m], metadata["vocabulary"] = token_ids(texts, length, vocab)
             metadata["texts"] = texts
         else:

@@ -16,19 +16,36 @@ from ..models import ENCODERS, FrozenTextModel, FusionModel, ModelSpec, build_mo
 
 def load_dataset(cfg: RunConfig) -> MultimodalDataset:
     """The dataset as the model will see it: chosen modalities, missing rate, frozen text features,
-    and standardisation fitted on the meta-train split only."""
+    and standardisation fitted on the meta-train split only (kept in ``metadata["standardizer"]``, so
+    that a user's own data later goes through the same statistics: ``as_model_inputs``)."""
     d = cfg.data
     dataset = DATASETS.build(d.dataset, d)
     if d.modalities:
         dataset = dataset.select_modalities(d.modalities)
     if d.missing_rate > 0 and d.dataset != "synthetic":  # synthetic applies it while generating
         dataset = dataset.with_missing(d.missing_rate, seed=d.data_seed + 1)
+    dataset = with_encoder_features(cfg, dataset)
+    if d.standardize:
+        standardizer = Standardizer.fit(dataset, "train")
+        dataset = standardizer(dataset)
+        dataset.metadata["standardizer"] = standardizer
+    return dataset
+
+
+def with_encoder_features(cfg: RunConfig, dataset: MultimodalDataset) -> MultimodalDataset:
+    """Modalities whose encoder is a frozen pretrained model replaced by that model's features."""
     for m, name in cfg.model.encoders.items():
         if m in dataset.modalities and getattr(ENCODERS.get(name), "frozen_features", None):
             dataset = with_frozen_text_features(dataset, m)
-    if d.standardize:
-        dataset = Standardizer.fit(dataset, "train")(dataset)
     return dataset
+
+
+def as_model_inputs(exp: "Experiment", data: MultimodalDataset) -> MultimodalDataset:
+    """A user's own data through the pipeline the model was meta-trained on: frozen features where
+    the encoder is frozen, then the meta-train split's standardisation (never refitted on the user's data)."""
+    data = with_encoder_features(exp.cfg, data)
+    standardizer = exp.dataset.metadata.get("standardizer")
+    return standardizer(data) if standardizer is not None else data
 
 
 def with_frozen_text_features(dataset: MultimodalDataset, modality: str) -> MultimodalDataset:

@@ -16,7 +16,7 @@ import yaml
 
 from ..config import RunConfig, from_dict, resolve, to_dict
 from ..data import Episode, EpisodeSampler
-from .build import Experiment, build_experiment
+from .build import Experiment, as_model_inputs, build_experiment
 from . import distributed
 from .checkpoint import git_commit, hardware, library_versions, load_checkpoint, save_checkpoint
 from .evaluate import meta_test
@@ -169,7 +169,7 @@ def user_task(path: str, exp: Experiment, shots: int) -> Episode:
     """A user's folder/manifest as one episode: first ``shots`` samples per class -> support."""
     from ..data.manifest import load_user_data
 
-    data = load_user_data(path, modalities=exp.dataset.modalities, like=exp.dataset)
+    data = as_model_inputs(exp, load_user_data(path, modalities=exp.dataset.modalities, like=exp.dataset))
     support_rows, query_rows = [], []
     for c in sorted(set(data.labels)):
         rows = torch.nonzero(data.targets == c).flatten()
@@ -181,7 +181,7 @@ def user_task(path: str, exp: Experiment, shots: int) -> Episode:
     s, q = torch.cat(support_rows), torch.cat(query_rows)
     ways = len(support_rows)
     if ways != exp.cfg.data.ways:
-        exp.model.reset_head(ways)  # the task's own number of classes
+        exp.algorithm.reset_head(ways)  # the task's own number of classes
     support, query = data.batch(s), data.batch(q)
     return Episode(support, query, ways, shots, len(q) // ways, tuple(range(ways)),
                    tuple(torch.cat([s, q]).tolist()))

@@ -67,9 +67,9 @@ class FusionModel(nn.Module):
         return weights
 
     def reset_head(self, ways: int) -> None:
-        """A fresh, randomly initialised head for ``ways`` classes."""
-        device = next(self.parameters()).device
-        self.head = self.fusion.make_head(ways).to(device)
+        """A fresh, randomly initialised head for ``ways`` classes, on the model's device and in its dtype."""
+        like = next(self.parameters())
+        self.head = self.fusion.make_head(ways).to(like.device, like.dtype)
 
     def adapted(self, scope: str) -> list[bool]:
         """For each of ``self.parameters()`` (in order): does the inner loop adapt it under ``scope``?"""

@@ -1,0 +1,49 @@
+"""Stages on a user's own data: it goes through the pipeline the model was meta-trained on."""
+import numpy as np
+import pytest
+import torch
+
+from metafusion.config import load_config
+from metafusion.data import DATASETS
+from metafusion.data.synthetic import decode_text
+from metafusion.engine import build_experiment
+from metafusion.engine.stages import user_task
+
+TINY = {"data.num_classes": 30, "data.samples_per_class": 10, "data.queries": 2, "data.val_episodes": 1, "model.width": 8,
+        "model.hidden": 8}
+
+
+def _test_rows(exp, per_class: int = 3) -> list[list[int]]:
+    """Dataset rows of three test classes, ``per_class`` each."""
+    return [exp.dataset.rows_of_classes([c])[:per_class].tolist() for c in exp.dataset.splits["test"][:3]]
+
+
+def test_a_users_data_is_standardised_with_the_meta_train_statistics(tmp_path):
+    cfg = load_config(None, {**TINY, "data.modalities": ["tabular"]})
+    exp = build_experiment(cfg)
+    raw = DATASETS.build("synthetic", exp.cfg.data).select_modalities(["tabular"]).data["tabular"]
+    classes = _test_rows(exp)
+    for k, rows in enumerate(classes):  # the user's folder holds the raw vectors of these rows
+        (tmp_path / f"c{k}").mkdir()
+        for i, r in enumerate(rows):
+            np.save(tmp_path / f"c{k}" / f"{i}.npy", raw[r].numpy())
+    episode = user_task(str(tmp_path), exp, shots=1)
+    expected = exp.dataset.data["tabular"][[rows[0] for rows in classes]]
+    assert not torch.allclose(raw[[rows[0] for rows in classes]], expected)  # standardisation changes them
+    assert torch.allclose(episode.support.inputs["tabular"], expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_users_text_is_embedded_by_the_frozen_encoder_the_model_was_trained_on(tmp_path):
+    cfg = load_config(None, {**TINY, "data.modalities": ["text"], "model.encoders": {"text": "minilm"}})
+    exp = build_experiment(cfg)
+    vocab = exp.dataset.metadata["vocabulary"]
+    ids = DATASETS.build("synthetic", exp.cfg.data).select_modalities(["text"]).data["text"]
+    classes = _test_rows(exp, per_class=2)
+    lines = ["label,text"] + [f"c{k},{decode_text(ids[r], vocab)}" for k, rows in enumerate(classes) for r in rows]
+    (tmp_path / "task.csv").write_text("\n".join(lines) + "\n")
+    episode = user_task(str(tmp_path / "task.csv"), exp, shots=1)
+    support = episode.support.inputs["text"]
+    assert support.is_floating_point() and support.shape == (3, 384)  # MiniLM features, not token ids
+    expected = exp.dataset.data["text"][[rows[0] for rows in classes]]
+    assert torch.allclose(support, expected, atol=1e-4)
