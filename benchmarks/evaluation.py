@@ -10,11 +10,11 @@ computes the loop's predictions, up to float rounding). The weights are the untr
 adaptation costs the same whatever the weights are. ``algo.batched_eval=auto`` picks batched exactly
 where ``metafusion.models.execution.episodes_vmap_pays`` says so; the table shows where that is.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -40,22 +40,30 @@ ROWS = {
 
 def measure(name: str, episodes: int, device: str) -> dict:
     path, overrides = ROWS[name]
-    cfg = load_config(path, {**overrides, "data.val_episodes": 1, "data.test_episodes": episodes,
-                             "train.device": device})
+    cfg = load_config(
+        path, {**overrides, "data.val_episodes": 1, "data.test_episodes": episodes, "train.device": device}
+    )
     exp = build_experiment(cfg)
     tests = exp.test_episodes()
     meta_test(exp.algorithm, tests[:2], device=device)  # warm-up (allocator, oneDNN primitive caches)
-    row = {"row": name, "episodes": episodes, "inner_steps_test": exp.cfg.algo.inner_steps_test,
-           "auto_batched": episodes_vmap_pays(exp.model, device)}
+    row = {
+        "row": name,
+        "episodes": episodes,
+        "inner_steps_test": exp.cfg.algo.inner_steps_test,
+        "auto_batched": episodes_vmap_pays(exp.model, device),
+    }
     for mode in ("off", "on"):
         exp.algorithm.batched_eval = mode
         torch.manual_seed(0)  # the fine-tune baseline draws its fresh heads from the global RNG
         r = meta_test(exp.algorithm, tests, device=device)
         row[mode] = {"seconds": r.seconds, "accuracy": r.accuracy_mean}
     row["speedup"] = row["off"]["seconds"] / row["on"]["seconds"]
-    print(f"{name:24s} loop {row['off']['seconds']:7.1f} s  batched {row['on']['seconds']:7.1f} s  "
-          f"x{row['speedup']:.2f}  acc {row['off']['accuracy']:.4f} / {row['on']['accuracy']:.4f}  "
-          f"auto={'batched' if row['auto_batched'] else 'loop'}", flush=True)
+    print(
+        f"{name:24s} loop {row['off']['seconds']:7.1f} s  batched {row['on']['seconds']:7.1f} s  "
+        f"x{row['speedup']:.2f}  acc {row['off']['accuracy']:.4f} / {row['on']['accuracy']:.4f}  "
+        f"auto={'batched' if row['auto_batched'] else 'loop'}",
+        flush=True,
+    )
     return row
 
 
@@ -70,8 +78,9 @@ def main() -> None:
     print(f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     rows = [measure(name, args.episodes, args.device) for name in args.rows.split(",")]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"hardware": machine, "threads": torch.get_num_threads(),
-                                          "rows": rows}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps({"hardware": machine, "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Rows with ``--threads 2`` or torchrun take both cores and always run alone.
 Each row's run folder is its first command's ``--out`` (results.json, learning_curve.png, metrics.jsonl);
 a rerun deletes it first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,10 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = Path("runs")
@@ -34,10 +35,16 @@ UNRECORDED_HARDWARE = "AMD EPYC, 2 cores (not recorded; from the session notes)"
 
 # Published numbers (papers' tables) and the issue's measurements of learn2learn-example loops given
 # 20 minutes on this machine: what each of our rows is compared against.
-PAPER = {"maml": ("98.7 %", "Finn et al. 2017, Table 1"), "fomaml": ("98.3 %", "Finn et al. 2017, Table 1"),
-         "reptile": ("97.68 % / 95.39 % non-transd.", "Nichol et al. 2018, Table 1")}
-L2L_LOOP_20MIN = {"maml": "92.6 % / 90.0 % (2,020 it.)", "fomaml": "92.0 % / 88.0 % (3,740 it.)",
-                  "reptile": "89.2 % / 86.9 % (7,222 it.)"}
+PAPER = {
+    "maml": ("98.7 %", "Finn et al. 2017, Table 1"),
+    "fomaml": ("98.3 %", "Finn et al. 2017, Table 1"),
+    "reptile": ("97.68 % / 95.39 % non-transd.", "Nichol et al. 2018, Table 1"),
+}
+L2L_LOOP_20MIN = {
+    "maml": "92.6 % / 90.0 % (2,020 it.)",
+    "fomaml": "92.0 % / 88.0 % (3,740 it.)",
+    "reptile": "89.2 % / 86.9 % (7,222 it.)",
+}
 
 
 @dataclass
@@ -60,20 +67,54 @@ def _omniglot_rows() -> list[Row]:
     torch.distributed over the two cores (``torchrun``, then ``meta-test``; docs/performance.md)."""
     cfg = "benchmarks/configs/omniglot_5w1s.yaml"
     strided = ["--encoder", "image=conv4s", "--set", "model.width=256"]  # the reference code's Omniglot net
-    specs = [("omniglot_5w1s_maml_cpu20", "maml", "one process", []),
-             ("omniglot_5w1s_fomaml_cpu20", "fomaml", "one process", []),
-             ("omniglot_5w1s_fomaml_conv4s_cpu20", "fomaml", "torchrun", [*strided, "--set", "train.val_interval=1000"]),
-             ("omniglot_5w1s_reptile_cpu20", "reptile", "torchrun", ["--set", "train.val_interval=1000"])]
+    specs = [
+        ("omniglot_5w1s_maml_cpu20", "maml", "one process", []),
+        ("omniglot_5w1s_fomaml_cpu20", "fomaml", "one process", []),
+        ("omniglot_5w1s_fomaml_conv4s_cpu20", "fomaml", "torchrun", [*strided, "--set", "train.val_interval=1000"]),
+        ("omniglot_5w1s_reptile_cpu20", "reptile", "torchrun", ["--set", "train.val_interval=1000"]),
+    ]
     rows = []
     for name, algo, launcher, extra in specs:
         out = str(RUNS / name)
         if launcher == "torchrun":
-            cmds = [["torchrun", "--nproc_per_node", "2", "-m", "metafusion", "meta-train", "--config", cfg,
-                     "--algo", algo, "--budget", "20", *extra, "--out", out],
-                    ["metafusion", "meta-test", "--run", out]]
+            cmds = [
+                [
+                    "torchrun",
+                    "--nproc_per_node",
+                    "2",
+                    "-m",
+                    "metafusion",
+                    "meta-train",
+                    "--config",
+                    cfg,
+                    "--algo",
+                    algo,
+                    "--budget",
+                    "20",
+                    *extra,
+                    "--out",
+                    out,
+                ],
+                ["metafusion", "meta-test", "--run", out],
+            ]
         else:
-            cmds = [["metafusion", "run", "--config", cfg, "--algo", algo, "--budget", "20", "--threads", "2", *extra,
-                     "--out", out]]
+            cmds = [
+                [
+                    "metafusion",
+                    "run",
+                    "--config",
+                    cfg,
+                    "--algo",
+                    algo,
+                    "--budget",
+                    "20",
+                    "--threads",
+                    "2",
+                    *extra,
+                    "--out",
+                    out,
+                ]
+            ]
         cmds.append(["metafusion", "meta-test", "--run", out, "--non-transductive"])
         network = "Conv4 strided (reference code)" if "image=conv4s" in extra else "Conv4 max-pool (paper text)"
         rows.append(Row(name, "omniglot-cpu", cmds, {"algorithm": algo, "network": network}))
@@ -84,18 +125,45 @@ def _multimodal_rows() -> list[Row]:
     rows = []
     cfg = "benchmarks/configs/omniglot_strokes_5w1s.yaml"
     variants = [("image", "attention"), ("strokes", "attention")] + [
-        ("image,strokes", f) for f in ("attention", "concat", "mean", "late", "transformer")]
+        ("image,strokes", f) for f in ("attention", "concat", "mean", "late", "transformer")
+    ]
     for algo, iterations in (("maml", 250), ("reptile", 600)):
         for modalities, fusion in variants:
             name = f"omniglot_strokes_{algo}_{modalities.replace(',', '+')}" + (
-                f"_{fusion}" if "," in modalities else "")
-            cmd = ["metafusion", "run", "--config", cfg, "--algo", algo, "--set", f"model.modalities={modalities}",
-                   "--fusion", fusion, "--encoder", "image=conv4s", "--iterations", str(iterations),
-                   "--set", f"train.val_interval={iterations}", "--threads", "1",
-                   "--out", str(RUNS / "multimodal" / name), "--quiet"]
-            rows.append(Row(name, "multimodal", [cmd], {"algorithm": algo, "modalities": modalities,
-                                                         "fusion": fusion if "," in modalities else "—"},
-                            exclusive=False))
+                f"_{fusion}" if "," in modalities else ""
+            )
+            cmd = [
+                "metafusion",
+                "run",
+                "--config",
+                cfg,
+                "--algo",
+                algo,
+                "--set",
+                f"model.modalities={modalities}",
+                "--fusion",
+                fusion,
+                "--encoder",
+                "image=conv4s",
+                "--iterations",
+                str(iterations),
+                "--set",
+                f"train.val_interval={iterations}",
+                "--threads",
+                "1",
+                "--out",
+                str(RUNS / "multimodal" / name),
+                "--quiet",
+            ]
+            rows.append(
+                Row(
+                    name,
+                    "multimodal",
+                    [cmd],
+                    {"algorithm": algo, "modalities": modalities, "fusion": fusion if "," in modalities else "—"},
+                    exclusive=False,
+                )
+            )
     return rows
 
 
@@ -105,38 +173,116 @@ def _synthetic_rows() -> list[Row]:
     for missing in (0.0, 0.3):
         for modalities in ("image", "audio", "text", "tabular", "image,audio,text,tabular"):
             name = f"synthetic_missing{int(100 * missing)}_{modalities.replace(',', '+')}"
-            cmd = ["metafusion", "run", "--config", cfg, "--algo", "maml", "--set", f"model.modalities={modalities}",
-                   "--set", f"data.missing_rate={missing}", "--episodes", "300", "--threads", "1",
-                   "--out", str(RUNS / "synthetic" / name), "--quiet"]
-            rows.append(Row(name, "synthetic", [cmd], {"missing": missing, "modalities": modalities},
-                            exclusive=False))
+            cmd = [
+                "metafusion",
+                "run",
+                "--config",
+                cfg,
+                "--algo",
+                "maml",
+                "--set",
+                f"model.modalities={modalities}",
+                "--set",
+                f"data.missing_rate={missing}",
+                "--episodes",
+                "300",
+                "--threads",
+                "1",
+                "--out",
+                str(RUNS / "synthetic" / name),
+                "--quiet",
+            ]
+            rows.append(Row(name, "synthetic", [cmd], {"missing": missing, "modalities": modalities}, exclusive=False))
     return rows
 
 
 def _baseline_rows() -> list[Row]:
     """The centroid baseline (frozen features + nearest class mean, nothing trained) on the episodes of
     the three tables above: seconds per row, shown in a table of its own under each."""
-    rows = [Row("omniglot_5w1s_centroid", "omniglot-centroid",
-                [["metafusion", "run", "--config", "benchmarks/configs/omniglot_5w1s.yaml", "--algo", "centroid",
-                  "--set", "model.modalities=image", "--threads", "1", "--out", str(RUNS / "omniglot_5w1s_centroid"),
-                  "--quiet"]],
-                {"modalities": "image"}, exclusive=False)]
+    rows = [
+        Row(
+            "omniglot_5w1s_centroid",
+            "omniglot-centroid",
+            [
+                [
+                    "metafusion",
+                    "run",
+                    "--config",
+                    "benchmarks/configs/omniglot_5w1s.yaml",
+                    "--algo",
+                    "centroid",
+                    "--set",
+                    "model.modalities=image",
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(RUNS / "omniglot_5w1s_centroid"),
+                    "--quiet",
+                ]
+            ],
+            {"modalities": "image"},
+            exclusive=False,
+        )
+    ]
     for modalities in ("image", "strokes", "image,strokes"):
         name = f"omniglot_strokes_centroid_{modalities.replace(',', '+')}"
-        rows.append(Row(name, "multimodal-centroid",
-                        [["metafusion", "run", "--config", "benchmarks/configs/omniglot_strokes_5w1s.yaml", "--algo",
-                          "centroid", "--set", f"model.modalities={modalities}", "--threads", "1",
-                          "--out", str(RUNS / "multimodal" / name), "--quiet"]],
-                        {"modalities": modalities}, exclusive=False))
+        rows.append(
+            Row(
+                name,
+                "multimodal-centroid",
+                [
+                    [
+                        "metafusion",
+                        "run",
+                        "--config",
+                        "benchmarks/configs/omniglot_strokes_5w1s.yaml",
+                        "--algo",
+                        "centroid",
+                        "--set",
+                        f"model.modalities={modalities}",
+                        "--threads",
+                        "1",
+                        "--out",
+                        str(RUNS / "multimodal" / name),
+                        "--quiet",
+                    ]
+                ],
+                {"modalities": modalities},
+                exclusive=False,
+            )
+        )
     for missing in (0.0, 0.3):
         for modalities in ("image", "audio", "text", "tabular", "image,audio,text,tabular"):
             name = f"synthetic_missing{int(100 * missing)}_centroid_{modalities.replace(',', '+')}"
-            rows.append(Row(name, "synthetic-centroid",
-                            [["metafusion", "run", "--config", "benchmarks/configs/demo.yaml", "--algo", "centroid",
-                              "--set", f"model.modalities={modalities}", "--set", f"data.missing_rate={missing}",
-                              "--episodes", "300", "--threads", "1", "--out", str(RUNS / "synthetic" / name),
-                              "--quiet"]],
-                            {"missing": missing, "modalities": modalities}, exclusive=False))
+            rows.append(
+                Row(
+                    name,
+                    "synthetic-centroid",
+                    [
+                        [
+                            "metafusion",
+                            "run",
+                            "--config",
+                            "benchmarks/configs/demo.yaml",
+                            "--algo",
+                            "centroid",
+                            "--set",
+                            f"model.modalities={modalities}",
+                            "--set",
+                            f"data.missing_rate={missing}",
+                            "--episodes",
+                            "300",
+                            "--threads",
+                            "1",
+                            "--out",
+                            str(RUNS / "synthetic" / name),
+                            "--quiet",
+                        ]
+                    ],
+                    {"missing": missing, "modalities": modalities},
+                    exclusive=False,
+                )
+            )
     return rows
 
 
@@ -150,9 +296,21 @@ def _clinc_rows() -> list[Row]:
     for split in ("protocol", "cross-domain"):
         for shots in (1, 5):
             name = f"clinc150_{split}_5w{shots}s"
-            cmd = ["metafusion", "compare", "--config", f"benchmarks/configs/clinc150_5w{shots}s.yaml",
-                   "--algos", CLINC_ALGOS, "--set", f"data.split={split}", "--threads", "1",
-                   "--out", str(RUNS / "clinc150" / name), "--quiet"]
+            cmd = [
+                "metafusion",
+                "compare",
+                "--config",
+                f"benchmarks/configs/clinc150_5w{shots}s.yaml",
+                "--algos",
+                CLINC_ALGOS,
+                "--set",
+                f"data.split={split}",
+                "--threads",
+                "1",
+                "--out",
+                str(RUNS / "clinc150" / name),
+                "--quiet",
+            ]
             rows.append(Row(name, "clinc150", [cmd], {"split": split, "shots": shots}, exclusive=False))
     return rows
 
@@ -161,28 +319,65 @@ def _fashion_rows() -> list[Row]:
     """Fashion products 5-way 1/5-shot: each modality alone and fused, centroid / ProtoNet / MAML."""
     singles = [("image", "attention"), ("text", "attention"), ("tabular", "attention")]
     fused = "image,text,tabular"
-    plan = {1: {"centroid": singles + [(fused, "attention")],
-                "protonet": singles + [(fused, f) for f in ("attention", "concat", "mean", "transformer")],
-                "maml": singles + [(fused, f) for f in ("attention", "concat", "mean", "late", "transformer")]},
-            5: {algo: singles + [(fused, "attention")] for algo in ("centroid", "protonet", "maml")}}
+    plan = {
+        1: {
+            "centroid": singles + [(fused, "attention")],
+            "protonet": singles + [(fused, f) for f in ("attention", "concat", "mean", "transformer")],
+            "maml": singles + [(fused, f) for f in ("attention", "concat", "mean", "late", "transformer")],
+        },
+        5: {algo: singles + [(fused, "attention")] for algo in ("centroid", "protonet", "maml")},
+    }
     rows = []
     for shots, algos in plan.items():
         for algo, variants in algos.items():
             for modalities, fusion in variants:
                 several = "," in modalities
                 name = f"fashion_5w{shots}s_{algo}_{modalities.replace(',', '+')}" + (f"_{fusion}" if several else "")
-                cmd = ["metafusion", "run", "--config", f"benchmarks/configs/fashion_5w{shots}s.yaml", "--algo", algo,
-                       "--set", f"model.modalities={modalities}", "--fusion", fusion, "--threads", "1",
-                       "--out", str(RUNS / "fashion" / name), "--quiet"]
-                rows.append(Row(name, "fashion", [cmd], {"shots": shots, "algorithm": algo, "modalities": modalities,
-                                                         "fusion": fusion if several and algo != "centroid" else "—"},
-                                exclusive=False))
+                cmd = [
+                    "metafusion",
+                    "run",
+                    "--config",
+                    f"benchmarks/configs/fashion_5w{shots}s.yaml",
+                    "--algo",
+                    algo,
+                    "--set",
+                    f"model.modalities={modalities}",
+                    "--fusion",
+                    fusion,
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(RUNS / "fashion" / name),
+                    "--quiet",
+                ]
+                rows.append(
+                    Row(
+                        name,
+                        "fashion",
+                        [cmd],
+                        {
+                            "shots": shots,
+                            "algorithm": algo,
+                            "modalities": modalities,
+                            "fusion": fusion if several and algo != "centroid" else "—",
+                        },
+                        exclusive=False,
+                    )
+                )
     return rows
 
 
 ROWS = _omniglot_rows() + _multimodal_rows() + _synthetic_rows() + _baseline_rows() + _clinc_rows() + _fashion_rows()
-TABLES = ("omniglot-cpu", "multimodal", "synthetic", "omniglot-centroid", "multimodal-centroid", "synthetic-centroid",
-          "clinc150", "fashion")
+TABLES = (
+    "omniglot-cpu",
+    "multimodal",
+    "synthetic",
+    "omniglot-centroid",
+    "multimodal-centroid",
+    "synthetic-centroid",
+    "clinc150",
+    "fashion",
+)
 
 
 def shown(cmd: list[str]) -> str:
@@ -231,18 +426,27 @@ def _commands(row: Row) -> str:
 
 
 def table_omniglot(rows: list[Row]) -> str:
-    out = ["| algorithm | network | paper (5w1s) | learn2learn-example loop, 20 min here | metafusion, transductive | "
-           "metafusion, non-transductive | iterations | meta-train time | tasks/s | hardware | commands |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| algorithm | network | paper (5w1s) | learn2learn-example loop, 20 min here | metafusion, transductive | "
+        "metafusion, non-transductive | iterations | meta-train time | tasks/s | hardware | commands |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         algo = row.labels["algorithm"]
         t, n = _load(row), _load(row, "results_nontransductive")
-        train = json.loads((REPO / row.out / "train.json").read_text()) if (REPO / row.out / "train.json").exists() else {}
+        train = (
+            json.loads((REPO / row.out / "train.json").read_text()) if (REPO / row.out / "train.json").exists() else {}
+        )
         ranks = train.get("ranks", 1)
-        hw = train.get("hardware", UNRECORDED_HARDWARE) + (f", {ranks} ranks × 1 thread" if ranks > 1 else ", 2 threads")
-        out.append(f"| {algo} | {row.labels['network']} | {PAPER[algo][0]} ({PAPER[algo][1]}) | {L2L_LOOP_20MIN[algo]} | {_acc(t)} | {_acc(n)} | "
-                   f"{format(train['iterations'], ',') if train else '—'} | {train.get('seconds', 0):.0f} s | "
-                   f"{train.get('tasks_per_s', 0):.1f} | {hw} | {_commands(row)} |")
+        hw = train.get("hardware", UNRECORDED_HARDWARE) + (
+            f", {ranks} ranks × 1 thread" if ranks > 1 else ", 2 threads"
+        )
+        out.append(
+            f"| {algo} | {row.labels['network']} | {PAPER[algo][0]} ({PAPER[algo][1]}) | {L2L_LOOP_20MIN[algo]} | "
+            f"{_acc(t)} | {_acc(n)} | "
+            f"{format(train['iterations'], ',') if train else '—'} | {train.get('seconds', 0):.0f} s | "
+            f"{train.get('tasks_per_s', 0):.1f} | {hw} | {_commands(row)} |"
+        )
     return "\n".join(out)
 
 
@@ -255,13 +459,21 @@ def _weights(r: dict | None) -> str:
     return ", ".join(f"{m} {v:.2f}" for m, v in w.items()) or "—"
 
 
-def _modality_table(rows: list[Row], lead: dict[str, Callable[[dict], str]], episodes: int,
-                    test_time: bool = False) -> str:
+def _modality_table(
+    rows: list[Row], lead: dict[str, Callable[[dict], str]], episodes: int, test_time: bool = False
+) -> str:
     """Rows of single-modality vs fused runs: the ``lead`` columns (header -> cell from the row's labels),
     then accuracy, modality weights, iterations, time (and with ``test_time`` the meta-test's) and the
     command."""
-    head = [*lead, f"accuracy (the same {episodes} test episodes)", "modality weights", "iterations",
-            "meta-train time", *(["meta-test time"] if test_time else []), "command"]
+    head = [
+        *lead,
+        f"accuracy (the same {episodes} test episodes)",
+        "modality weights",
+        "iterations",
+        "meta-train time",
+        *(["meta-test time"] if test_time else []),
+        "command",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         r = _load(row)
@@ -273,13 +485,23 @@ def _modality_table(rows: list[Row], lead: dict[str, Callable[[dict], str]], epi
 
 
 def table_multimodal(rows: list[Row]) -> str:
-    return _modality_table(rows, {"algorithm": lambda x: x["algorithm"], "modalities": lambda x: x["modalities"],
-                                  "fusion": lambda x: x["fusion"]}, 600)
+    return _modality_table(
+        rows,
+        {
+            "algorithm": lambda x: x["algorithm"],
+            "modalities": lambda x: x["modalities"],
+            "fusion": lambda x: x["fusion"],
+        },
+        600,
+    )
 
 
 def table_synthetic(rows: list[Row]) -> str:
-    return _modality_table(rows, {"missing modalities": lambda x: f"{100 * x['missing']:.0f} %",
-                                  "modalities": lambda x: x["modalities"]}, 300)
+    return _modality_table(
+        rows,
+        {"missing modalities": lambda x: f"{100 * x['missing']:.0f} %", "modalities": lambda x: x["modalities"]},
+        300,
+    )
 
 
 def table_baseline(rows: list[Row]) -> str:
@@ -300,8 +522,11 @@ def _load_path(path: Path) -> dict | None:
 
 
 def table_clinc(rows: list[Row]) -> str:
-    out = ["| class split | shots | algorithm | accuracy (600 test episodes) | vs centroid | iterations | "
-           "meta-train time | meta-test time | command |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| class split | shots | algorithm | accuracy (600 test episodes) | vs centroid | iterations | "
+        "meta-train time | meta-test time | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         results = _compare_results(row)
         base = next((r for r in results if r["algorithm"] == "centroid"), None)
@@ -309,28 +534,42 @@ def table_clinc(rows: list[Row]) -> str:
             out.append(f"| {row.labels['split']} | {row.labels['shots']} | all | not run | | | | | {_commands(row)} |")
         for i, r in enumerate(results):
             delta = "—" if base is None or r is base else f"{100 * (r['accuracy_mean'] - base['accuracy_mean']):+.2f}"
-            out.append(f"| {row.labels['split']} | {row.labels['shots']} | {r['algorithm']} | {_acc(r)} | {delta} | "
-                       f"{r['iterations']} | {r['train_seconds']:.0f} s | {r['seconds']:.0f} s | "
-                       f"{_commands(row) if i == 0 else '〃'} |")
+            out.append(
+                f"| {row.labels['split']} | {row.labels['shots']} | {r['algorithm']} | {_acc(r)} | {delta} | "
+                f"{r['iterations']} | {r['train_seconds']:.0f} s | {r['seconds']:.0f} s | "
+                f"{_commands(row) if i == 0 else '〃'} |"
+            )
     return "\n".join(out)
 
 
 def table_fashion(rows: list[Row]) -> str:
-    return _modality_table(rows, {"shots": lambda x: str(x["shots"]), "algorithm": lambda x: x["algorithm"],
-                                  "modalities": lambda x: x["modalities"], "fusion": lambda x: x["fusion"]},
-                           600, test_time=True)
+    return _modality_table(
+        rows,
+        {
+            "shots": lambda x: str(x["shots"]),
+            "algorithm": lambda x: x["algorithm"],
+            "modalities": lambda x: x["modalities"],
+            "fusion": lambda x: x["fusion"],
+        },
+        600,
+        test_time=True,
+    )
 
 
 def _episodes_note(rows: list[Row], which: str = "Every row above") -> str:
     """Whether every row of a table was tested on the identical episodes (their fingerprint)."""
     if rows and rows[0].table == "clinc150":  # `compare` itself refuses to test on different episodes
-        return "".join(f"\n\n{row.labels['split']}, {row.labels['shots']}-shot: every algorithm was tested on the "
-                       f"identical episodes (fingerprint `{results[0]['fingerprint']}`)."
-                       for row in rows if (results := _compare_results(row)))
+        return "".join(
+            f"\n\n{row.labels['split']}, {row.labels['shots']}-shot: every algorithm was tested on the "
+            f"identical episodes (fingerprint `{results[0]['fingerprint']}`)."
+            for row in rows
+            if (results := _compare_results(row))
+        )
     shots = sorted({row.labels["shots"] for row in rows if "shots" in row.labels})
     if len(shots) > 1:  # rows with different shots cannot share episodes
-        return "".join(_episodes_note([r for r in rows if r.labels["shots"] == k], f"Every {k}-shot row")
-                       for k in shots)
+        return "".join(
+            _episodes_note([r for r in rows if r.labels["shots"] == k], f"Every {k}-shot row") for k in shots
+        )
     prints = {r["fingerprint"] for r in map(_load, rows) if r}
     if not prints:
         return ""
@@ -339,9 +578,16 @@ def _episodes_note(rows: list[Row], which: str = "Every row above") -> str:
     return f"\n\nWARNING: these rows were tested on {len(prints)} different sets of episodes."
 
 
-RENDER = {"omniglot-cpu": table_omniglot, "multimodal": table_multimodal, "synthetic": table_synthetic,
-          "omniglot-centroid": table_baseline, "multimodal-centroid": table_baseline,
-          "synthetic-centroid": table_baseline, "clinc150": table_clinc, "fashion": table_fashion}
+RENDER = {
+    "omniglot-cpu": table_omniglot,
+    "multimodal": table_multimodal,
+    "synthetic": table_synthetic,
+    "omniglot-centroid": table_baseline,
+    "multimodal-centroid": table_baseline,
+    "synthetic-centroid": table_baseline,
+    "clinc150": table_clinc,
+    "fashion": table_fashion,
+}
 
 
 def rewrite_tables(path: Path, tables: list[str]) -> None:

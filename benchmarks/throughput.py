@@ -16,6 +16,7 @@ The "metafusion, N ranks" rows run the engine's data-parallel meta-train step (t
 gloo, one thread per rank: what ``torchrun --nproc_per_node N -m metafusion meta-train`` runs) on the
 same tasks; ratios are always against the reference loop with all threads in one process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,20 +56,40 @@ MODELS = ("conv4", "multimodal")
 # ---------------------------------------------------------------------------------------------------
 # Setup: the same model and tasks for both loops
 # ---------------------------------------------------------------------------------------------------
-def experiment(model: str, variant: str, device: str, meta_batch: int, inner_optimizer: str = "adam",
-               task_batched: bool = False):
+def experiment(
+    model: str, variant: str, device: str, meta_batch: int, inner_optimizer: str = "adam", task_batched: bool = False
+):
     algo, steps, _ = VARIANTS[variant]
-    data = {"dataset": "synthetic", "num_classes": 60, "samples_per_class": 20, "ways": 5, "shots": 1,
-            "queries": 15, "val_episodes": 1, "test_episodes": 1}
+    data = {
+        "dataset": "synthetic",
+        "num_classes": 60,
+        "samples_per_class": 20,
+        "ways": 5,
+        "shots": 1,
+        "queries": 15,
+        "val_episodes": 1,
+        "test_episodes": 1,
+    }
     if model == "conv4":  # Omniglot-size tasks: 1x28x28 images, Conv4 (64 channels) + linear head
         data["modalities"] = ["image"]
-    cfg = from_dict({"data": data, "model": {"width": 64, "hidden": 64},
-                     "algo": {"name": algo, **({"inner_steps": steps, "inner_steps_test": steps} if steps else {}),
-                              **({"inner_lr": 0.4} if algo in ("maml", "fomaml") else {}),
-                              **({"inner_optimizer": inner_optimizer} if algo == "reptile" else {}),
-                              **({"task_batched": True} if task_batched and variant not in EVALUATION
-                                 and algo in ("maml", "fomaml") else {})},
-                     "train": {"meta_batch": meta_batch, "device": device}})
+    cfg = from_dict(
+        {
+            "data": data,
+            "model": {"width": 64, "hidden": 64},
+            "algo": {
+                "name": algo,
+                **({"inner_steps": steps, "inner_steps_test": steps} if steps else {}),
+                **({"inner_lr": 0.4} if algo in ("maml", "fomaml") else {}),
+                **({"inner_optimizer": inner_optimizer} if algo == "reptile" else {}),
+                **(
+                    {"task_batched": True}
+                    if task_batched and variant not in EVALUATION and algo in ("maml", "fomaml")
+                    else {}
+                ),
+            },
+            "train": {"meta_batch": meta_batch, "device": device},
+        }
+    )
     return build_experiment(cfg)
 
 
@@ -91,8 +112,9 @@ def reference_network(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, torch.nn.Sequential):
             layers = list(module)
             for i in range(len(layers) - 1):
-                if isinstance(layers[i], (torch.nn.MaxPool1d, torch.nn.MaxPool2d)) \
-                        and isinstance(layers[i + 1], torch.nn.ReLU):
+                if isinstance(layers[i], (torch.nn.MaxPool1d, torch.nn.MaxPool2d)) and isinstance(
+                    layers[i + 1], torch.nn.ReLU
+                ):
                     module[i], module[i + 1] = layers[i + 1], layers[i]
     return net
 
@@ -129,8 +151,11 @@ class Reference:
         deltas = [torch.zeros_like(p) for p in self.model.parameters()]
         for task in tasks:
             learner = copy.deepcopy(self.model)
-            opt = (torch.optim.Adam(learner.parameters(), lr=self.lr, betas=(0.0, 0.999))
-                   if self.inner_optimizer == "adam" else torch.optim.SGD(learner.parameters(), lr=self.lr))
+            opt = (
+                torch.optim.Adam(learner.parameters(), lr=self.lr, betas=(0.0, 0.999))
+                if self.inner_optimizer == "adam"
+                else torch.optim.SGD(learner.parameters(), lr=self.lr)
+            )
             for _ in range(self.steps):
                 opt.zero_grad()
                 F.cross_entropy(learner(task.support), task.support.labels).backward()
@@ -159,11 +184,13 @@ class Reference:
         with torch.no_grad():
             return learner(episode.query)
 
-
     def _reptile_evaluate(self, episode):
         learner = copy.deepcopy(self.model)
-        opt = (torch.optim.Adam(learner.parameters(), lr=self.lr_test, betas=(0.0, 0.999))
-               if self.inner_optimizer == "adam" else torch.optim.SGD(learner.parameters(), lr=self.lr_test))
+        opt = (
+            torch.optim.Adam(learner.parameters(), lr=self.lr_test, betas=(0.0, 0.999))
+            if self.inner_optimizer == "adam"
+            else torch.optim.SGD(learner.parameters(), lr=self.lr_test)
+        )
         with torch.enable_grad():
             for _ in range(self.steps):
                 opt.zero_grad()
@@ -246,7 +273,7 @@ def time_loops(loops: dict, batches, variant: str, device: str, rounds: int) -> 
     rates = {k: [] for k in loops}
     order = list(loops)
     for r in range(rounds):
-        for k in (order if r % 2 == 0 else order[::-1]):
+        for k in order if r % 2 == 0 else order[::-1]:
             sync(device)
             t = time.perf_counter()
             for batch in batches:
@@ -273,14 +300,24 @@ def matmul_gflops(device: str, n: int = 2048, reps: int = 10) -> float:
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def _rank_worker(rank: int, world: int, port: int, model: str, variant: str, meta_batch: int, iters: int,
-                 rounds: int, result_path: str) -> None:
+def _rank_worker(
+    rank: int,
+    world: int,
+    port: int,
+    model: str,
+    variant: str,
+    meta_batch: int,
+    iters: int,
+    rounds: int,
+    result_path: str,
+) -> None:
     """One rank of the data-parallel meta-train step (what meta_train does per iteration)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1"
+    )
     rank_info = distributed.init("cpu")
     exp = experiment(model, variant, "cpu", meta_batch)
     torch.set_num_threads(1)
@@ -306,8 +343,9 @@ def _rank_worker(rank: int, world: int, port: int, model: str, variant: str, met
         distributed.barrier()
         rates.append(iters * meta_batch / (time.perf_counter() - t))
     if rank_info.main:
-        Path(result_path).write_text(json.dumps({"tasks_per_s": statistics.median(rates),
-                                                 "peak_rss_mb": peak_rss_mb()}))
+        Path(result_path).write_text(
+            json.dumps({"tasks_per_s": statistics.median(rates), "peak_rss_mb": peak_rss_mb()})
+        )
     distributed.shutdown()
 
 
@@ -322,8 +360,9 @@ def time_distributed(model: str, variant: str, meta_batch: int, iters: int, roun
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rank0.json")
-        mp.spawn(_rank_worker, args=(world, port, model, variant, meta_batch, iters, rounds, path),
-                 nprocs=world, join=True)
+        mp.spawn(
+            _rank_worker, args=(world, port, model, variant, meta_batch, iters, rounds, path), nprocs=world, join=True
+        )
         return json.loads(Path(path).read_text())
 
 
@@ -347,8 +386,20 @@ def child_memory(model: str, variant: str, which: str, device: str, meta_batch: 
 
 
 def measure_memory(model: str, variant: str, which: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", model, variant, which, "--device", args.device,
-           "--threads", str(args.threads), "--meta-batch", str(args.meta_batch)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        model,
+        variant,
+        which,
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--meta-batch",
+        str(args.meta_batch),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -363,8 +414,11 @@ def time_sampler(n: int = 300) -> dict:
 
     root = default_data_root()
     omniglot = root is not None and (Path(root) / "omniglot").is_dir()
-    data = ({"dataset": "omniglot", "root": root, "rotations": True} if omniglot
-            else {"dataset": "synthetic", "modalities": ["image"]})
+    data = (
+        {"dataset": "omniglot", "root": root, "rotations": True}
+        if omniglot
+        else {"dataset": "synthetic", "modalities": ["image"]}
+    )
     cfg = from_dict({"data": data})
     t = time.perf_counter()
     dataset = load_dataset(cfg)
@@ -374,15 +428,33 @@ def time_sampler(n: int = 300) -> dict:
     t = time.perf_counter()
     for _ in range(n):
         sampler.sample()
-    return {"dataset": data["dataset"], "load_s": load_s, "ms_per_episode": 1000 * (time.perf_counter() - t) / n,
-            "samples": len(dataset)}
+    return {
+        "dataset": data["dataset"],
+        "load_s": load_s,
+        "ms_per_episode": 1000 * (time.perf_counter() - t) / n,
+        "samples": len(dataset),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Same final accuracy: the reference loop vs the engine (torchrun, N ranks), same seed and iterations
 # ---------------------------------------------------------------------------------------------------
-ACCURACY_ARGS = ["--set", "data.modalities=image", "--set", "data.num_classes=300", "--algo", "maml",
-                 "--meta-batch", "8", "--episodes", "600", "--set", "model.width=64", "--set", "model.hidden=64"]
+ACCURACY_ARGS = [
+    "--set",
+    "data.modalities=image",
+    "--set",
+    "data.num_classes=300",
+    "--algo",
+    "maml",
+    "--meta-batch",
+    "8",
+    "--episodes",
+    "600",
+    "--set",
+    "model.width=64",
+    "--set",
+    "model.hidden=64",
+]
 
 
 def accuracy_check(iterations: int, ranks: int, out: Path) -> dict:
@@ -406,19 +478,59 @@ def accuracy_check(iterations: int, ranks: int, out: Path) -> dict:
     exp.model.load_state_dict(ref.model.state_dict())  # test the reference's weights with the same code
     reference = meta_test(exp.algorithm, exp.test_episodes())
     run = out / "accuracy_engine"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "-m", "metafusion",
-           "meta-train", *ACCURACY_ARGS, "--iterations", str(iterations), "--set", f"train.val_interval={iterations}",
-           "--out", str(run), "--overwrite", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "-m",
+        "metafusion",
+        "meta-train",
+        *ACCURACY_ARGS,
+        "--iterations",
+        str(iterations),
+        "--set",
+        f"train.val_interval={iterations}",
+        "--out",
+        str(run),
+        "--overwrite",
+        "--quiet",
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "metafusion", "meta-test", "--run", str(run), "--checkpoint",
-                    str(run / "last.pt"), "--quiet"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metafusion",
+            "meta-test",
+            "--run",
+            str(run),
+            "--checkpoint",
+            str(run / "last.pt"),
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
     engine = json.loads((run / "results.json").read_text())
     train = json.loads((run / "train.json").read_text())
-    return {"iterations": iterations, "ranks": ranks,
-            "reference": {"accuracy": reference.accuracy_mean, "ci95": reference.accuracy_ci95,
-                          "seconds": ref_seconds, "fingerprint": reference.fingerprint},
-            "metafusion": {"accuracy": engine["accuracy_mean"], "ci95": engine["accuracy_ci95"],
-                           "seconds": train["seconds"], "fingerprint": engine["fingerprint"]}}
+    return {
+        "iterations": iterations,
+        "ranks": ranks,
+        "reference": {
+            "accuracy": reference.accuracy_mean,
+            "ci95": reference.accuracy_ci95,
+            "seconds": ref_seconds,
+            "fingerprint": reference.fingerprint,
+        },
+        "metafusion": {
+            "accuracy": engine["accuracy_mean"],
+            "ci95": engine["accuracy_ci95"],
+            "seconds": train["seconds"],
+            "fingerprint": engine["fingerprint"],
+        },
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -433,11 +545,18 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--quick", action="store_true", help="3 rounds, no memory children")
-    p.add_argument("--task-batched", action="store_true",
-                   help="metafusion's MAML/FOMAML rows use algo.task_batched (one vmapped network per meta-batch)")
+    p.add_argument(
+        "--task-batched",
+        action="store_true",
+        help="metafusion's MAML/FOMAML rows use algo.task_batched (one vmapped network per meta-batch)",
+    )
     p.add_argument("--out", default="runs/throughput", help="folder for results.json and results.md")
-    p.add_argument("--accuracy-iters", type=int, default=0,
-                   help="also train MAML this many iterations with both loops and compare test accuracy (CPU)")
+    p.add_argument(
+        "--accuracy-iters",
+        type=int,
+        default=0,
+        help="also train MAML this many iterations with both loops and compare test accuracy (CPU)",
+    )
     p.add_argument("--child", nargs=3, metavar=("MODEL", "VARIANT", "LOOP"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -449,8 +568,11 @@ def main() -> None:
     cpu = args.device == "cpu"
     hw = hardware(args.device)
     ceiling = matmul_gflops(args.device)
-    print(f"device {args.device} ({hw}), torch {torch.__version__}, {args.threads} threads, "
-          f"matmul 2048^3: {ceiling:.0f} GFLOP/s", flush=True)
+    print(
+        f"device {args.device} ({hw}), torch {torch.__version__}, {args.threads} threads, "
+        f"matmul 2048^3: {ceiling:.0f} GFLOP/s",
+        flush=True,
+    )
     rows = []
     for model in args.models.split(","):
         for variant in args.variants.split(","):
@@ -460,9 +582,15 @@ def main() -> None:
             batches = [sample_tasks(exp, args.meta_batch, args.device, torch.float32) for _ in range(args.iters)]
             rates = time_loops(loops, batches, variant, args.device, args.rounds)
             flops = flops_per_task(loops["metafusion"], batches[0], variant)
-            row = {"model": model, "variant": variant, "reference_loop": VARIANTS[variant][2],
-                   "grad_rel_err_fp64": err, "gflop_per_task": flops / 1e9,
-                   "reference_tasks_per_s": rates["reference"], "metafusion_tasks_per_s": rates["metafusion"]}
+            row = {
+                "model": model,
+                "variant": variant,
+                "reference_loop": VARIANTS[variant][2],
+                "grad_rel_err_fp64": err,
+                "gflop_per_task": flops / 1e9,
+                "reference_tasks_per_s": rates["reference"],
+                "metafusion_tasks_per_s": rates["metafusion"],
+            }
             if cpu and args.ranks > 1 and variant not in EVALUATION:
                 d = time_distributed(model, variant, args.meta_batch, args.iters, args.rounds, args.ranks)
                 row["distributed_tasks_per_s"] = d["tasks_per_s"]
@@ -474,8 +602,9 @@ def main() -> None:
             if not args.quick:
                 for which in ("reference", "ours"):
                     m = measure_memory(model, variant, which, args)
-                    row[f"{'metafusion' if which == 'ours' else which}_peak_mb"] = m.get("peak_cuda_mb",
-                                                                                         m["peak_rss_mb"])
+                    row[f"{'metafusion' if which == 'ours' else which}_peak_mb"] = m.get(
+                        "peak_cuda_mb", m["peak_rss_mb"]
+                    )
             rows.append(row)
             print(format_row(row, args.ranks), flush=True)
     sampler = time_sampler()
@@ -486,12 +615,20 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     accuracy = accuracy_check(args.accuracy_iters, args.ranks, out) if args.accuracy_iters and cpu else None
-    meta = {"device": args.device, "hardware": hw, "torch": torch.__version__, "threads": args.threads,
-            "ranks": args.ranks, "meta_batch": args.meta_batch, "matmul_gflops": ceiling,
-            "task_batched": args.task_batched,
-            "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "sampler": sampler,
-                                                  "accuracy": accuracy}, indent=2))
+    meta = {
+        "device": args.device,
+        "hardware": hw,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "ranks": args.ranks,
+        "meta_batch": args.meta_batch,
+        "matmul_gflops": ceiling,
+        "task_batched": args.task_batched,
+        "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    }
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "sampler": sampler, "accuracy": accuracy}, indent=2)
+    )
     table = markdown(meta, rows, sampler, accuracy)
     (out / "results.md").write_text(table)
     print("\n" + table)
@@ -499,47 +636,76 @@ def main() -> None:
 
 def format_row(r: dict, ranks: int) -> str:
     dist_txt = f", {ranks} ranks {r['distributed_tasks_per_s']:.1f}" if "distributed_tasks_per_s" in r else ""
-    return (f"{r['model']:>10} {r['variant']:>9}: grad err {r['grad_rel_err_fp64']:.1e}, reference "
-            f"{r['reference_tasks_per_s']:.1f} tasks/s, metafusion {r['metafusion_tasks_per_s']:.1f}{dist_txt} "
-            f"-> {r['speedup']:.2f}x, {r['gflop_per_task']:.2f} GFLOP/task")
+    return (
+        f"{r['model']:>10} {r['variant']:>9}: grad err {r['grad_rel_err_fp64']:.1e}, reference "
+        f"{r['reference_tasks_per_s']:.1f} tasks/s, metafusion {r['metafusion_tasks_per_s']:.1f}{dist_txt} "
+        f"-> {r['speedup']:.2f}x, {r['gflop_per_task']:.2f} GFLOP/task"
+    )
 
 
 def markdown(meta: dict, rows: list[dict], sampler: dict, accuracy: dict | None = None) -> str:
     dist = any("distributed_tasks_per_s" in r for r in rows)
     mem = any("reference_peak_mb" in r for r in rows)
     batched = " task-batched" if meta.get("task_batched") else ""
-    head = ["model", "variant", "grad rel. err (fp64)", "GFLOP/task", "reference tasks/s",
-            f"metafusion{batched} tasks/s ({meta['threads']} threads)"]
+    head = [
+        "model",
+        "variant",
+        "grad rel. err (fp64)",
+        "GFLOP/task",
+        "reference tasks/s",
+        f"metafusion{batched} tasks/s ({meta['threads']} threads)",
+    ]
     head += [f"metafusion, {meta['ranks']} ranks x 1 thread"] if dist else []
     head += ["speedup", "GFLOP/s (share of matmul)"]
     head += ["peak RSS MB: reference / metafusion" + (" / per rank" if dist else "")] if mem else []
-    lines = [f"Device: {meta['device']} ({meta['hardware']}), torch {meta['torch']}, meta-batch {meta['meta_batch']}, "
-             f"5-way 1-shot, 15 queries/class, fp32; matmul ceiling {meta['matmul_gflops']:.0f} GFLOP/s. "
-             f"Command: `{meta['command']}`", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"Device: {meta['device']} ({meta['hardware']}), torch {meta['torch']}, meta-batch {meta['meta_batch']}, "
+        f"5-way 1-shot, 15 queries/class, fp32; matmul ceiling {meta['matmul_gflops']:.0f} GFLOP/s. "
+        f"Command: `{meta['command']}`",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
-        cells = [r["model"], r["variant"], f"{r['grad_rel_err_fp64']:.1e}", f"{r['gflop_per_task']:.2f}",
-                 f"{r['reference_tasks_per_s']:.1f}", f"{r['metafusion_tasks_per_s']:.1f}"]
+        cells = [
+            r["model"],
+            r["variant"],
+            f"{r['grad_rel_err_fp64']:.1e}",
+            f"{r['gflop_per_task']:.2f}",
+            f"{r['reference_tasks_per_s']:.1f}",
+            f"{r['metafusion_tasks_per_s']:.1f}",
+        ]
         if dist:
             cells.append(f"{r['distributed_tasks_per_s']:.1f}" if "distributed_tasks_per_s" in r else "—")
         cells += [f"{r['speedup']:.2f}x", f"{r['gflops_achieved']:.0f} ({100 * r['fraction_of_matmul']:.0f} %)"]
         if mem:
             per_rank = r.get("distributed_peak_mb_per_rank")
-            cells.append(f"{r['reference_peak_mb']:.0f} / {r['metafusion_peak_mb']:.0f}"
-                         + (f" / {per_rank:.0f}" if per_rank else ""))
+            cells.append(
+                f"{r['reference_peak_mb']:.0f} / {r['metafusion_peak_mb']:.0f}"
+                + (f" / {per_rank:.0f}" if per_rank else "")
+            )
         lines.append("| " + " | ".join(cells) + " |")
     s = sampler
-    lines += ["", f"Episode sampler ({s['dataset']}, 5-way 1-shot 15 queries): {s['ms_per_episode']:.2f} ms/episode"
-              + (f" = {100 * s['fraction_of_maml1_task']:.1f} % of a MAML-1 task's meta-train time"
-                 if "fraction_of_maml1_task" in s else "")
-              + f"; dataset load (cached tensors): {s['load_s']:.2f} s for {s['samples']} samples."]
+    lines += [
+        "",
+        f"Episode sampler ({s['dataset']}, 5-way 1-shot 15 queries): {s['ms_per_episode']:.2f} ms/episode"
+        + (
+            f" = {100 * s['fraction_of_maml1_task']:.1f} % of a MAML-1 task's meta-train time"
+            if "fraction_of_maml1_task" in s
+            else ""
+        )
+        + f"; dataset load (cached tensors): {s['load_s']:.2f} s for {s['samples']} samples.",
+    ]
     if accuracy:
         r, m = accuracy["reference"], accuracy["metafusion"]
         same = "same" if r["fingerprint"] == m["fingerprint"] else "DIFFERENT"
-        lines += ["", f"Final accuracy after {accuracy['iterations']} MAML iterations from the same seed ({same} 600 "
-                      f"test episodes): reference loop {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} % "
-                      f"({r['seconds']:.0f} s), metafusion on {accuracy['ranks']} ranks "
-                      f"{100 * m['accuracy']:.2f} ± {100 * m['ci95']:.2f} % ({m['seconds']:.0f} s)."]
+        lines += [
+            "",
+            f"Final accuracy after {accuracy['iterations']} MAML iterations from the same seed ({same} 600 "
+            f"test episodes): reference loop {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} % "
+            f"({r['seconds']:.0f} s), metafusion on {accuracy['ranks']} ranks "
+            f"{100 * m['accuracy']:.2f} ± {100 * m['ci95']:.2f} % ({m['seconds']:.0f} s).",
+        ]
     return "\n".join(lines) + "\n"
 
 

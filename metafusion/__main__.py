@@ -1,4 +1,5 @@
 """`python -m metafusion` is the `metafusion` command."""
+
 import sys
 
 from .cli import main

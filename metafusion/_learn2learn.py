@@ -4,6 +4,7 @@ learn2learn imports `gym` at import time, and gym 0.26 prints a multi-line "unma
 stderr on import. metafusion never uses learn2learn's gym environments, so the notice is swallowed
 here to keep `import metafusion` quiet.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,5 +23,16 @@ from learn2learn.data.transforms import KShots, NWays  # noqa: E402
 from learn2learn.utils import clone_module, update_module  # noqa: E402
 
 __version__ = l2l.__version__
-__all__ = ["MAML", "MetaSGD", "maml_update", "meta_sgd_update", "MetaDataset", "TaskDataset", "KShots", "NWays",
-           "clone_module", "update_module", "__version__"]
+__all__ = [
+    "MAML",
+    "MetaSGD",
+    "maml_update",
+    "meta_sgd_update",
+    "MetaDataset",
+    "TaskDataset",
+    "KShots",
+    "NWays",
+    "clone_module",
+    "update_module",
+    "__version__",
+]

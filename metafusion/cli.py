@@ -1,4 +1,5 @@
 """`metafusion` command line: parses flags into a config and calls the engine's stages. Nothing else."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,16 +9,39 @@ from typing import Any
 
 # Named flags -> dotted config keys. Everything else can be set with `key=value` or --set key=value.
 FLAG_KEYS = {
-    "dataset": "data.dataset", "data_root": "data.root", "algo": "algo.name", "ways": "data.ways",
-    "shots": "data.shots", "queries": "data.queries", "modalities": "data.modalities",
-    "fusion": "model.fusion", "inner_steps": "algo.inner_steps", "inner_steps_test": "algo.inner_steps_test",
-    "inner_lr": "algo.inner_lr", "meta_lr": "train.meta_lr", "meta_batch": "train.meta_batch",
-    "iterations": "train.iterations", "episodes": "data.test_episodes", "seed": "train.seed",
-    "device": "train.device", "budget": "train.budget_minutes", "threads": "train.threads",
+    "dataset": "data.dataset",
+    "data_root": "data.root",
+    "algo": "algo.name",
+    "ways": "data.ways",
+    "shots": "data.shots",
+    "queries": "data.queries",
+    "modalities": "data.modalities",
+    "fusion": "model.fusion",
+    "inner_steps": "algo.inner_steps",
+    "inner_steps_test": "algo.inner_steps_test",
+    "inner_lr": "algo.inner_lr",
+    "meta_lr": "train.meta_lr",
+    "meta_batch": "train.meta_batch",
+    "iterations": "train.iterations",
+    "episodes": "data.test_episodes",
+    "seed": "train.seed",
+    "device": "train.device",
+    "budget": "train.budget_minutes",
+    "threads": "train.threads",
 }
 BUG_REPORTS = "the project's issue tracker (issues)"
-INT_FLAGS = {"ways", "shots", "queries", "inner_steps", "inner_steps_test", "meta_batch", "iterations",
-             "episodes", "seed", "threads"}
+INT_FLAGS = {
+    "ways",
+    "shots",
+    "queries",
+    "inner_steps",
+    "inner_steps_test",
+    "meta_batch",
+    "iterations",
+    "episodes",
+    "seed",
+    "threads",
+}
 FLOAT_FLAGS = {"inner_lr", "meta_lr", "budget"}
 
 
@@ -26,12 +50,23 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="YAML config file (optional: flags alone run the synthetic dataset)")
     for flag, key in FLAG_KEYS.items():
         kind = int if flag in INT_FLAGS else float if flag in FLOAT_FLAGS else str
-        g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, metavar=flag.split("_")[-1].upper(),
-                       help=f"sets {key}")
-    g.add_argument("--encoder", action="append", default=[], metavar="MODALITY=NAME",
-                   help="encoder for one modality, e.g. --encoder text=minilm (repeatable)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, e.g. --set model.attention=scalar (repeatable)")
+        g.add_argument(
+            "--" + flag.replace("_", "-"), dest=flag, type=kind, metavar=flag.split("_")[-1].upper(), help=f"sets {key}"
+        )
+    g.add_argument(
+        "--encoder",
+        action="append",
+        default=[],
+        metavar="MODALITY=NAME",
+        help="encoder for one modality, e.g. --encoder text=minilm (repeatable)",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, e.g. --set model.attention=scalar (repeatable)",
+    )
     g.add_argument("--out", help="run folder (default: runs/<algo>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -41,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metafusion",
         description="Few-shot meta-learning (MAML, Reptile, ...) on multimodal data with attention fusion.",
-        epilog="Run 'metafusion COMMAND --help' for a command's flags. Docs: docs/commands.md")
+        epilog="Run 'metafusion COMMAND --help' for a command's flags. Docs: docs/commands.md",
+    )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"metafusion {__version__}")
@@ -55,14 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run folder written by meta-train")
     p.add_argument("--checkpoint", help="checkpoint to test (default: RUN/best.pt); results go beside it")
     p.add_argument("--episodes", type=int, help="number of test episodes (default: the run's config)")
-    p.add_argument("--non-transductive", action="store_true",
-                   help="classify each query sample alone with the support set (writes results_nontransductive.*)")
+    p.add_argument(
+        "--non-transductive",
+        action="store_true",
+        help="classify each query sample alone with the support set (writes results_nontransductive.*)",
+    )
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("fine-tune", help="adapt a meta-learned model to one new task and save it")
     p.add_argument("--run", required=True, help="run folder written by meta-train")
-    p.add_argument("--task", default="heldout",
-                   help="'heldout' (an N-way K-shot task from the test classes) or a folder/manifest path")
+    p.add_argument(
+        "--task",
+        default="heldout",
+        help="'heldout' (an N-way K-shot task from the test classes) or a folder/manifest path",
+    )
     p.add_argument("--seed", type=int, default=0, help="which held-out task to draw")
     p.add_argument("--steps", type=int, help="adaptation steps (default: algo.inner_steps_test)")
     p.add_argument("--quiet", action="store_true")
@@ -73,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several algorithms on the same stream, test on identical episodes")
     _add_config_flags(p)
     p.add_argument("--algos", default="maml,reptile", help="comma-separated algorithms (default: maml,reptile)")
-    p.add_argument("--no-baseline", action="store_true",
-                   help="leave out the centroid row (frozen features + nearest class mean) that every table gets")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="leave out the centroid row (frozen features + nearest class mean) that every table gets",
+    )
 
     p = sub.add_parser("datasets", help="list datasets, where each expects its files, and verify them")
     p.add_argument("--data-root", help="data root (default: $METAFUSION_DATA)")
@@ -100,13 +145,17 @@ def config_from_args(args: argparse.Namespace, extra: list[str]):
 
 
 def _print_results(r: dict[str, Any]) -> None:
-    print(f"\n{r['algorithm']} on {r['dataset']} ({', '.join(r['modalities'])}), {r['ways']}-way {r['shots']}-shot: "
-          f"accuracy {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI, "
-          f"{r['episodes']} episodes, {'transductive' if r['transductive'] else 'non-transductive'}), "
-          f"macro-F1 {r['macro_f1']:.3f}")
+    print(
+        f"\n{r['algorithm']} on {r['dataset']} ({', '.join(r['modalities'])}), {r['ways']}-way {r['shots']}-shot: "
+        f"accuracy {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI, "
+        f"{r['episodes']} episodes, {'transductive' if r['transductive'] else 'non-transductive'}), "
+        f"macro-F1 {r['macro_f1']:.3f}"
+    )
     if r.get("episodes_diverged"):
-        print(f"warning: {r['episodes_diverged']} of {r['episodes']} episodes diverged (non-finite logits; their "
-              f"queries count as wrong): lower algo.inner_lr_test or algo.inner_steps_test")
+        print(
+            f"warning: {r['episodes_diverged']} of {r['episodes']} episodes diverged (non-finite logits; their "
+            f"queries count as wrong): lower algo.inner_lr_test or algo.inner_steps_test"
+        )
     if r.get("modality_weights"):
         print("attention weights: " + ", ".join(f"{m} {w:.3f}" for m, w in r["modality_weights"].items()))
 
@@ -137,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        print(f"metafusion {args.command}: internal error (a bug in metafusion, not in your input). Please report "
-              f"it with the command and the traceback above: {BUG_REPORTS}", file=sys.stderr)
+        print(
+            f"metafusion {args.command}: internal error (a bug in metafusion, not in your input). Please report "
+            f"it with the command and the traceback above: {BUG_REPORTS}",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -146,8 +198,10 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
     from .engine import distributed, stages
 
     if distributed.launched_by_torchrun() and args.command != "meta-train":
-        raise ValueError(f"under torchrun only meta-train runs data-parallel; run '{args.command}' as a single "
-                         f"process (e.g. meta-test the run folder afterwards)")
+        raise ValueError(
+            f"under torchrun only meta-train runs data-parallel; run '{args.command}' as a single "
+            f"process (e.g. meta-test the run folder afterwards)"
+        )
 
     if args.command == "datasets":
         from .data.verify import describe_datasets
@@ -158,16 +212,23 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
         if not (args.run or args.checkpoint):
             raise ValueError("meta-test needs --run RUN or --checkpoint PATH")
         args.run = args.run or str(Path(args.checkpoint).parent)
-        r = stages.stage_meta_test(args.run, checkpoint=args.checkpoint, episodes=args.episodes,
-                                   transductive=False if args.non_transductive else None, quiet=args.quiet)
+        r = stages.stage_meta_test(
+            args.run,
+            checkpoint=args.checkpoint,
+            episodes=args.episodes,
+            transductive=False if args.non_transductive else None,
+            quiet=args.quiet,
+        )
         _print_results(r)
         stem = "results" if r["transductive"] else "results_nontransductive"
         print(f"results written to {args.run}/{stem}.json and {stem}.md")
         return 0
     if args.command == "fine-tune":
         r = stages.stage_fine_tune(args.run, seed=args.seed, steps=args.steps, task=args.task, quiet=args.quiet)
-        print(f"fine-tuned on {r['ways']}-way {r['shots']}-shot task ({args.task}): query accuracy "
-              f"{100 * r['query_accuracy']:.2f} % on {r['queries']} queries; model saved to {r['model']}")
+        print(
+            f"fine-tuned on {r['ways']}-way {r['shots']}-shot task ({args.task}): query accuracy "
+            f"{100 * r['query_accuracy']:.2f} % on {r['queries']} queries; model saved to {r['model']}"
+        )
         return 0
     if args.command == "meta-train" and args.resume:
         exp, train, run_dir = stages.stage_meta_train(None, args.resume, resume=True, quiet=args.quiet)
@@ -181,8 +242,14 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
             bad = [a for a in algos if a not in ALGORITHMS]
             if bad:
                 raise ValueError(f"unknown algorithm {', '.join(bad)}; valid: {', '.join(ALGORITHMS)}")
-            rows, table = stages.stage_compare(cfg, algos, args.out or "runs/compare", overwrite=args.overwrite,
-                                               quiet=args.quiet, baseline=not args.no_baseline)
+            rows, table = stages.stage_compare(
+                cfg,
+                algos,
+                args.out or "runs/compare",
+                overwrite=args.overwrite,
+                quiet=args.quiet,
+                baseline=not args.no_baseline,
+            )
             print("\n" + table)
             print(f"written to {args.out or 'runs/compare'}/compare.md and compare.csv")
             return 0
@@ -197,9 +264,12 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
     if not main_rank:
         return 0
     ranks = f" over {train['ranks']} ranks" if train["ranks"] > 1 else ""
-    print(f"meta-trained {exp.cfg.algo.name} for {train['iterations']} iterations in {train['seconds']:.1f} s "
-          f"({train['tasks_per_s']:.1f} tasks/s{ranks}); best meta-val accuracy {100 * train['best_val_accuracy']:.2f} %; "
-          f"run folder: {run_dir}")
+    print(
+        f"meta-trained {exp.cfg.algo.name} for {train['iterations']} iterations in {train['seconds']:.1f} s "
+        f"({train['tasks_per_s']:.1f} tasks/s{ranks}); "
+        f"best meta-val accuracy {100 * train['best_val_accuracy']:.2f} %; "
+        f"run folder: {run_dir}"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ Unknown keys are errors that list the valid ones. Hyperparameters left as ``None
 algorithm's published defaults (``ALGORITHM_DEFAULTS``) when the config is resolved, and the resolved
 config is what every run folder stores.
 """
+
 from __future__ import annotations
 
 import copy
@@ -124,25 +125,92 @@ FUSIONS = ("attention", "concat", "mean", "late", "transformer")
 # Reptile: Nichol et al. 2018 (inner Adam beta1=0 lr 1e-3, inner batch 10, 5 steps, 50 at test;
 # outer SGD step 1.0 annealed linearly to 0, meta-batch 5).
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "maml": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, first_order=False,
-                 meta_batch=32, meta_lr=1e-3, optimizer="adam", schedule="constant"),
-    "fomaml": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, first_order=True,
-                   meta_batch=32, meta_lr=1e-3, optimizer="adam", schedule="constant"),
-    "metasgd": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=1, first_order=False,
-                    meta_batch=32, meta_lr=1e-3, optimizer="adam", schedule="constant"),
-    "anil": dict(inner_lr=0.4, inner_steps=5, inner_steps_test=10, first_order=False,
-                 meta_batch=32, meta_lr=1e-3, optimizer="adam", schedule="constant"),
-    "reptile": dict(inner_lr=1e-3, inner_steps=5, inner_steps_test=50, inner_batch=10,
-                    inner_optimizer="adam", first_order=True,
-                    meta_batch=5, meta_lr=1.0, optimizer="sgd", schedule="linear"),
-    "protonet": dict(inner_lr=0.0, inner_steps=0, inner_steps_test=0, first_order=True, metric="euclidean",
-                     meta_batch=1, meta_lr=1e-3, optimizer="adam", schedule="constant"),
+    "maml": dict(
+        inner_lr=0.4,
+        inner_steps=1,
+        inner_steps_test=10,
+        first_order=False,
+        meta_batch=32,
+        meta_lr=1e-3,
+        optimizer="adam",
+        schedule="constant",
+    ),
+    "fomaml": dict(
+        inner_lr=0.4,
+        inner_steps=1,
+        inner_steps_test=10,
+        first_order=True,
+        meta_batch=32,
+        meta_lr=1e-3,
+        optimizer="adam",
+        schedule="constant",
+    ),
+    "metasgd": dict(
+        inner_lr=0.4,
+        inner_steps=1,
+        inner_steps_test=1,
+        first_order=False,
+        meta_batch=32,
+        meta_lr=1e-3,
+        optimizer="adam",
+        schedule="constant",
+    ),
+    "anil": dict(
+        inner_lr=0.4,
+        inner_steps=5,
+        inner_steps_test=10,
+        first_order=False,
+        meta_batch=32,
+        meta_lr=1e-3,
+        optimizer="adam",
+        schedule="constant",
+    ),
+    "reptile": dict(
+        inner_lr=1e-3,
+        inner_steps=5,
+        inner_steps_test=50,
+        inner_batch=10,
+        inner_optimizer="adam",
+        first_order=True,
+        meta_batch=5,
+        meta_lr=1.0,
+        optimizer="sgd",
+        schedule="linear",
+    ),
+    "protonet": dict(
+        inner_lr=0.0,
+        inner_steps=0,
+        inner_steps_test=0,
+        first_order=True,
+        metric="euclidean",
+        meta_batch=1,
+        meta_lr=1e-3,
+        optimizer="adam",
+        schedule="constant",
+    ),
     # Frozen features + nearest class mean: nothing is meta-trained (the run records 0 iterations).
-    "centroid": dict(inner_lr=0.0, inner_steps=0, inner_steps_test=0, first_order=True, metric="cosine",
-                     meta_batch=1, meta_lr=0.0, optimizer="sgd", schedule="constant"),
+    "centroid": dict(
+        inner_lr=0.0,
+        inner_steps=0,
+        inner_steps_test=0,
+        first_order=True,
+        metric="cosine",
+        meta_batch=1,
+        meta_lr=0.0,
+        optimizer="sgd",
+        schedule="constant",
+    ),
     # Chen et al. 2019 baseline: supervised pre-training, then a new head fitted on the support set.
-    "finetune": dict(inner_lr=0.01, inner_steps=0, inner_steps_test=100, first_order=True,
-                     meta_batch=4, meta_lr=1e-3, optimizer="adam", schedule="constant"),
+    "finetune": dict(
+        inner_lr=0.01,
+        inner_steps=0,
+        inner_steps_test=100,
+        first_order=True,
+        meta_batch=4,
+        meta_lr=1e-3,
+        optimizer="adam",
+        schedule="constant",
+    ),
 }
 
 
@@ -315,8 +383,7 @@ def _check_device(device: str) -> None:
     except (RuntimeError, ValueError):
         raise ConfigError(f"train.device={device!r} is not a device; use cpu or cuda (cuda:N)") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device!r}, but no CUDA device is available on this machine; "
-                          f"use --device cpu")
+        raise ConfigError(f"train.device={device!r}, but no CUDA device is available on this machine; use --device cpu")
     if kind not in ("cpu", "cuda"):
         raise ConfigError(f"train.device={device!r}: metafusion runs on cpu or cuda")
 
@@ -336,8 +403,15 @@ def validate(cfg: RunConfig) -> None:
     _choice("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
     _choice("algo.batched_eval", cfg.algo.batched_eval, ("auto", "on", "off"))
     _choice("data.split", cfg.data.split, ("protocol", "background", "cross-domain"))
-    for key in ("shots", "queries", "val_episodes", "test_episodes", "image_size", "stroke_length",
-                "samples_per_class"):
+    for key in (
+        "shots",
+        "queries",
+        "val_episodes",
+        "test_episodes",
+        "image_size",
+        "stroke_length",
+        "samples_per_class",
+    ):
         _positive(f"data.{key}", getattr(cfg.data, key))
     _positive("data.ways", cfg.data.ways, minimum=2)
     if cfg.data.dataset == "synthetic":
@@ -365,8 +439,10 @@ def validate(cfg: RunConfig) -> None:
     _positive("data.train_shots", cfg.data.train_shots)
     _positive("data.train_ways", cfg.data.train_ways, minimum=2)
     if cfg.data.train_ways not in (None, cfg.data.ways) and cfg.algo.name != "protonet":
-        raise ConfigError(f"data.train_ways={cfg.data.train_ways} differs from data.ways={cfg.data.ways}: only "
-                          f"protonet (which has no classifier head) can train on more ways than it is tested on")
+        raise ConfigError(
+            f"data.train_ways={cfg.data.train_ways} differs from data.ways={cfg.data.ways}: only "
+            f"protonet (which has no classifier head) can train on more ways than it is tested on"
+        )
     _positive("data.train_queries", cfg.data.train_queries, minimum=0)
     _positive("train.iterations", cfg.train.iterations, minimum=0)
     _positive("train.meta_batch", cfg.train.meta_batch)
@@ -379,8 +455,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"data.{key} must be in [0, 1), got {value}")
     name = cfg.algo.name
     if name == "reptile" and cfg.algo.first_order is False:
-        raise ConfigError("algo.first_order=false is meaningless for reptile (it is first-order by design); "
-                          "leave it unset or use --algo maml")
+        raise ConfigError(
+            "algo.first_order=false is meaningless for reptile (it is first-order by design); "
+            "leave it unset or use --algo maml"
+        )
     if name in ("maml", "anil", "metasgd") and cfg.algo.first_order is True:
         raise ConfigError(f"algo.first_order=true with {name}: use --algo fomaml for first-order MAML")
     if name == "fomaml" and cfg.algo.first_order is False:
@@ -390,19 +468,24 @@ def validate(cfg: RunConfig) -> None:
     if name == "anil" and cfg.model.adapt not in ("all", "head"):
         raise ConfigError("anil adapts the head only; model.adapt must be 'head' (or left at its default)")
     if cfg.algo.learn_inner_lr and name not in ("maml", "fomaml", "anil"):
-        raise ConfigError(f"algo.learn_inner_lr applies to maml, fomaml and anil, not {name}"
-                          + (" (metasgd always learns per-parameter rates)" if name == "metasgd" else ""))
+        raise ConfigError(
+            f"algo.learn_inner_lr applies to maml, fomaml and anil, not {name}"
+            + (" (metasgd always learns per-parameter rates)" if name == "metasgd" else "")
+        )
     if name == "metasgd" and cfg.model.adapt != "all":
         raise ConfigError("metasgd learns a rate for every parameter; model.adapt must be 'all'")
     _choice("algo.metric", cfg.algo.metric, ("cosine", "euclidean"))
     if cfg.algo.metric is not None and name not in ("protonet", "centroid"):
         raise ConfigError(f"algo.metric applies to protonet and centroid, not {name}")
     if cfg.algo.proto_init and name not in ("maml", "fomaml", "anil"):
-        raise ConfigError(f"algo.proto_init (Proto-MAML head initialisation) applies to maml, fomaml and anil, "
-                          f"not {name}")
+        raise ConfigError(
+            f"algo.proto_init (Proto-MAML head initialisation) applies to maml, fomaml and anil, not {name}"
+        )
     if cfg.algo.proto_init and cfg.model.fusion == "late":
-        raise ConfigError("algo.proto_init needs one linear head on a fused feature; 'late' fusion has one head "
-                          "per modality (use attention/concat/mean/transformer)")
+        raise ConfigError(
+            "algo.proto_init needs one linear head on a fused feature; 'late' fusion has one head "
+            "per modality (use attention/concat/mean/transformer)"
+        )
     if cfg.algo.proto_init and cfg.algo.task_batched:
         raise ConfigError("algo.proto_init is not supported with algo.task_batched")
     if name == "protonet" and cfg.model.fusion == "late":

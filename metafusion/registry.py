@@ -1,7 +1,9 @@
 """A tiny name -> factory registry, shared by datasets, encoders, fusions and algorithms (timm-style)."""
+
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

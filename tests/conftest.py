@@ -1,4 +1,5 @@
 """Shared fixtures: small synthetic data, tiny models, and the real data root (skips only where absent)."""
+
 from __future__ import annotations
 
 import os
@@ -42,17 +43,20 @@ def tabular_spec(features: int = 4, modalities: int = 2) -> ModelSpec:
     return ModelSpec({f"tab{i}": (features,) for i in range(modalities)})
 
 
-def tiny_tabular_model(ways: int = 3, fusion: str = "attention", width: int = 4, hidden: int = 5,
-                       modalities: int = 2, dtype=torch.float64):
+def tiny_tabular_model(
+    ways: int = 3, fusion: str = "attention", width: int = 4, hidden: int = 5, modalities: int = 2, dtype=torch.float64
+):
     """A tiny two-modality MLP + fusion model (float64) for gradient reference tests."""
     spec = tabular_spec(modalities=modalities)
-    model = build_model(spec, ways, width=width, hidden=hidden, fusion=fusion,
-                        encoders={m: "mlp" for m in spec.input_shapes})
+    model = build_model(
+        spec, ways, width=width, hidden=hidden, fusion=fusion, encoders={m: "mlp" for m in spec.input_shapes}
+    )
     return model.to(dtype)
 
 
-def tiny_episode(ways: int = 3, shots: int = 2, queries: int = 3, modalities: int = 2, seed: int = 0,
-                 dtype=torch.float64):
+def tiny_episode(
+    ways: int = 3, shots: int = 2, queries: int = 3, modalities: int = 2, seed: int = 0, dtype=torch.float64
+):
     """A random, separable-ish tabular episode with every modality present."""
     from metafusion.data import Batch, Episode
 

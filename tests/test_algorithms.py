@@ -1,15 +1,15 @@
 """Each algorithm proven against a reference (float64, tiny models), and shown to learn."""
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_episode, tiny_tabular_model
 
 from metafusion.algorithms import ALGORITHMS, FOMAML, MAML, Centroid, MetaSGD, ProtoNet, Reptile
 from metafusion.config import load_config
 from metafusion.engine import build_experiment, meta_test, meta_train
-
-from conftest import tiny_episode, tiny_tabular_model
 
 COMMON = dict(inner_lr=0.3, inner_steps=2, inner_lr_test=0.3, inner_steps_test=2)
 
@@ -130,8 +130,11 @@ def test_maml_learned_per_layer_rates_are_meta_learned():
     plain.meta_backward([episode])
     learned.meta_backward([episode])
     # Starting at inner_lr, the learned rates reproduce plain MAML's meta-gradient exactly ...
-    assert torch.allclose(_flat([p.grad for p in plain_model.parameters()]),
-                          _flat([p.grad for p in learned_model.parameters()]), atol=1e-12)
+    assert torch.allclose(
+        _flat([p.grad for p in plain_model.parameters()]),
+        _flat([p.grad for p in learned_model.parameters()]),
+        atol=1e-12,
+    )
     # ... and receive a gradient of their own, so the outer optimizer changes them.
     assert all(r.grad is not None for r in learned.layer_lrs)
     torch.optim.Adam(learned.parameters(), lr=1e-2).step()
@@ -172,8 +175,14 @@ def test_non_transductive_prediction_sees_one_query_at_a_time():
     assert not torch.allclose(t, conv.predict(learner, ep))
 
 
-@pytest.mark.parametrize("encoders", [{"image": "conv4", "audio": "melcnn", "text": "tokens", "tabular": "mlp"},
-                                      {"strokes": "conv1d", "tabular": "mlp"}, {"strokes": "gru", "image": "resnet18"}])
+@pytest.mark.parametrize(
+    "encoders",
+    [
+        {"image": "conv4", "audio": "melcnn", "text": "tokens", "tabular": "mlp"},
+        {"strokes": "conv1d", "tabular": "mlp"},
+        {"strokes": "gru", "image": "resnet18"},
+    ],
+)
 @pytest.mark.parametrize("fusion", ["attention", "concat", "mean", "late", "transformer"])
 def test_batched_non_transductive_prediction_equals_one_forward_per_query(encoders, fusion):
     """The vmapped protocol gives the loop's logits, with missing modalities in support and query."""
@@ -191,27 +200,46 @@ def test_batched_non_transductive_prediction_equals_one_forward_per_query(encode
     batch = _batch(inputs, mask)
     support, query = batch.index(slice(0, 4)), batch.index(slice(4, 11))
     with torch.no_grad():
-        assert torch.allclose(predict_each_alone(model, support, query),
-                              predict_each_alone_loop(model, support, query), atol=1e-5)
+        assert torch.allclose(
+            predict_each_alone(model, support, query), predict_each_alone_loop(model, support, query), atol=1e-5
+        )
 
 
-@pytest.mark.parametrize("name,steps,scope", [("maml", 1, "all"), ("maml", 2, "all"), ("fomaml", 2, "all"),
-                                              ("anil", 1, "head")])
+@pytest.mark.parametrize(
+    "name,steps,scope", [("maml", 1, "all"), ("maml", 2, "all"), ("fomaml", 2, "all"), ("anil", 1, "head")]
+)
 def test_task_batched_meta_gradient_equals_the_per_task_loop(name, steps, scope):
     """algo.task_batched (one vmapped network for the whole meta-batch) computes the loop's meta-gradient
     (float64) on an image + tabular model with BatchNorm, so second-order terms through it are checked."""
     from metafusion.data import EpisodeSampler, make_synthetic
 
     ds = make_synthetic(num_classes=30, samples_per_class=8, seed=0).select_modalities(["image", "tabular"])
-    cfg = load_config(None, {"algo.name": name, "model.width": 8, "model.hidden": 8, "model.adapt": scope,
-                             "data.queries": 2, "data.val_episodes": 1})
+    cfg = load_config(
+        None,
+        {
+            "algo.name": name,
+            "model.width": 8,
+            "model.hidden": 8,
+            "model.adapt": scope,
+            "data.queries": 2,
+            "data.val_episodes": 1,
+        },
+    )
     model = build_experiment(cfg, ds).model.double()
     sampler = EpisodeSampler(ds, "train", 3, 2, 2, seed=0)
     tasks = [sampler.sample().to("cpu", torch.float64) for _ in range(3)]
     grads = {}
     for batched in (False, True):
-        algo = ALGORITHMS.build(name, model, inner_lr=0.3, inner_steps=steps, inner_lr_test=0.3, inner_steps_test=1,
-                                adapt_scope=scope, task_batched=batched)
+        algo = ALGORITHMS.build(
+            name,
+            model,
+            inner_lr=0.3,
+            inner_steps=steps,
+            inner_lr_test=0.3,
+            inner_steps_test=1,
+            adapt_scope=scope,
+            task_batched=batched,
+        )
         model.zero_grad(set_to_none=True)
         metrics = algo.meta_backward(tasks)
         grads[batched] = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -221,8 +249,16 @@ def test_task_batched_meta_gradient_equals_the_per_task_loop(name, steps, scope)
 
 
 def test_task_batched_refuses_what_it_cannot_batch(small_synthetic):
-    cfg = load_config(None, {"algo.name": "reptile", "algo.task_batched": True, "model.width": 8,
-                             "model.hidden": 8, "data.val_episodes": 1})
+    cfg = load_config(
+        None,
+        {
+            "algo.name": "reptile",
+            "algo.task_batched": True,
+            "model.width": 8,
+            "model.hidden": 8,
+            "data.val_episodes": 1,
+        },
+    )
     with pytest.raises(ValueError, match="task_batched applies to maml"):
         build_experiment(cfg, small_synthetic)
     with pytest.raises(ValueError, match="learned inner learning rates"):
@@ -235,11 +271,19 @@ def test_task_batched_refuses_what_it_cannot_batch(small_synthetic):
 
 # Batched evaluation (every episode adapted at once under vmap) against the per-episode loop, float64.
 # Two-shot supports of 3 ways with inner_batch 4 make Reptile cycle through shuffled mini-batches.
-BATCHED_CASES = [("maml", {}), ("maml", {"algo.learn_inner_lr": True}), ("metasgd", {}), ("anil", {}),
-                 ("fomaml", {"algo.transductive": False}),
-                 ("reptile", {"algo.inner_batch": 4}), ("reptile", {"algo.inner_optimizer": "sgd"}),
-                 ("reptile", {"algo.transductive": False}), ("finetune", {}), ("protonet", {}),
-                 ("protonet", {"algo.metric": "cosine", "algo.transductive": False})]
+BATCHED_CASES = [
+    ("maml", {}),
+    ("maml", {"algo.learn_inner_lr": True}),
+    ("metasgd", {}),
+    ("anil", {}),
+    ("fomaml", {"algo.transductive": False}),
+    ("reptile", {"algo.inner_batch": 4}),
+    ("reptile", {"algo.inner_optimizer": "sgd"}),
+    ("reptile", {"algo.transductive": False}),
+    ("finetune", {}),
+    ("protonet", {}),
+    ("protonet", {"algo.metric": "cosine", "algo.transductive": False}),
+]
 
 
 @pytest.mark.parametrize("modalities", [["image", "tabular"], ["text", "tabular"]])
@@ -250,9 +294,20 @@ def test_batched_evaluation_equals_the_per_episode_loop(name, settings, modaliti
     mini-batches would then lack a modality: see the next-but-one test)."""
     adam = name == "reptile" and settings.get("algo.inner_optimizer") != "sgd"
     ds = small_synthetic.select_modalities(modalities).with_missing(0.0 if adam else 0.3, seed=1)
-    cfg = load_config(None, {"algo.name": name, "model.width": 8, "model.hidden": 8, "data.val_episodes": 6,
-                             "data.ways": 3, "data.shots": 2, "data.queries": 3, "algo.inner_steps_test": 3,
-                             **settings})
+    cfg = load_config(
+        None,
+        {
+            "algo.name": name,
+            "model.width": 8,
+            "model.hidden": 8,
+            "data.val_episodes": 6,
+            "data.ways": 3,
+            "data.shots": 2,
+            "data.queries": 3,
+            "algo.inner_steps_test": 3,
+            **settings,
+        },
+    )
     exp = build_experiment(cfg, ds)
     exp.model.double()
     episodes = [e.to("cpu", torch.float64) for e in exp.val_episodes]
@@ -289,8 +344,9 @@ def test_metasgd_resizes_its_head_rates_with_the_head():
     with torch.no_grad():
         for rate in algo.wrapper.lrs:
             rate.uniform_(0.1, 0.5)
-    head_mean = [r.mean().item() for (n, _), r in zip(model.named_parameters(), algo.wrapper.lrs)
-                 if n.startswith("head.")]
+    head_mean = [
+        r.mean().item() for (n, _), r in zip(model.named_parameters(), algo.wrapper.lrs) if n.startswith("head.")
+    ]
     algo.reset_head(3)
     for (n, p), rate in zip(model.named_parameters(), algo.wrapper.lrs):
         assert rate.shape == p.shape, n
@@ -313,8 +369,9 @@ def test_reptile_adapts_one_by_one_where_adam_would_skip_a_parameter():
 
 @pytest.mark.parametrize("name", ALGORITHMS.names())
 def test_adapt_never_modifies_the_meta_model(name, small_synthetic):
-    cfg = load_config(None, {"algo.name": name, "model.width": 8, "model.hidden": 8, "data.val_episodes": 1,
-                             "data.queries": 2})
+    cfg = load_config(
+        None, {"algo.name": name, "model.width": 8, "model.hidden": 8, "data.val_episodes": 1, "data.queries": 2}
+    )
     exp = build_experiment(cfg, small_synthetic)
     state = {k: v.clone() for k, v in exp.algorithm.module.state_dict().items()}
     episode = exp.val_episodes[0]
@@ -331,14 +388,23 @@ def test_each_algorithm_learns_well_above_chance_and_is_deterministic(name):
     from metafusion.data import make_synthetic
 
     data = make_synthetic(num_classes=60, samples_per_class=12, noise=0.7, seed=1).select_modalities(
-        ["tabular", "text"])
-    overrides = {"algo.name": name, "model.width": 16, "model.hidden": 16, "data.queries": 5,
-                 "data.val_episodes": 5, "train.iterations": 30, "train.meta_batch": 4}
+        ["tabular", "text"]
+    )
+    overrides = {
+        "algo.name": name,
+        "model.width": 16,
+        "model.hidden": 16,
+        "data.queries": 5,
+        "data.val_episodes": 5,
+        "train.iterations": 30,
+        "train.meta_batch": 4,
+    }
     if name == "metasgd":  # one inner step at train and test (its protocol): give it more meta-steps
         overrides["train.iterations"] = 60
     if name == "reptile":
-        overrides.update({"data.train_shots": 5, "algo.inner_steps_test": 20, "algo.inner_lr": 0.01,
-                          "algo.inner_lr_test": 0.01})
+        overrides.update(
+            {"data.train_shots": 5, "algo.inner_steps_test": 20, "algo.inner_lr": 0.01, "algo.inner_lr_test": 0.01}
+        )
     results, untrained = [], []
     for _ in range(2):
         exp = build_experiment(load_config(None, overrides), data)
@@ -356,8 +422,10 @@ def test_centroid_is_the_nearest_mean_of_l2_normalised_modalities():
     episode.query.inputs["tab1"][0] = 0.0
 
     def features(batch):  # written out: each modality L2-normalised, zeros where absent, concatenated
-        blocks = [batch.inputs[m] / batch.inputs[m].norm(dim=1, keepdim=True).clamp_min(1e-12) * batch.mask[:, [j]]
-                  for j, m in enumerate(("tab0", "tab1"))]
+        blocks = [
+            batch.inputs[m] / batch.inputs[m].norm(dim=1, keepdim=True).clamp_min(1e-12) * batch.mask[:, [j]]
+            for j, m in enumerate(("tab0", "tab1"))
+        ]
         return torch.cat(blocks, 1)
 
     zs, zq = features(episode.support), features(episode.query)
@@ -366,7 +434,7 @@ def test_centroid_is_the_nearest_mean_of_l2_normalised_modalities():
     learner = Centroid(model, **COMMON).adapt(episode.support)
     assert torch.allclose(learner(episode.query), 10 * cosine)
     euclid = Centroid(model, metric="euclidean", **COMMON).adapt(episode.support)
-    assert torch.allclose(euclid(episode.query), -torch.cdist(zq, protos) ** 2)
+    assert torch.allclose(euclid(episode.query), -(torch.cdist(zq, protos) ** 2))
     assert list(Centroid(model, **COMMON).parameters()) == []  # nothing to meta-learn
 
 
@@ -399,7 +467,7 @@ def test_proto_maml_starts_the_head_at_the_prototypes_and_trains_the_encoder_thr
     algo = MAML(model, proto_init=True, **{**COMMON, "inner_steps_test": 0})
     z_s, z_q = model.features(episode.support), model.features(episode.query)
     c = torch.stack([z_s[episode.support.labels == k].mean(0) for k in range(episode.ways)])
-    expected = 2 * z_q @ c.T - (c ** 2).sum(1)  # = -||z - c||^2 + ||z||^2: ProtoNet's ranking
+    expected = 2 * z_q @ c.T - (c**2).sum(1)  # = -||z - c||^2 + ||z||^2: ProtoNet's ranking
     learner = algo.adapt(episode.support)
     assert torch.allclose(learner(episode.query), expected)
     algo.meta_backward([episode])

@@ -1,5 +1,6 @@
 """Every benchmark config parses and resolves for every algorithm; the Omniglot protocol configs
 build the published split sizes and per-algorithm recipes."""
+
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ def test_config_resolves_for_every_algorithm(path):
         assert cfg.algo.name == algo and cfg.train.meta_batch >= 1
 
 
-@pytest.mark.parametrize("ways,shots,lr,steps,batch", [(5, 1, 0.4, 1, 32), (5, 5, 0.4, 1, 32),
-                                                        (20, 1, 0.1, 5, 16), (20, 5, 0.1, 5, 16)])
+@pytest.mark.parametrize(
+    "ways,shots,lr,steps,batch", [(5, 1, 0.4, 1, 32), (5, 5, 0.4, 1, 32), (20, 1, 0.1, 5, 16), (20, 5, 0.1, 5, 16)]
+)
 def test_omniglot_protocol_recipes(ways, shots, lr, steps, batch):
     path = CONFIGS[0].parent / f"omniglot_{ways}w{shots}s.yaml"
     maml = resolve(load_config(path, {"algo.name": "maml"}))
@@ -60,7 +62,7 @@ def test_every_reproduce_row_is_a_valid_command_with_a_table_in_results_md():
     parser = build_parser()
     for row in reproduce.ROWS:
         cmd = row.commands[0]
-        argv = cmd[cmd.index("metafusion") + 1:] if cmd[0] == "torchrun" else cmd[1:]
+        argv = cmd[cmd.index("metafusion") + 1 :] if cmd[0] == "torchrun" else cmd[1:]
         args, extra = parser.parse_known_args(argv)
         cfg = resolve(config_from_args(args, extra))
         assert args.out and str(row.out) == args.out, row.name

@@ -1,12 +1,12 @@
 """The command line end to end on tiny budgets: every command writes what it promises, runs resume
 exactly after a kill, comparisons use identical episodes, and bad input gives clear errors."""
+
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import pytest
@@ -15,9 +15,27 @@ import yaml
 
 from metafusion.cli import main
 
-TINY = ["--set", "data.num_classes=30", "--set", "data.samples_per_class=10", "--queries", "2",
-        "--set", "data.val_episodes=2", "--episodes", "6", "--set", "model.width=8", "--set", "model.hidden=8",
-        "--meta-batch", "2", "--set", "train.val_interval=3", "--quiet"]
+TINY = [
+    "--set",
+    "data.num_classes=30",
+    "--set",
+    "data.samples_per_class=10",
+    "--queries",
+    "2",
+    "--set",
+    "data.val_episodes=2",
+    "--episodes",
+    "6",
+    "--set",
+    "model.width=8",
+    "--set",
+    "model.hidden=8",
+    "--meta-batch",
+    "2",
+    "--set",
+    "train.val_interval=3",
+    "--quiet",
+]
 
 
 def run_cli(*args) -> int:
@@ -41,17 +59,20 @@ def test_bad_usage_exits_non_zero_with_usage(argv, capsys):
     assert "usage:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--set", "train.iterationz=3"], "unknown config key 'train.iterationz'"),
-    (["--algo", "mamal"], "choose one of: maml, fomaml, reptile, metasgd, anil, protonet, finetune"),
-    (["--modalities", "image,smell"], "no modality 'smell'"),
-    (["--dataset", "omniglot", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),
-    (["--fusion", "sum"], "attention, concat, mean, late, transformer"),
-    (["--set", "data.train_ways=10"], "only protonet (which has no classifier head) can train on more ways"),
-    (["--set", "algo.metric=cosine"], "algo.metric applies to protonet and centroid, not maml"),
-    (["--algo", "reptile", "--set", "algo.proto_init=true"], "applies to maml, fomaml and anil, not reptile"),
-    (["--set", "algo.proto_init=true", "--fusion", "late"], "'late' fusion has one head per modality"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "train.iterationz=3"], "unknown config key 'train.iterationz'"),
+        (["--algo", "mamal"], "choose one of: maml, fomaml, reptile, metasgd, anil, protonet, finetune"),
+        (["--modalities", "image,smell"], "no modality 'smell'"),
+        (["--dataset", "omniglot", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),
+        (["--fusion", "sum"], "attention, concat, mean, late, transformer"),
+        (["--set", "data.train_ways=10"], "only protonet (which has no classifier head) can train on more ways"),
+        (["--set", "algo.metric=cosine"], "algo.metric applies to protonet and centroid, not maml"),
+        (["--algo", "reptile", "--set", "algo.proto_init=true"], "applies to maml, fomaml and anil, not reptile"),
+        (["--set", "algo.proto_init=true", "--fusion", "late"], "'late' fusion has one head per modality"),
+    ],
+)
 def test_bad_values_give_clear_errors(tmp_path, capsys, args, message):
     assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", tmp_path / "r", *args) == 2
     assert message in capsys.readouterr().err
@@ -80,7 +101,7 @@ def test_meta_train_test_fine_tune_write_what_they_promise(tmp_path, capsys):
     assert results["episodes"] == 6 and 0 <= results["macro_f1"] <= 1
     assert set(results["modality_weights"]) == {"image", "audio", "text", "tabular"}
     assert {"versions", "git_commit", "train_seconds", "tasks_per_s", "peak_memory_mb"} <= set(results)
-    assert results["accuracy_ci95"] == pytest.approx(1.96 * results["accuracy_std"] / 6 ** 0.5)
+    assert results["accuracy_ci95"] == pytest.approx(1.96 * results["accuracy_std"] / 6**0.5)
     for name in ("results.md", "learning_curve.png", "attention.png"):
         assert (run / name).is_file(), name
 
@@ -164,12 +185,12 @@ def _resume_and_compare(interrupted: Path, full: Path, steps: int, env: dict) ->
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     common = [*TINY, "--algo", "reptile", "--iterations", 24, "--set", "data.train_shots=2"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run(_cli("meta-train", *common, "--out", tmp_path / "full"), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(_cli("meta-train", *common, "--out", tmp_path / "full"), check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("meta-train", *common, "--out", killed), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli("meta-train", *common, "--out", killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (killed / "last.pt").exists():
@@ -186,8 +207,13 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     assert 0 < step < 24, f"the run was not interrupted mid-way (last checkpoint at step {step})"
 
     _resume_and_compare(killed, tmp_path / "full", 24, env)
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "tasks_per_s")}  # noqa: E731
-                          for line in path.read_text().splitlines()]
+
+    def strip(path: Path) -> list[dict]:
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "tasks_per_s")}
+            for line in path.read_text().splitlines()
+        ]
+
     assert strip(killed / "metrics.jsonl") == strip(tmp_path / "full" / "metrics.jsonl")
 
 
@@ -196,14 +222,27 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 def test_a_stop_signal_writes_last_pt_and_says_how_to_resume(tmp_path, signum):
     """SIGTERM/SIGINT end meta-training after the current step with last.pt written (not only at the last
     validation), exit 128 + the signal, and the resumed run equals the uninterrupted one."""
-    common = [*TINY, "--algo", "reptile", "--iterations", 60, "--set", "data.train_shots=2",
-              "--set", "train.val_interval=50"]
+    common = [
+        *TINY,
+        "--algo",
+        "reptile",
+        "--iterations",
+        60,
+        "--set",
+        "data.train_shots=2",
+        "--set",
+        "train.val_interval=50",
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run(_cli("meta-train", *common, "--out", tmp_path / "full"), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(_cli("meta-train", *common, "--out", tmp_path / "full"), check=True, env=env, capture_output=True)
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen(_cli("meta-train", *common, "--set", "train.log_interval=1", "--out", stopped),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cli("meta-train", *common, "--set", "train.log_interval=1", "--out", stopped),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # wait for a few logged iterations
         metrics = stopped / "metrics.jsonl"
@@ -272,17 +311,22 @@ def _bad_yaml(tmp_path):
     return ["--config", path]
 
 
-@pytest.mark.parametrize("case,message", [
-    (lambda t: _bad_yaml(t), "bad.yaml:4:6: not valid YAML: expected ',' or ']'"),
-    (lambda t: ["--device", "cuda"], "no CUDA device is available on this machine; use --device cpu"),
-    (lambda t: ["--device", "tpu"], "train.device='tpu' is not a device"),
-    (lambda t: ["--inner-lr", "-1"], "algo.inner_lr must be > 0, got -1.0"),
-    (lambda t: ["--meta-lr", "-0.1"], "train.meta_lr must be > 0, got -0.1"),
-    (lambda t: ["--ways", "1"], "data.ways must be >= 2"),
-    (lambda t: ["--budget", "0"], "train.budget_minutes must be > 0"),
-    (lambda t: ["--dataset", "manifest", "--data-root", _manifest(t, _nan_tabular)],
-     "cat0.npy (tabular) holds 1 non-finite values (NaN or inf)"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        (lambda t: _bad_yaml(t), "bad.yaml:4:6: not valid YAML: expected ',' or ']'"),
+        (lambda t: ["--device", "cuda"], "no CUDA device is available on this machine; use --device cpu"),
+        (lambda t: ["--device", "tpu"], "train.device='tpu' is not a device"),
+        (lambda t: ["--inner-lr", "-1"], "algo.inner_lr must be > 0, got -1.0"),
+        (lambda t: ["--meta-lr", "-0.1"], "train.meta_lr must be > 0, got -0.1"),
+        (lambda t: ["--ways", "1"], "data.ways must be >= 2"),
+        (lambda t: ["--budget", "0"], "train.budget_minutes must be > 0"),
+        (
+            lambda t: ["--dataset", "manifest", "--data-root", _manifest(t, _nan_tabular)],
+            "cat0.npy (tabular) holds 1 non-finite values (NaN or inf)",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the no-GPU case, on any machine
     run = tmp_path / "run"
@@ -298,8 +342,9 @@ def test_non_finite_files_can_be_masked_and_counted(tmp_path, capsys):
     from metafusion.config import DataConfig
     from metafusion.data import DATASETS
 
-    ds = DATASETS.build("manifest", DataConfig(dataset="manifest", root=str(_manifest(tmp_path, _nan_tabular)),
-                                               skip_unreadable=True))
+    ds = DATASETS.build(
+        "manifest", DataConfig(dataset="manifest", root=str(_manifest(tmp_path, _nan_tabular)), skip_unreadable=True)
+    )
     assert ds.metadata["skipped"] == 1 and not ds.present[0, ds.modalities.index("tabular")]
     assert torch.isfinite(ds.data["tabular"]).all()
     assert "skipped 1 unreadable files" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """Config flows one way (defaults <- YAML <- overrides), strictly, and rejects incompatible settings."""
+
 import pytest
 
 from metafusion.config import ALGORITHM_DEFAULTS, ConfigError, load_config, resolve
@@ -22,29 +23,35 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("algo.name", "mamal", "choose one of: maml, fomaml, reptile"),
-    ("model.fusion", "sum", "attention, concat, mean, late, transformer"),
-    ("data.ways", "five", "expected an integer"),
-    ("data.ways", 0, "data.ways must be >= 2"),
-    ("data.shots", 0, "data.shots must be >= 1"),
-    ("algo.inner_lr", -1, "algo.inner_lr must be > 0"),
-    ("train.meta_lr", 0, "train.meta_lr must be > 0"),
-    ("train.clip", -1, "train.clip must be > 0"),
-    ("algo.metric", "manhattan", "choose one of: cosine, euclidean"),
-    ("data.missing_rate", 1.5, r"must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("algo.name", "mamal", "choose one of: maml, fomaml, reptile"),
+        ("model.fusion", "sum", "attention, concat, mean, late, transformer"),
+        ("data.ways", "five", "expected an integer"),
+        ("data.ways", 0, "data.ways must be >= 2"),
+        ("data.shots", 0, "data.shots must be >= 1"),
+        ("algo.inner_lr", -1, "algo.inner_lr must be > 0"),
+        ("train.meta_lr", 0, "train.meta_lr must be > 0"),
+        ("train.clip", -1, "train.clip must be > 0"),
+        ("algo.metric", "manhattan", "choose one of: cosine, euclidean"),
+        ("data.missing_rate", 1.5, r"must be in \[0, 1\)"),
+    ],
+)
 def test_bad_values_are_named(key, value, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, {key: value})
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"algo.name": "reptile", "algo.first_order": False}, "first-order by design"),
-    ({"algo.name": "maml", "algo.first_order": True}, "use --algo fomaml"),
-    ({"algo.name": "protonet", "model.adapt": "head"}, "no meaning for protonet"),
-    ({"algo.name": "protonet", "model.fusion": "late"}, "fused embedding"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"algo.name": "reptile", "algo.first_order": False}, "first-order by design"),
+        ({"algo.name": "maml", "algo.first_order": True}, "use --algo fomaml"),
+        ({"algo.name": "protonet", "model.adapt": "head"}, "no meaning for protonet"),
+        ({"algo.name": "protonet", "model.fusion": "late"}, "fused embedding"),
+    ],
+)
 def test_incompatible_settings_fail_at_configuration_time(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)

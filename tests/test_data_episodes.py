@@ -1,4 +1,5 @@
 """Episodic sampling: shapes, label remapping, disjointness, determinism, masks, and clear errors."""
+
 import random
 import subprocess
 import sys
@@ -6,8 +7,15 @@ import sys
 import pytest
 import torch
 
-from metafusion.data import (DataError, EpisodeSampler, MultimodalDataset, Standardizer, drop_modalities,
-                             episodes_fingerprint, fixed_episodes)
+from metafusion.data import (
+    DataError,
+    EpisodeSampler,
+    MultimodalDataset,
+    Standardizer,
+    drop_modalities,
+    episodes_fingerprint,
+    fixed_episodes,
+)
 
 
 def test_episode_shapes_and_label_remap(small_synthetic):
@@ -36,15 +44,22 @@ def test_splits_are_disjoint_and_checked(small_synthetic):
     s = small_synthetic.splits
     assert not (set(s["train"]) & set(s["val"]) or set(s["train"]) & set(s["test"]) or set(s["val"]) & set(s["test"]))
     with pytest.raises(DataError, match="class 0 is in both"):
-        MultimodalDataset(small_synthetic.data, small_synthetic.present, small_synthetic.targets,
-                          small_synthetic.modalities, {"train": [0, 1], "test": [0]})
+        MultimodalDataset(
+            small_synthetic.data,
+            small_synthetic.present,
+            small_synthetic.targets,
+            small_synthetic.modalities,
+            {"train": [0, 1], "test": [0]},
+        )
 
 
 def test_evaluation_episodes_identical_across_processes(small_synthetic):
     here = episodes_fingerprint(fixed_episodes(small_synthetic, "test", 5, 1, 5, count=10, seed=3))
-    code = ("from metafusion.data import make_synthetic, fixed_episodes, episodes_fingerprint;"
-            "ds = make_synthetic(num_classes=40, samples_per_class=20, seed=0);"
-            "print(episodes_fingerprint(fixed_episodes(ds, 'test', 5, 1, 5, count=10, seed=3)))")
+    code = (
+        "from metafusion.data import make_synthetic, fixed_episodes, episodes_fingerprint;"
+        "ds = make_synthetic(num_classes=40, samples_per_class=20, seed=0);"
+        "print(episodes_fingerprint(fixed_episodes(ds, 'test', 5, 1, 5, count=10, seed=3)))"
+    )
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert here == there
     other = episodes_fingerprint(fixed_episodes(small_synthetic, "test", 5, 1, 5, count=10, seed=4))

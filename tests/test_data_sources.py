@@ -1,5 +1,6 @@
 """Real datasets (Omniglot images + strokes, FSDD) against the data under METAFUSION_DATA, and
 bring-your-own data from the tiny example in tests/data."""
+
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,16 @@ def test_omniglot_image_and_strokes_dataset(data_root):
     assert set(ds.data["strokes"][:, :, 2].unique().tolist()) == {0.0, 1.0}
     assert (ds.data["strokes"][:, -1, 2] == 1).all()
     alphabets = {n.split("/")[1] for n in ds.metadata["class_names"]}
-    assert alphabets == {"Balinese", "Early_Aramaic", "Greek", "Korean", "Latin", "Japanese_(katakana)",
-                         "Sanskrit", "Tagalog"}
+    assert alphabets == {
+        "Balinese",
+        "Early_Aramaic",
+        "Greek",
+        "Korean",
+        "Latin",
+        "Japanese_(katakana)",
+        "Sanskrit",
+        "Tagalog",
+    }
     ep = EpisodeSampler(ds, "test", 5, 1, 5, seed=0).sample()
     assert ep.query.inputs["strokes"].shape == (25, 64, 3)
 

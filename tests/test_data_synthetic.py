@@ -1,4 +1,5 @@
 """The synthetic multimodal set: deterministic, fast, and built so that fusion beats any single modality."""
+
 import time
 
 import torch

@@ -1,4 +1,5 @@
 """The real text (CLINC150) and product (fashion: RGB photo + masked title + attributes) datasets."""
+
 import csv
 import zipfile
 
@@ -44,8 +45,10 @@ def test_title_masking_removes_every_class_names_words_in_any_number():
 
 
 def test_attributes_are_one_hot_with_empty_cells_all_zero():
-    rows = [{"gender": "Men", "baseColour": "Blue", "season": "", "usage": "Casual", "year": "2012"},
-            {"gender": "Women", "baseColour": "Blue", "season": "Fall", "usage": "Casual", "year": ""}]
+    rows = [
+        {"gender": "Men", "baseColour": "Blue", "season": "", "usage": "Casual", "year": "2012"},
+        {"gender": "Women", "baseColour": "Blue", "season": "Fall", "usage": "Casual", "year": ""},
+    ]
     x, names = attribute_vector(rows)
     assert names == ["gender=Men", "gender=Women", "baseColour=Blue", "season=Fall", "usage=Casual", "year=2012"]
     assert x.tolist() == [[1, 0, 1, 0, 1, 1], [0, 1, 1, 1, 1, 0]]

@@ -1,5 +1,6 @@
 """Data-parallel meta-training (torch.distributed, gloo): 2 ranks give the meta-gradient of 1 process on
 the same tasks, and `torchrun -m metafusion meta-train` trains the same model as a single process."""
+
 import json
 import os
 import socket
@@ -13,8 +14,11 @@ import torch.multiprocessing as mp
 from metafusion.config import from_dict
 from metafusion.engine import build_experiment, distributed
 
-CFG = {"data": {"num_classes": 30, "samples_per_class": 10, "queries": 2, "val_episodes": 2, "test_episodes": 2},
-       "model": {"width": 8, "hidden": 8}, "train": {"meta_batch": 5}}
+CFG = {
+    "data": {"num_classes": 30, "samples_per_class": 10, "queries": 2, "val_episodes": 2, "test_episodes": 2},
+    "model": {"width": 8, "hidden": 8},
+    "train": {"meta_batch": 5},
+}
 
 
 def _free_port() -> int:
@@ -64,22 +68,63 @@ def test_two_ranks_give_the_one_process_meta_gradient(algo, tmp_path):
 def test_torchrun_meta_train_matches_one_process(tmp_path):
     """The real launcher end to end: same weights after 4 iterations as one process (fp32, so up to
     summation order), one run folder written by rank 0, and the job reports its ranks."""
-    common = ["meta-train", "--set", "data.num_classes=30", "--set", "data.samples_per_class=10", "--queries", "2",
-              "--set", "data.val_episodes=2", "--set", "model.width=8", "--set", "model.hidden=8",
-              "--meta-batch", "4", "--iterations", "4", "--set", "train.val_interval=2", "--quiet"]
+    common = [
+        "meta-train",
+        "--set",
+        "data.num_classes=30",
+        "--set",
+        "data.samples_per_class=10",
+        "--queries",
+        "2",
+        "--set",
+        "data.val_episodes=2",
+        "--set",
+        "model.width=8",
+        "--set",
+        "model.hidden=8",
+        "--meta-batch",
+        "4",
+        "--iterations",
+        "4",
+        "--set",
+        "train.val_interval=2",
+        "--quiet",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "metafusion", *common, "--out", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), "-m", "metafusion", *common,
-                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "metafusion", *common, "--out", str(tmp_path / "one")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "metafusion",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "over 2 ranks" in done.stdout
     assert json.loads((tmp_path / "two" / "train.json").read_text())["ranks"] == 2
     from metafusion.engine.stages import load_run_config
 
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("one", "two")]
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
     assert len(losses[0]) == len(losses[1]) >= 2 and all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(*losses))
     # Same function after training. (Not the same bias of each conv: BatchNorm cancels those biases, so
     # their gradients are float noise that Adam scales up, differently for two summation orders.)

@@ -1,4 +1,5 @@
 """Stages on a user's own data: it goes through the pipeline the model was meta-trained on."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +10,14 @@ from metafusion.data.synthetic import decode_text
 from metafusion.engine import build_experiment
 from metafusion.engine.stages import user_task
 
-TINY = {"data.num_classes": 30, "data.samples_per_class": 10, "data.queries": 2, "data.val_episodes": 1, "model.width": 8,
-        "model.hidden": 8}
+TINY = {
+    "data.num_classes": 30,
+    "data.samples_per_class": 10,
+    "data.queries": 2,
+    "data.val_episodes": 1,
+    "model.width": 8,
+    "model.hidden": 8,
+}
 
 
 def _test_rows(exp, per_class: int = 3) -> list[list[int]]:

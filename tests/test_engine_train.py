@@ -1,4 +1,5 @@
 """The meta-train loop's own behaviour: automatic validation that stays a small share of the run."""
+
 import json
 
 from metafusion.config import load_config
@@ -25,8 +26,18 @@ def test_expensive_validation_runs_once_at_the_end_on_fewer_episodes():
 
 
 def test_a_run_with_automatic_validation_validates_at_its_end(tmp_path, small_synthetic):
-    cfg = load_config(None, {"algo.name": "reptile", "model.width": 8, "model.hidden": 8, "data.queries": 2,
-                             "data.val_episodes": 30, "train.iterations": 7, "train.meta_batch": 2})
+    cfg = load_config(
+        None,
+        {
+            "algo.name": "reptile",
+            "model.width": 8,
+            "model.hidden": 8,
+            "data.queries": 2,
+            "data.val_episodes": 30,
+            "train.iterations": 7,
+            "train.meta_batch": 2,
+        },
+    )
     assert cfg.train.val_interval == 0  # automatic by default
     exp = build_experiment(cfg, small_synthetic.select_modalities(["tabular", "text"]))
     result = meta_train(exp, tmp_path, quiet=True)

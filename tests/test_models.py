@@ -1,13 +1,13 @@
 """Encoders, fusions and FusionModel: shapes, the attention formula, masking, higher-order gradients."""
+
 import pytest
 import torch
+from conftest import tiny_tabular_model
 
 from metafusion._learn2learn import clone_module, update_module
 from metafusion.data import Batch
 from metafusion.models import ENCODERS, FUSIONS, FrozenTextModel, ModelSpec, build_model
 from metafusion.models.fusion import AttentionFusion
-
-from conftest import tiny_tabular_model
 
 # One small input per encoder: (modality name, sample shape, input maker).
 ENCODER_INPUTS = {
@@ -37,8 +37,9 @@ def _batch(inputs: dict, mask=None):
 @pytest.mark.parametrize("encoder", sorted(ENCODER_INPUTS))
 def test_every_encoder_and_fusion_gives_finite_logits(encoder, fusion):
     modality, shape, make = ENCODER_INPUTS[encoder]
-    spec = ModelSpec({modality: shape, "tabular": (16,)} if modality != "tabular" else {"tabular": shape,
-                                                                                      "extra": (16,)})
+    spec = ModelSpec(
+        {modality: shape, "tabular": (16,)} if modality != "tabular" else {"tabular": shape, "extra": (16,)}
+    )
     encoders = {modality: encoder} if modality != "tabular" else {"tabular": encoder, "extra": "mlp"}
     model = build_model(spec, ways=5, width=16, hidden=8, fusion=fusion, encoders=encoders)
     inputs = {m: (make(6) if m == modality else torch.randn(6, 16)) for m in spec.input_shapes}
@@ -49,15 +50,24 @@ def test_every_encoder_and_fusion_gives_finite_logits(encoder, fusion):
 
 def _three_modality_model(fusion, mode="vector"):
     spec = ModelSpec({"a": (4,), "b": (4,), "c": (4,)})
-    return build_model(spec, ways=3, width=8, hidden=8, fusion=fusion, attention=mode,
-                       encoders={"a": "mlp", "b": "mlp", "c": "mlp"})
+    return build_model(
+        spec, ways=3, width=8, hidden=8, fusion=fusion, attention=mode, encoders={"a": "mlp", "b": "mlp", "c": "mlp"}
+    )
 
 
 MASK = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.bool)
 
 
-@pytest.mark.parametrize("fusion,mode", [("attention", "vector"), ("attention", "scalar"), ("mean", "vector"),
-                                         ("late", "vector"), ("transformer", "vector")])
+@pytest.mark.parametrize(
+    "fusion,mode",
+    [
+        ("attention", "vector"),
+        ("attention", "scalar"),
+        ("mean", "vector"),
+        ("late", "vector"),
+        ("transformer", "vector"),
+    ],
+)
 def test_weights_sum_to_one_over_present_modalities(fusion, mode):
     model = _three_modality_model(fusion, mode)
     batch = _batch({m: torch.randn(5, 4) for m in "abc"}, MASK)
@@ -71,8 +81,8 @@ def test_absent_modality_has_exactly_zero_influence(fusion):
     torch.manual_seed(0)
     model = _three_modality_model(fusion)
     clean = {m: torch.randn(5, 4) for m in "abc"}
-    garbage = {m: torch.where(MASK[:, i:i + 1], x, 1e3 * torch.randn(5, 4)) for i, (m, x) in enumerate(clean.items())}
-    zeroed = {m: torch.where(MASK[:, i:i + 1], x, torch.zeros(())) for i, (m, x) in enumerate(clean.items())}
+    garbage = {m: torch.where(MASK[:, i : i + 1], x, 1e3 * torch.randn(5, 4)) for i, (m, x) in enumerate(clean.items())}
+    zeroed = {m: torch.where(MASK[:, i : i + 1], x, torch.zeros(())) for i, (m, x) in enumerate(clean.items())}
     out_zero = model(_batch(zeroed, MASK))
     out_garbage = model(_batch(garbage, MASK))
     assert torch.equal(out_zero, out_garbage)
@@ -116,8 +126,12 @@ def _hvp_matches_finite_differences(model, batch, eps=1e-7, check_fd=True):
         for p, u in zip(params, v):
             p.sub_(2 * eps * u)
     g_minus = torch.autograd.grad(loss_fn(), params, allow_unused=True)
-    num = torch.cat([((a if a is not None else 0 * p) - (b if b is not None else 0 * p)).flatten() / (2 * eps)
-                     for a, b, p in zip(g_plus, g_minus, params)])
+    num = torch.cat(
+        [
+            ((a if a is not None else 0 * p) - (b if b is not None else 0 * p)).flatten() / (2 * eps)
+            for a, b, p in zip(g_plus, g_minus, params)
+        ]
+    )
     ana = torch.cat([(h if h is not None else torch.zeros_like(p)).flatten() for h, p in zip(hv, params)])
     assert ana.abs().max() > 0
     rel = ((ana - num).norm() / ana.norm()).item()
@@ -145,8 +159,7 @@ def test_channels_last_changes_speed_not_values_or_second_order_gradients(encode
     meta-gradient (through the inner step) must equal those of the same weights in NCHW order."""
     torch.manual_seed(0)
     modality, shape, make = ENCODER_INPUTS[encoder]
-    model = build_model(ModelSpec({modality: shape}), ways=3, width=8, hidden=8,
-                        encoders={modality: encoder}).double()
+    model = build_model(ModelSpec({modality: shape}), ways=3, width=8, hidden=8, encoders={modality: encoder}).double()
     x = make(6).double()
     batch = Batch({modality: x}, torch.ones(6, 1, dtype=torch.bool), torch.tensor([0, 1, 2] * 2), (modality,))
 
@@ -165,8 +178,10 @@ def test_channels_last_changes_speed_not_values_or_second_order_gradients(encode
 
     layouts = []  # the lever must really switch kernels: the first convolution's output is NHWC
     model.encoders[modality].body[0].register_forward_hook(
-        lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)
-                                         and not out.is_contiguous()))
+        lambda m, i, out: layouts.append(
+            out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        )
+    )
     fast_logits, fast_grad = meta_gradient(torch.channels_last)
     assert layouts and all(layouts)
     layouts.clear()
@@ -191,8 +206,7 @@ def test_clone_and_update_module_run_and_backpropagate(encoder):
     torch.manual_seed(0)
     modality, shape, make = ENCODER_INPUTS[encoder]
     model = build_model(ModelSpec({modality: shape}), ways=2, width=4, hidden=3, encoders={modality: encoder})
-    batch = Batch({modality: make(4)}, torch.ones(4, 1, dtype=torch.bool), torch.tensor([0, 1, 0, 1]),
-                  (modality,))
+    batch = Batch({modality: make(4)}, torch.ones(4, 1, dtype=torch.bool), torch.tensor([0, 1, 0, 1]), (modality,))
     clone = clone_module(model)
     loss = torch.nn.functional.cross_entropy(clone(batch), batch.labels)
     grads = torch.autograd.grad(loss, list(clone.parameters()), create_graph=True, allow_unused=True)
@@ -245,8 +259,13 @@ def test_a_sample_with_none_of_the_models_modalities_gets_the_head_bias_not_nan(
     from metafusion.engine import build_experiment
 
     data = small_synthetic.with_missing(0.5, seed=1)
-    overrides = {"model.modalities": ["image"], "model.width": 8, "model.hidden": 8, "data.val_episodes": 1,
-                 "data.test_episodes": 2}
+    overrides = {
+        "model.modalities": ["image"],
+        "model.width": 8,
+        "model.hidden": 8,
+        "data.val_episodes": 1,
+        "data.test_episodes": 2,
+    }
     exp = build_experiment(load_config(None, overrides), data)
     fused = build_experiment(load_config(None, {**overrides, "model.modalities": None}), data)
     assert exp.model.modalities == ("image",) and len(fused.model.modalities) == 4

@@ -1,5 +1,6 @@
 """The walking skeleton: synthetic multimodal data -> episodes -> attention-fusion model -> learn2learn
 MAML -> fixed test episodes -> accuracy ± CI, learning well above chance with a fixed seed."""
+
 import pytest
 
 from metafusion.config import load_config
@@ -8,8 +9,17 @@ from metafusion.engine import build_experiment, meta_test, meta_train
 
 @pytest.mark.slow
 def test_maml_on_synthetic_multimodal_learns_above_chance(small_synthetic):
-    cfg = load_config(None, {"model.width": 16, "model.hidden": 16, "data.queries": 5, "data.val_episodes": 5,
-                             "train.iterations": 40, "train.meta_batch": 4})
+    cfg = load_config(
+        None,
+        {
+            "model.width": 16,
+            "model.hidden": 16,
+            "data.queries": 5,
+            "data.val_episodes": 5,
+            "train.iterations": 40,
+            "train.meta_batch": 4,
+        },
+    )
     exp = build_experiment(cfg, small_synthetic)
     before = meta_test(exp.algorithm, exp.test_episodes(30))
     meta_train(exp, None, quiet=True)

@@ -1,16 +1,17 @@
 """The contract every meta-learning algorithm follows, and the evaluation they share."""
+
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch, Episode
-from ..models.model import FusionModel
 from ..models.execution import episodes_vmap_pays
+from ..models.model import FusionModel
 from ..registry import Registry
 from .batched import State, evaluate_batched, functional, predict_alone
 
@@ -31,12 +32,23 @@ class MetaAlgorithm:
 
     name = "base"
 
-    def __init__(self, model: FusionModel, *, inner_lr: float, inner_steps: int, inner_lr_test: float,
-                 inner_steps_test: int, transductive: bool = True, adapt_scope: str = "all",
-                 batched_eval: str = "auto", **_: object):
+    def __init__(
+        self,
+        model: FusionModel,
+        *,
+        inner_lr: float,
+        inner_steps: int,
+        inner_lr_test: float,
+        inner_steps_test: int,
+        transductive: bool = True,
+        adapt_scope: str = "all",
+        batched_eval: str = "auto",
+        **_: object,
+    ):
         if batched_eval not in BATCHED_EVAL:
-            raise ValueError(f"algo.batched_eval={batched_eval!r} is not valid; "
-                             f"choose one of: {', '.join(BATCHED_EVAL)}")
+            raise ValueError(
+                f"algo.batched_eval={batched_eval!r} is not valid; choose one of: {', '.join(BATCHED_EVAL)}"
+            )
         self.model = model
         self.batched_eval = batched_eval
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
@@ -104,8 +116,9 @@ class MetaAlgorithm:
         ``execution.episodes_vmap_pays``) says so; else one by one."""
         if batched is None:
             device = episodes[0].query.labels.device if episodes else torch.device("cpu")
-            batched = (self.batched_eval == "on" or self.batched_eval == "auto"
-                       and episodes_vmap_pays(self.model, device))
+            batched = (
+                self.batched_eval == "on" or self.batched_eval == "auto" and episodes_vmap_pays(self.model, device)
+            )
         results = evaluate_batched(self, episodes) if batched and episodes else None
         if results is None:
             return [self.evaluate(e) for e in episodes]
@@ -197,6 +210,9 @@ def classification_metrics(logits: Tensor, labels: Tensor, ways: int) -> dict[st
         fp = ((pred == c) & (labels != c)).sum().item()
         fn = ((pred != c) & (labels == c)).sum().item()
         f1.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": (pred == labels).float().mean().item(),
-            "loss": F.cross_entropy(logits, labels).item(),
-            "macro_f1": sum(f1) / ways, "diverged": not bool(finite.all())}
+    return {
+        "accuracy": (pred == labels).float().mean().item(),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "macro_f1": sum(f1) / ways,
+        "diverged": not bool(finite.all()),
+    }

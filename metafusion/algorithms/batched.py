@@ -11,10 +11,11 @@ predictions equal those of the per-episode loop (tests/test_algorithms.py checks
 The model's code branches on the modality mask, so only episodes whose support and query masks are
 identical share a vmap; with missing modalities the groups are smaller, never wrong.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -50,16 +51,23 @@ def episode_groups(episodes: list[Episode]) -> list[list[int]]:
     """Indices of episodes that can share one vmap: same ways, support/query sizes and masks."""
     groups: dict[tuple, list[int]] = {}
     for i, e in enumerate(episodes):
-        key = (e.ways, tuple(e.support.mask.flatten().tolist()), tuple(e.query.mask.flatten().tolist()),
-               len(e.support), len(e.query))
+        key = (
+            e.ways,
+            tuple(e.support.mask.flatten().tolist()),
+            tuple(e.query.mask.flatten().tolist()),
+            len(e.support),
+            len(e.query),
+        )
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
 
 def stacked(batches: list[Batch]) -> tuple[dict[str, Tensor], Tensor]:
     """The inputs ``{m: [E, B, ...]}`` and labels ``[E, B]`` of same-shaped batches."""
-    return ({m: torch.stack([b.inputs[m] for b in batches]) for m in batches[0].modalities},
-            torch.stack([b.labels for b in batches]))
+    return (
+        {m: torch.stack([b.inputs[m] for b in batches]) for m in batches[0].modalities},
+        torch.stack([b.labels for b in batches]),
+    )
 
 
 def predict_alone(logits_fn: Callable[[Batch], Tensor], support: Batch, query: Batch) -> Tensor:
@@ -99,8 +107,11 @@ def evaluate_batched(algorithm, episodes: list[Episode]) -> list[tuple[Tensor, T
         group = [episodes[i] for i in idx]
         first = group[0]
         s_mask, q_mask, mods = first.support.mask, first.query.mask, first.support.modalities
-        mine = torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *[per_episode[i] for i in idx]) \
-            if per_episode[0] else {}
+        mine = (
+            torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *[per_episode[i] for i in idx])
+            if per_episode[0]
+            else {}
+        )
 
         def one(own: State, s_inputs, s_labels, q_inputs, q_labels) -> tuple[Tensor, Tensor]:
             support, query = Batch(s_inputs, s_mask, s_labels, mods), Batch(q_inputs, q_mask, q_labels, mods)
@@ -112,8 +123,9 @@ def evaluate_batched(algorithm, episodes: list[Episode]) -> list[tuple[Tensor, T
 
         with torch.no_grad(), warnings.catch_warnings():  # ops without a batching rule loop inside vmap
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            logits, weights = torch.func.vmap(one)(mine, *stacked([e.support for e in group]),
-                                                   *stacked([e.query for e in group]))
+            logits, weights = torch.func.vmap(one)(
+                mine, *stacked([e.support for e in group]), *stacked([e.query for e in group])
+            )
         for j, i in enumerate(idx):
             out[i] = (logits[j], weights[j] if weights.shape[-1] else None)
     return out

@@ -8,9 +8,10 @@ ids as a bag of words) -- each modality L2-normalised, concatenated over the mod
 by default (SimpleShot's centred-L2-normalised nearest mean, Wang et al. 2019: the standardisation is
 the centring), or negative squared Euclidean distance (``algo.metric=euclidean``).
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,5 +77,6 @@ class Centroid(MetaAlgorithm):
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         ways = int(support.labels.max()) + 1
         z = frozen_features(support, self.model.modalities, self.vocab_size)
-        return CentroidClassifier(prototypes(z, support.labels, ways), self.model.modalities, self.vocab_size,
-                                  self.metric)
+        return CentroidClassifier(
+            prototypes(z, support.labels, ways), self.model.modalities, self.vocab_size, self.metric
+        )

@@ -1,6 +1,7 @@
 """Fine-tuning baseline (Chen et al. 2019, "A Closer Look at Few-shot Classification"): supervised
 pre-training on all meta-train classes, then a fresh N-way head fitted on the frozen features of
 the support set (their "Baseline"). Every meta-learning claim should beat it."""
+
 from __future__ import annotations
 
 import torch
@@ -46,9 +47,14 @@ class FineTuneBaseline(MetaAlgorithm):
     def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:
         """Plain supervised learning on the episodes' samples with their global class labels."""
         batch = Batch.cat([Batch.cat([t.support, t.query]) for t in tasks])
-        labels = torch.cat([torch.tensor([self.class_index[t.classes[y]] for y in
-                                          torch.cat([t.support.labels, t.query.labels]).tolist()])
-                            for t in tasks]).to(batch.labels.device)
+        labels = torch.cat(
+            [
+                torch.tensor(
+                    [self.class_index[t.classes[y]] for y in torch.cat([t.support.labels, t.query.labels]).tolist()]
+                )
+                for t in tasks
+            ]
+        ).to(batch.labels.device)
         logits = self.model(batch)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
@@ -79,8 +85,9 @@ class FineTuneBaseline(MetaAlgorithm):
     def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
         # Fresh heads drawn in episode order, as one ``adapt`` after another draws them.
         heads = [self._fresh_head(e.ways) for e in episodes]
-        return {"model": model_parameters(self.model), "head_module": heads[0]}, [{"head": model_parameters(h)}
-                                                                                for h in heads]
+        return {"model": model_parameters(self.model), "head_module": heads[0]}, [
+            {"head": model_parameters(h)} for h in heads
+        ]
 
     def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
         z, mask = functional(self.model, state["model"], fused_features, support)

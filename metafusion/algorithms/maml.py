@@ -1,5 +1,6 @@
 """MAML (Finn et al. 2017), first-order MAML, ANIL (Raghu et al. 2019) and MetaSGD (Li et al. 2017),
 all on learn2learn's ``MAML`` / ``MetaSGD`` wrappers (``clone()`` + differentiable updates)."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -13,8 +14,8 @@ from .._learn2learn import MetaSGD as L2LMetaSGD
 from .._learn2learn import maml_update, meta_sgd_update
 from ..data.batch import Batch, Episode
 from ..models.execution import decomposed_batchnorm, memory_format
-from ..models.model import FusionModel
 from ..models.fusion import LinearHead
+from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
 from .batched import State, functional, model_parameters
 from .protonet import prototypes
@@ -28,30 +29,50 @@ class MAML(MetaAlgorithm):
 
     name = "maml"
 
-    def __init__(self, model: FusionModel, *, first_order: bool = False, learn_inner_lr: bool = False,
-                 task_batched: bool = False, proto_init: bool = False, **kwargs):
+    def __init__(
+        self,
+        model: FusionModel,
+        *,
+        first_order: bool = False,
+        learn_inner_lr: bool = False,
+        task_batched: bool = False,
+        proto_init: bool = False,
+        **kwargs,
+    ):
         super().__init__(model, **kwargs)
         self.first_order = first_order
         self.task_batched = task_batched
         self.proto_init = proto_init
         if proto_init and (task_batched or not isinstance(model.head, LinearHead)):
-            raise ValueError("algo.proto_init needs one linear head on the fused feature (not 'late' fusion) "
-                             "and the per-task loop (not algo.task_batched)")
+            raise ValueError(
+                "algo.proto_init needs one linear head on the fused feature (not 'late' fusion) "
+                "and the per-task loop (not algo.task_batched)"
+            )
         if task_batched and (learn_inner_lr or type(self)._update is not MAML._update):
-            raise ValueError("algo.task_batched runs plain MAML/FOMAML/ANIL inner SGD steps; it does not "
-                             "support learned inner learning rates (learn_inner_lr, metasgd)")
+            raise ValueError(
+                "algo.task_batched runs plain MAML/FOMAML/ANIL inner SGD steps; it does not "
+                "support learned inner learning rates (learn_inner_lr, metasgd)"
+            )
         self.wrapper = self._wrap(model)
         self._adapted = model.adapted(self.adapt_scope)
         if not any(self._adapted):
             raise ValueError(f"adaptation scope {self.adapt_scope!r} selects no trainable parameter")
         # Optional learned inner learning rate per layer (one scalar per adapted parameter tensor),
         # meta-learned with the weights; off by default, as in the MAML paper.
-        self.layer_lrs = nn.ParameterList(
-            [nn.Parameter(torch.tensor(float(self.inner_lr), dtype=p.dtype, device=p.device))
-             for p, a in zip(model.parameters(), self._adapted) if a]
-        ) if learn_inner_lr else None
-        self._module = nn.ModuleDict({"maml": self.wrapper, **({"layer_lrs": self.layer_lrs}
-                                                               if learn_inner_lr else {})})
+        self.layer_lrs = (
+            nn.ParameterList(
+                [
+                    nn.Parameter(torch.tensor(float(self.inner_lr), dtype=p.dtype, device=p.device))
+                    for p, a in zip(model.parameters(), self._adapted)
+                    if a
+                ]
+            )
+            if learn_inner_lr
+            else None
+        )
+        self._module = nn.ModuleDict(
+            {"maml": self.wrapper, **({"layer_lrs": self.layer_lrs} if learn_inner_lr else {})}
+        )
 
     def _wrap(self, model: FusionModel) -> nn.Module:
         return L2LMAML(model, lr=self.inner_lr, first_order=self.first_order, allow_unused=True)
@@ -117,9 +138,11 @@ class MAML(MetaAlgorithm):
     def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
         params, rates = dict(state["model"]), state["rates"]
         for _ in range(self.inner_steps_test):
+
             def loss(adapted: dict, frozen: dict = params) -> torch.Tensor:
-                return F.cross_entropy(functional(self.model, {**frozen, **adapted}, nn.Module.__call__, support),
-                                       support.labels)
+                return F.cross_entropy(
+                    functional(self.model, {**frozen, **adapted}, nn.Module.__call__, support), support.labels
+                )
 
             grads = torch.func.grad(loss)({n: params[n] for n in rates})
             params.update({n: params[n] - rates[n] * grads[n] for n in rates})
@@ -133,12 +156,16 @@ class MAML(MetaAlgorithm):
         (docs/performance.md); on a CPU the loop is faster. BatchNorm is written out here (fused
         BatchNorm's second-order gradients are wrong under vmap)."""
         first, mods = tasks[0], tasks[0].support.modalities
-        same = [torch.equal(t.support.mask, first.support.mask)
-                and torch.equal(t.query.mask, first.query.mask) for t in tasks[1:]]
+        same = [
+            torch.equal(t.support.mask, first.support.mask) and torch.equal(t.query.mask, first.query.mask)
+            for t in tasks[1:]
+        ]
         if not all(same):
-            raise ValueError("algo.task_batched needs every task of a meta-batch to have the same support "
-                             "and query sizes and the same modality mask (the model branches on the "
-                             "mask); with missing modalities, leave task_batched off")
+            raise ValueError(
+                "algo.task_batched needs every task of a meta-batch to have the same support "
+                "and query sizes and the same modality mask (the model branches on the "
+                "mask); with missing modalities, leave task_batched off"
+            )
         named = list(self.model.named_parameters())
         adapted = {n for (n, _), a in zip(named, self._adapted) if a}
         params = {n: p.detach() for n, p in named if p.requires_grad}  # frozen ones come from the module
@@ -160,7 +187,8 @@ class MAML(MetaAlgorithm):
 
         def meta_loss(p):
             losses, logits = torch.func.vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(
-                p, *stacked([t.support for t in tasks]), *stacked([t.query for t in tasks]))
+                p, *stacked([t.support for t in tasks]), *stacked([t.query for t in tasks])
+            )
             return losses.mean(), (losses.detach(), logits.detach())
 
         with memory_format(self.model, torch.contiguous_format), decomposed_batchnorm(self.model):
@@ -224,8 +252,11 @@ class MetaSGD(MAML):
         super().reset_head(ways)
         with torch.no_grad():
             self.wrapper.lrs = nn.ParameterList(
-                [nn.Parameter(torch.full_like(p, old[n].mean().item())) if n.startswith("head.") else old[n]
-                 for n, p in self.model.named_parameters()])
+                [
+                    nn.Parameter(torch.full_like(p, old[n].mean().item())) if n.startswith("head.") else old[n]
+                    for n, p in self.model.named_parameters()
+                ]
+            )
 
     def _update(self, learner: nn.Module, lr: float, grads: list) -> None:
         # learn2learn's meta_sgd_update skips parameters whose gradient is None (unused in this task).

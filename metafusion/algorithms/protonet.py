@@ -2,6 +2,7 @@
 are negative squared Euclidean distances to the class means of the support embeddings, or
 (``algo.metric=cosine``) cosine similarities times a meta-learned scale (Gidaris & Komodakis 2018;
 Chen et al. 2019), which keeps the geometry of L2-normalised pretrained features."""
+
 from __future__ import annotations
 
 import math

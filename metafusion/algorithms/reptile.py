@@ -10,6 +10,7 @@ copies or optimizer rebuilds). As in the paper's code, the inner Adam (beta1 = 0
 estimates across tasks; they are part of ``state_dict()`` and so of every checkpoint. Evaluation
 adapts a separate copy with a fresh inner optimizer, so it never disturbs training state.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,9 @@ def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> to
 class Reptile(MetaAlgorithm):
     name = "reptile"
 
-    def __init__(self, model: FusionModel, *, inner_batch: int = 10, inner_optimizer: str = "adam",
-                 seed: int = 0, **kwargs):
+    def __init__(
+        self, model: FusionModel, *, inner_batch: int = 10, inner_optimizer: str = "adam", seed: int = 0, **kwargs
+    ):
         kwargs.pop("first_order", None)
         super().__init__(model, **kwargs)
         self.inner_batch = inner_batch
@@ -65,12 +67,13 @@ class Reptile(MetaAlgorithm):
         for _ in range(steps):
             if pos >= n:
                 order, pos = torch.randperm(n, generator=generator), 0
-            out.append(order[pos:pos + self.inner_batch])
+            out.append(order[pos : pos + self.inner_batch])
             pos += self.inner_batch
         return out
 
-    def _inner_loop(self, learner: nn.Module, opt: torch.optim.Optimizer, data: Batch, steps: int,
-                    generator: torch.Generator) -> float:
+    def _inner_loop(
+        self, learner: nn.Module, opt: torch.optim.Optimizer, data: Batch, steps: int, generator: torch.Generator
+    ) -> float:
         """``steps`` optimizer steps on the mini-batches of ``_minibatches``."""
         loss = torch.tensor(0.0)
         for rows in self._minibatches(len(data), steps, generator):
@@ -110,8 +113,10 @@ class Reptile(MetaAlgorithm):
     def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
         # The mini-batch rows are drawn here (vmap allows no random op inside): the same for every
         # episode of a support size, as ``adapt``'s fixed generator draws them.
-        batches = {n: self._minibatches(n, self.inner_steps_test, torch.Generator().manual_seed(0))
-                   for n in {len(e.support) for e in episodes}}
+        batches = {
+            n: self._minibatches(n, self.inner_steps_test, torch.Generator().manual_seed(0))
+            for n in {len(e.support) for e in episodes}
+        }
         # torch's Adam skips a parameter whose gradient is None (its step count stays); a functional
         # gradient is zero instead. They differ only when a mini-batch carries none of a modality, so
         # then the episodes adapt one by one.
@@ -131,8 +136,9 @@ class Reptile(MetaAlgorithm):
             batch = support.index(rows.to(support.mask.device))
 
             def loss(adapted: dict, frozen: dict = params, batch: Batch = batch) -> torch.Tensor:
-                return F.cross_entropy(functional(self.model, {**frozen, **adapted}, nn.Module.__call__, batch),
-                                       batch.labels)
+                return F.cross_entropy(
+                    functional(self.model, {**frozen, **adapted}, nn.Module.__call__, batch), batch.labels
+                )
 
             grads = torch.func.grad(loss)({n: params[n] for n in names})
             for n in names:
@@ -140,7 +146,7 @@ class Reptile(MetaAlgorithm):
                     params[n] = params[n] - lr * grads[n]
                     continue
                 second[n] = second[n] * ADAM_BETA2 + (1 - ADAM_BETA2) * grads[n] * grads[n]
-                denom = second[n].sqrt() / math.sqrt(1 - ADAM_BETA2 ** t) + ADAM_EPS
+                denom = second[n].sqrt() / math.sqrt(1 - ADAM_BETA2**t) + ADAM_EPS
                 params[n] = params[n] - lr * grads[n] / denom
         return {**state, "model": params}
 

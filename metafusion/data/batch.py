@@ -1,4 +1,5 @@
 """Batch and Episode: the explicit data that flows from samplers into models and algorithms."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,30 +31,34 @@ class Batch:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """On ``device``; with ``dtype``, floating-point inputs also cast to it (labels, masks and token
         ids keep theirs)."""
+
         def move(x: Tensor) -> Tensor:
             return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
 
-        return Batch({m: move(x) for m, x in self.inputs.items()}, self.mask.to(device),
-                     self.labels.to(device), self.modalities)
+        return Batch(
+            {m: move(x) for m, x in self.inputs.items()}, self.mask.to(device), self.labels.to(device), self.modalities
+        )
 
-    def index(self, idx: Tensor | slice) -> "Batch":
+    def index(self, idx: Tensor | slice) -> Batch:
         """Rows ``idx`` of this batch (a sub-batch)."""
-        return Batch({m: x[idx] for m, x in self.inputs.items()}, self.mask[idx], self.labels[idx],
-                     self.modalities)
+        return Batch({m: x[idx] for m, x in self.inputs.items()}, self.mask[idx], self.labels[idx], self.modalities)
 
     def present(self, modality: str) -> Tensor:
         """``[B]`` bool: which samples carry ``modality``."""
         return self.mask[:, self.modalities.index(modality)]
 
     @staticmethod
-    def cat(batches: list["Batch"]) -> "Batch":
+    def cat(batches: list[Batch]) -> Batch:
         first = batches[0]
-        return Batch({m: torch.cat([b.inputs[m] for b in batches]) for m in first.inputs},
-                     torch.cat([b.mask for b in batches]), torch.cat([b.labels for b in batches]),
-                     first.modalities)
+        return Batch(
+            {m: torch.cat([b.inputs[m] for b in batches]) for m in first.inputs},
+            torch.cat([b.mask for b in batches]),
+            torch.cat([b.labels for b in batches]),
+            first.modalities,
+        )
 
 
 @dataclass
@@ -77,6 +82,13 @@ class Episode:
         text = f"{self.ways},{self.shots},{self.queries}|{self.classes}|{self.indices}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Episode":
-        return Episode(self.support.to(device, dtype), self.query.to(device, dtype), self.ways, self.shots,
-                       self.queries, self.classes, self.indices)
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Episode:
+        return Episode(
+            self.support.to(device, dtype),
+            self.query.to(device, dtype),
+            self.ways,
+            self.shots,
+            self.queries,
+            self.classes,
+            self.indices,
+        )

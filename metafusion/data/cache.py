@@ -3,12 +3,14 @@ text-encoder features) are saved as tensors under ``$METAFUSION_CACHE`` (default
 ``~/.cache/metafusion``), keyed by what they were made from, so a changed source file makes a new entry
 instead of a stale hit. Writes are atomic (temporary file + rename): parallel runs can share the cache.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 

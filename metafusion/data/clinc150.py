@@ -13,6 +13,7 @@ Class splits, both over intents (never over utterances):
 The text modality is token ids (the default ``tokens`` encoder); the utterances themselves are kept in
 ``metadata["texts"]``, so ``--encoder text=minilm`` replaces them with frozen MiniLM features.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ SPLITS = ("protocol", "cross-domain")
 
 
 def find_clinc150(root: str | Path) -> Path:
-    return find_data_folder(root, "clinc150", "data_full.json",
-                            "data_full.json and domains.json (https://github.com/clinc/oos-eval, data/)")
+    return find_data_folder(
+        root, "clinc150", "data_full.json", "data_full.json and domains.json (https://github.com/clinc/oos-eval, data/)"
+    )
 
 
 def clinc150(root: str | Path, split: str = "protocol", text_length: int = 32, seed: int = 0) -> MultimodalDataset:
@@ -57,8 +59,21 @@ def clinc150(root: str | Path, split: str = "protocol", text_length: int = 32, s
         by_domain = split_classes(list(range(len(domains))), (0.6, 0.2, 0.2), seed)
         domain_names = sorted(domains)
         splits = {s: sorted(index[i] for d in ds for i in domains[domain_names[d]]) for s, ds in by_domain.items()}
-    metadata = {"class_names": names, "texts": texts, "vocabulary": vocab,
-                "domains": [domain_of[n] for n in names], "split_domains": {} if split == "protocol" else {
-                    s: sorted({domain_of[names[c]] for c in cs}) for s, cs in splits.items()}}
-    return MultimodalDataset({"text": ids}, torch.ones(len(texts), 1, dtype=torch.bool),
-                             torch.tensor([index[i] for _, i in pairs]), ("text",), splits, metadata, "clinc150")
+    metadata = {
+        "class_names": names,
+        "texts": texts,
+        "vocabulary": vocab,
+        "domains": [domain_of[n] for n in names],
+        "split_domains": {}
+        if split == "protocol"
+        else {s: sorted({domain_of[names[c]] for c in cs}) for s, cs in splits.items()},
+    }
+    return MultimodalDataset(
+        {"text": ids},
+        torch.ones(len(texts), 1, dtype=torch.bool),
+        torch.tensor([index[i] for _, i in pairs]),
+        ("text",),
+        splits,
+        metadata,
+        "clinc150",
+    )

@@ -1,9 +1,11 @@
 """MultimodalDataset: every dataset decoded once into tensors, so episode sampling only indexes."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,28 +72,38 @@ class MultimodalDataset(Dataset):
 
     def batch(self, rows: Tensor) -> Batch:
         """Rows ``rows`` as a Batch (labels are the original class ids)."""
-        return Batch({m: self.data[m][rows] for m in self.modalities}, self.present[rows],
-                     self.targets[rows], self.modalities)
+        return Batch(
+            {m: self.data[m][rows] for m in self.modalities}, self.present[rows], self.targets[rows], self.modalities
+        )
 
     def class_counts(self) -> dict[int, int]:
         ids, counts = torch.unique(self.targets, return_counts=True)
         return dict(zip(ids.tolist(), counts.tolist()))
 
     # -- derived datasets (each returns a new dataset; tensors are shared where unchanged) -------
-    def select_modalities(self, names: list[str] | tuple[str, ...]) -> "MultimodalDataset":
+    def select_modalities(self, names: list[str] | tuple[str, ...]) -> MultimodalDataset:
         unknown = [n for n in names if n not in self.modalities]
         if unknown:
-            raise DataError(f"{self.name} has no modality {', '.join(map(repr, unknown))}; "
-                            f"it provides: {', '.join(self.modalities)}")
+            raise DataError(
+                f"{self.name} has no modality {', '.join(map(repr, unknown))}; "
+                f"it provides: {', '.join(self.modalities)}"
+            )
         if not names:
             raise DataError("select at least one modality")
         cols = [self.modalities.index(n) for n in names]
         present = self.present[:, cols]
         keep = present.any(dim=1)  # samples left with no modality at all carry nothing: drop them
-        return MultimodalDataset({n: self.data[n][keep] for n in names}, present[keep], self.targets[keep],
-                                 tuple(names), self.splits, self.metadata, self.name)
+        return MultimodalDataset(
+            {n: self.data[n][keep] for n in names},
+            present[keep],
+            self.targets[keep],
+            tuple(names),
+            self.splits,
+            self.metadata,
+            self.name,
+        )
 
-    def with_missing(self, rate: float, seed: int = 0) -> "MultimodalDataset":
+    def with_missing(self, rate: float, seed: int = 0) -> MultimodalDataset:
         """Drop each modality of each sample with probability ``rate``, keeping at least one per sample."""
         if rate <= 0:
             return self
@@ -104,15 +116,15 @@ class MultimodalDataset(Dataset):
             keep = scores.argmax(dim=1)
             present[empty, keep[empty]] = True
         data = {m: x.clone() for m, x in self.data.items()}
-        return MultimodalDataset(data, present, self.targets, self.modalities, self.splits, self.metadata,
-                                 self.name)
+        return MultimodalDataset(data, present, self.targets, self.modalities, self.splits, self.metadata, self.name)
 
-    def map_modality(self, modality: str, fn: Callable[[Tensor], Tensor]) -> "MultimodalDataset":
+    def map_modality(self, modality: str, fn: Callable[[Tensor], Tensor]) -> MultimodalDataset:
         """Replace one modality's tensor by ``fn(tensor)`` (e.g. frozen encoder features)."""
         data = dict(self.data)
         data[modality] = fn(self.data[modality])
-        return MultimodalDataset(data, self.present, self.targets, self.modalities, self.splits,
-                                 self.metadata, self.name)
+        return MultimodalDataset(
+            data, self.present, self.targets, self.modalities, self.splits, self.metadata, self.name
+        )
 
     def rows_of_classes(self, classes: list[int]) -> Tensor:
         wanted = torch.zeros(int(self.targets.max()) + 1, dtype=torch.bool)
@@ -135,8 +147,11 @@ def split_classes(classes: list[int], fractions: tuple[float, float, float], see
     order = [classes[i] for i in torch.randperm(len(classes), generator=g).tolist()]
     n_train = round(fractions[0] * len(order))
     n_val = round(fractions[1] * len(order))
-    return {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
-            "test": sorted(order[n_train + n_val:])}
+    return {
+        "train": sorted(order[:n_train]),
+        "val": sorted(order[n_train : n_train + n_val]),
+        "test": sorted(order[n_train + n_val :]),
+    }
 
 
 def find_data_folder(root: str | Path, name: str, marker: str, expects: str) -> Path:

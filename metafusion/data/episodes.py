@@ -11,13 +11,14 @@ random state and swaps it in only while it draws, so episodes depend on the samp
 the same seed gives identical episodes in any process and for any algorithm, and sampling never
 disturbs (or is disturbed by) other users of ``random``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import random
 from collections import defaultdict
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset
@@ -47,14 +48,23 @@ class EpisodeSampler:
     >>> episode = sampler.sample()          # Episode(support: 5 rows, query: 75 rows)
     """
 
-    def __init__(self, dataset: MultimodalDataset, split: str, ways: int, shots: int, queries: int,
-                 seed: int = 0, modality_dropout: float = 0.0):
+    def __init__(
+        self,
+        dataset: MultimodalDataset,
+        split: str,
+        ways: int,
+        shots: int,
+        queries: int,
+        seed: int = 0,
+        modality_dropout: float = 0.0,
+    ):
         if split not in dataset.splits:
             raise DataError(f"{dataset.name} has no split {split!r}; it has: {', '.join(dataset.splits)}")
         classes = dataset.splits[split]
         if ways > len(classes):
-            raise DataError(f"{dataset.name}: {ways}-way episodes need {ways} classes, but the {split!r} "
-                            f"split has {len(classes)}")
+            raise DataError(
+                f"{dataset.name}: {ways}-way episodes need {ways} classes, but the {split!r} split has {len(classes)}"
+            )
         if shots < 1 or queries < 0:
             raise DataError(f"shots must be >= 1 and queries >= 0 (got shots={shots}, queries={queries})")
         counts = dataset.class_counts()
@@ -62,9 +72,11 @@ class EpisodeSampler:
         short = [(c, counts.get(c, 0)) for c in classes if counts.get(c, 0) < need]
         if short:
             shown = ", ".join(f"class {c} has {n}" for c, n in short[:5])
-            raise DataError(f"{dataset.name} {split!r} split: {len(short)} classes have fewer than "
-                            f"shots + queries = {shots} + {queries} = {need} samples ({shown}"
-                            f"{', ...' if len(short) > 5 else ''})")
+            raise DataError(
+                f"{dataset.name} {split!r} split: {len(short)} classes have fewer than "
+                f"shots + queries = {shots} + {queries} = {need} samples ({shown}"
+                f"{', ...' if len(short) > 5 else ''})"
+            )
         self.dataset, self.split = dataset, split
         self.ways, self.shots, self.queries = ways, shots, queries
         self.modality_dropout = modality_dropout
@@ -99,13 +111,20 @@ class EpisodeSampler:
         for c in classes:
             rows = self.rows[local[labels == c]]
             support_rows.append(rows[: self.shots])
-            query_rows.append(rows[self.shots:])
+            query_rows.append(rows[self.shots :])
         support_rows, query_rows = torch.cat(support_rows), torch.cat(query_rows)
         remap = {c: i for i, c in enumerate(classes)}
         support = self._relabel(self.dataset.batch(support_rows), remap)
         query = self._relabel(self.dataset.batch(query_rows), remap)
-        return Episode(support, query, self.ways, self.shots, self.queries, tuple(classes),
-                       tuple(torch.cat([support_rows, query_rows]).tolist()))
+        return Episode(
+            support,
+            query,
+            self.ways,
+            self.shots,
+            self.queries,
+            tuple(classes),
+            tuple(torch.cat([support_rows, query_rows]).tolist()),
+        )
 
     def _relabel(self, batch: Batch, remap: dict[int, int]) -> Batch:
         batch.labels = torch.tensor([remap[c] for c in batch.labels.tolist()])
@@ -141,8 +160,9 @@ def drop_modalities(batch: Batch, rate: float, generator: torch.Generator) -> Ba
     return Batch(inputs, mask, batch.labels, batch.modalities)
 
 
-def fixed_episodes(dataset: MultimodalDataset, split: str, ways: int, shots: int, queries: int,
-                   count: int, seed: int = 0) -> list[Episode]:
+def fixed_episodes(
+    dataset: MultimodalDataset, split: str, ways: int, shots: int, queries: int, count: int, seed: int = 0
+) -> list[Episode]:
     """``count`` evaluation episodes fixed by ``seed``: identical in every run and for every algorithm."""
     sampler = EpisodeSampler(dataset, split, ways, shots, queries, seed=seed)
     return [sampler.sample() for _ in range(count)]

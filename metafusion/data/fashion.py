@@ -18,6 +18,7 @@ carry no image modality: a real missing modality). Modalities:
 Images and titles are decoded once and cached as tensors (``data.cache``). Classes are split 60/20/20
 with ``seed`` (52/17/17 at 20 products).
 """
+
 from __future__ import annotations
 
 import csv
@@ -124,8 +125,9 @@ def attribute_vector(rows: list[dict[str, str]]) -> tuple[Tensor, list[str]]:
     return torch.from_numpy(x), names
 
 
-def fashion(root: str | Path, image_size: int = 28, min_products: int = 20, text_length: int = 16,
-            seed: int = 0) -> MultimodalDataset:
+def fashion(
+    root: str | Path, image_size: int = 28, min_products: int = 20, text_length: int = 16, seed: int = 0
+) -> MultimodalDataset:
     base = find_fashion(root)
     rows = read_styles(base)
     photographed: dict[str, int] = {}
@@ -144,10 +146,16 @@ def fashion(root: str | Path, image_size: int = 28, min_products: int = 20, text
     texts = [mask_title(r["productDisplayName"], words) for r in kept]
     tokens, vocab = token_ids(texts, text_length)
     tabular, features = attribute_vector(kept)
-    present = torch.stack([has_image, torch.tensor([bool(t.strip()) for t in texts]),
-                           torch.ones(len(kept), dtype=torch.bool)], 1)  # (N, 3)
-    metadata = {"class_names": names, "texts": texts, "vocabulary": vocab, "tabular_features": features,
-                "ids": ids}
-    return MultimodalDataset({"image": images.float() / 255.0, "text": tokens, "tabular": tabular}, present,
-                             torch.tensor([index[r["articleType"]] for r in kept]), ("image", "text", "tabular"),
-                             split_classes(list(range(len(names))), (0.6, 0.2, 0.2), seed), metadata, "fashion")
+    present = torch.stack(
+        [has_image, torch.tensor([bool(t.strip()) for t in texts]), torch.ones(len(kept), dtype=torch.bool)], 1
+    )  # (N, 3)
+    metadata = {"class_names": names, "texts": texts, "vocabulary": vocab, "tabular_features": features, "ids": ids}
+    return MultimodalDataset(
+        {"image": images.float() / 255.0, "text": tokens, "tabular": tabular},
+        present,
+        torch.tensor([index[r["articleType"]] for r in kept]),
+        ("image", "text", "tabular"),
+        split_classes(list(range(len(names))), (0.6, 0.2, 0.2), seed),
+        metadata,
+        "fashion",
+    )

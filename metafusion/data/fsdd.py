@@ -10,6 +10,7 @@ Labels: ``label="digit"`` (10 classes), or ``label="digit_speaker"`` (default fo
 test episodes ask to tell apart the digits of a speaker never seen in meta-training. The digit and
 speaker of every row are kept in ``metadata`` either way.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,36 +45,48 @@ def read_wav(path: Path, length: int) -> np.ndarray:
     wave = wave.mean(1)
     if len(wave) >= length:
         start = (len(wave) - length) // 2
-        return wave[start:start + length]
+        return wave[start : start + length]
     out = np.zeros(length, dtype=np.float32)
     start = (length - len(wave)) // 2
-    out[start:start + len(wave)] = wave
+    out[start : start + len(wave)] = wave
     return out
 
 
 def fsdd(root: str | Path, seconds: float = 1.0, label: str = "digit_speaker") -> MultimodalDataset:
     folder = find_recordings(root)
-    files = sorted(folder.glob("*_*_*.wav"), key=lambda p: (int(p.stem.split("_")[0]), p.stem.split("_")[1],
-                                                            int(p.stem.split("_")[2])))
+    files = sorted(
+        folder.glob("*_*_*.wav"),
+        key=lambda p: (int(p.stem.split("_")[0]), p.stem.split("_")[1], int(p.stem.split("_")[2])),
+    )
     length = int(seconds * SAMPLE_RATE)
     digits = [int(p.stem.split("_")[0]) for p in files]
     speakers = [p.stem.split("_")[1] for p in files]
     unknown = sorted(set(speakers) - set(SPEAKERS))
     if unknown:
         raise DataError(f"{folder}: unknown speakers {unknown}; expected {SPEAKERS}")
-    audio = cached(f"fsdd/audio_{length}_{files_key(files)}.pt",
-                   lambda: torch.from_numpy(np.stack([read_wav(p, length) for p in files]))[:, None])  # (N, 1, T)
+    audio = cached(
+        f"fsdd/audio_{length}_{files_key(files)}.pt",
+        lambda: torch.from_numpy(np.stack([read_wav(p, length) for p in files]))[:, None],
+    )  # (N, 1, T)
     if label == "digit":
         targets = torch.tensor(digits)
         splits = {}
         names = [str(d) for d in range(10)]
     elif label == "digit_speaker":
         targets = torch.tensor([d * len(SPEAKERS) + SPEAKERS.index(s) for d, s in zip(digits, speakers)])
-        splits = {split: sorted(d * len(SPEAKERS) + SPEAKERS.index(s) for d in range(10) for s in who)
-                  for split, who in SPEAKER_SPLIT.items()}
+        splits = {
+            split: sorted(d * len(SPEAKERS) + SPEAKERS.index(s) for d in range(10) for s in who)
+            for split, who in SPEAKER_SPLIT.items()
+        }
         names = [f"{d}/{s}" for d in range(10) for s in SPEAKERS]
     else:
         raise DataError(f"unknown FSDD label {label!r}; choose digit or digit_speaker")
-    return MultimodalDataset({"audio": audio}, torch.ones(len(files), 1, dtype=torch.bool), targets, ("audio",),
-                             splits, {"sample_rate": SAMPLE_RATE, "digits": digits, "speakers": speakers,
-                                      "class_names": names}, "fsdd")
+    return MultimodalDataset(
+        {"audio": audio},
+        torch.ones(len(files), 1, dtype=torch.bool),
+        targets,
+        ("audio",),
+        splits,
+        {"sample_rate": SAMPLE_RATE, "digits": digits, "speakers": speakers, "class_names": names},
+        "fsdd",
+    )

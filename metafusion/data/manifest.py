@@ -9,6 +9,7 @@ unreadable file is an error naming the file and the reason, unless ``skip_errors
 modality is masked for that sample and the count is reported in ``metadata["skipped"]``.
 See docs/datasets.md for the format and tests/data/tiny_manifest for an example.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,8 +26,16 @@ from torch import Tensor
 from .dataset import DataError, MultimodalDataset, split_classes
 from .fsdd import read_wav
 
-EXTENSIONS = {".png": "image", ".jpg": "image", ".jpeg": "image", ".wav": "audio", ".flac": "audio",
-              ".txt": "text", ".npy": "array", ".csv": "array"}
+EXTENSIONS = {
+    ".png": "image",
+    ".jpg": "image",
+    ".jpeg": "image",
+    ".wav": "audio",
+    ".flac": "audio",
+    ".txt": "text",
+    ".npy": "array",
+    ".csv": "array",
+}
 MODALITY_ORDER = ("image", "audio", "text", "sequence", "tabular")
 
 
@@ -42,7 +51,7 @@ def token_ids(texts: list[str], length: int, vocabulary: list[str] | None = None
     ids = torch.zeros(len(texts), length, dtype=torch.long)
     for i, t in enumerate(texts):
         tok = [index[w] for w in tokenize(t) if w in index][:length]
-        ids[i, :len(tok)] = torch.tensor(tok, dtype=torch.long)
+        ids[i, : len(tok)] = torch.tensor(tok, dtype=torch.long)
     return ids, vocab
 
 
@@ -84,8 +93,10 @@ def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any], co
         raise DataError(f"cannot read {path} as {what}: {e}") from None
     bad = int(array.size - np.isfinite(array).sum())
     if bad:
-        raise DataError(f"{path} ({what}) holds {bad} non-finite values (NaN or inf); fix the file, or set "
-                        f"data.skip_unreadable=true to mask it")
+        raise DataError(
+            f"{path} ({what}) holds {bad} non-finite values (NaN or inf); fix the file, or set "
+            f"data.skip_unreadable=true to mask it"
+        )
     return array
 
 
@@ -124,10 +135,17 @@ def _rows_from_folder(root: Path) -> list[dict[str, str]]:
     return list(rows.values())
 
 
-def load_user_data(path: str | Path, modalities: tuple[str, ...] | None = None,
-                   like: MultimodalDataset | None = None, image_size: int = 28, seconds: float = 1.0,
-                   sample_rate: int = 8000, text_length: int = 32, skip_errors: bool = False,
-                   seed: int = 0) -> MultimodalDataset:
+def load_user_data(
+    path: str | Path,
+    modalities: tuple[str, ...] | None = None,
+    like: MultimodalDataset | None = None,
+    image_size: int = 28,
+    seconds: float = 1.0,
+    sample_rate: int = 8000,
+    text_length: int = 32,
+    skip_errors: bool = False,
+    seed: int = 0,
+) -> MultimodalDataset:
     """Load a manifest file or a class-folder tree as a MultimodalDataset.
 
     ``like``: a dataset whose shapes and vocabulary must be matched (e.g. the one a model was
@@ -138,8 +156,11 @@ def load_user_data(path: str | Path, modalities: tuple[str, ...] | None = None,
         raise DataError(f"no such manifest or folder: {path}")
     rows = _rows_from_folder(path) if path.is_dir() else _rows_from_manifest(path)
     base = path if path.is_dir() else path.parent
-    columns = [c for c in rows[0] if c != "label"] if not path.is_dir() else sorted(
-        {k for r in rows for k in r if k != "label"})
+    columns = (
+        [c for c in rows[0] if c != "label"]
+        if not path.is_dir()
+        else sorted({k for r in rows for k in r if k != "label"})
+    )
     opts = {"image_size": image_size, "audio_length": int(seconds * sample_rate)}
     if like is not None:
         if "image" in like.data:
@@ -174,7 +195,8 @@ def load_user_data(path: str | Path, modalities: tuple[str, ...] | None = None,
     names = sorted({str(r["label"]) for r in rows})
     targets = torch.tensor([names.index(str(r["label"])) for r in rows])
     wanted = modalities or tuple(m for m in MODALITY_ORDER if m in raw) + tuple(
-        m for m in raw if m not in MODALITY_ORDER)
+        m for m in raw if m not in MODALITY_ORDER
+    )
     missing = [m for m in wanted if m not in raw]
     if missing:
         raise DataError(f"{path} has no {', '.join(missing)} data (it has: {', '.join(raw)})")
@@ -194,8 +216,10 @@ def load_user_data(path: str | Path, modalities: tuple[str, ...] | None = None,
     present_t = torch.stack(present, 1) if present else torch.zeros(len(rows), 0, dtype=torch.bool)
     empty = ~present_t.any(1)
     if empty.any():
-        raise DataError(f"{path}: {int(empty.sum())} samples have no readable modality "
-                        f"(first: label {rows[int(torch.nonzero(empty)[0])]['label']!r})")
+        raise DataError(
+            f"{path}: {int(empty.sum())} samples have no readable modality "
+            f"(first: label {rows[int(torch.nonzero(empty)[0])]['label']!r})"
+        )
     splits = split_classes(list(range(len(names))), (0.6, 0.2, 0.2), seed) if len(names) >= 5 else {}
     return MultimodalDataset(data, present_t, targets, tuple(wanted), splits, metadata, path.name)
 

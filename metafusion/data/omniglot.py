@@ -17,6 +17,7 @@ inked arc length of the whole drawing. Step k is ``(dx, dy, pen_up)``: the move 
 point k in units of the 105-pixel image width (for k = 0: from the image centre), and ``pen_up = 1``
 when the pen lifts after point k (the next step jumps to a new stroke; the last step is always 1).
 """
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,7 @@ from .cache import cached, files_key
 from .dataset import DataError, MultimodalDataset, split_classes
 
 IMAGE_SPLITS = ("background", "evaluation")
-STROKE_SOURCES = ("strokes_background", "strokes_evaluation", "strokes_background_small1",
-                  "strokes_background_small2")
+STROKE_SOURCES = ("strokes_background", "strokes_evaluation", "strokes_background_small1", "strokes_background_small2")
 UPSTREAM = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 EXPECTED_CHARACTERS = {"background": 964, "evaluation": 659}
 
@@ -43,12 +43,13 @@ def find_omniglot_root(root: str | Path) -> Path:
     """The folder holding the Omniglot files: ``root``, ``root/omniglot`` or ``root/omniglot-py``."""
     root = Path(root)
     for candidate in (root, root / "omniglot", root / "omniglot-py", root / "omniglot" / "omniglot-py"):
-        if any((candidate / f"images_{s}.zip").exists() or (candidate / f"images_{s}").is_dir()
-               for s in IMAGE_SPLITS):
+        if any((candidate / f"images_{s}.zip").exists() or (candidate / f"images_{s}").is_dir() for s in IMAGE_SPLITS):
             return candidate
-    raise DataError(f"no Omniglot images under {root}: expected images_background.zip and "
-                    f"images_evaluation.zip (or the extracted images_background/ images_evaluation/ folders) "
-                    f"in {root}, {root / 'omniglot'} or {root / 'omniglot-py'}")
+    raise DataError(
+        f"no Omniglot images under {root}: expected images_background.zip and "
+        f"images_evaluation.zip (or the extracted images_background/ images_evaluation/ folders) "
+        f"in {root}, {root / 'omniglot'} or {root / 'omniglot-py'}"
+    )
 
 
 def download_omniglot(root: str | Path, strokes: bool = True) -> Path:
@@ -172,8 +173,10 @@ def load_strokes(root: str | Path, length: int = 64) -> dict[str, Tensor]:
     base = find_omniglot_root(root)
     present = [n for n in STROKE_SOURCES if (base / f"{n}.zip").exists() or (base / n).is_dir()]
     if not present:
-        raise DataError(f"no Omniglot stroke files under {base}: expected strokes_background.zip / "
-                        f"strokes_evaluation.zip or strokes_background_small1.zip / _small2.zip")
+        raise DataError(
+            f"no Omniglot stroke files under {base}: expected strokes_background.zip / "
+            f"strokes_evaluation.zip or strokes_background_small1.zip / _small2.zip"
+        )
 
     def encode() -> dict[str, Tensor]:
         encoded: dict[str, Tensor] = {}
@@ -204,8 +207,9 @@ def _class_ids(keys: list[str]) -> tuple[Tensor, list[str]]:
     return torch.tensor([index[character_of(k)] for k in keys]), names
 
 
-def omniglot(root: str | Path, image_size: int = 28, split: str = "protocol", rotations: bool = False,
-             seed: int = 0) -> MultimodalDataset:
+def omniglot(
+    root: str | Path, image_size: int = 28, split: str = "protocol", rotations: bool = False, seed: int = 0
+) -> MultimodalDataset:
     """Image-only Omniglot, 1623 characters (964 background + 659 evaluation), 20 drawers each.
 
     ``split="protocol"``: all characters shuffled with ``seed``, 1100 train / 100 val / 423 test (the
@@ -229,12 +233,20 @@ def omniglot(root: str | Path, image_size: int = 28, split: str = "protocol", ro
         targets = torch.cat([targets + r * k for r in range(4)])
         splits = {s: [c + r * k for r in range(4) for c in cs] for s, cs in splits.items()}
         names = [f"{n}@rot{90 * r}" for r in range(4) for n in names]
-    return MultimodalDataset({"image": images}, torch.ones(len(targets), 1, dtype=torch.bool), targets,
-                             ("image",), splits, {"class_names": names, "keys": keys}, "omniglot")
+    return MultimodalDataset(
+        {"image": images},
+        torch.ones(len(targets), 1, dtype=torch.bool),
+        targets,
+        ("image",),
+        splits,
+        {"class_names": names, "keys": keys},
+        "omniglot",
+    )
 
 
-def omniglot_strokes(root: str | Path, image_size: int = 28, stroke_length: int = 64,
-                     seed: int = 0) -> MultimodalDataset:
+def omniglot_strokes(
+    root: str | Path, image_size: int = 28, stroke_length: int = 64, seed: int = 0
+) -> MultimodalDataset:
     """Image + pen-stroke Omniglot: the characters whose drawings all have strokes, with their own
     disjoint train/val/test class split (60/20/20, shuffled with ``seed``)."""
     strokes = load_strokes(root, stroke_length)
@@ -252,5 +264,12 @@ def omniglot_strokes(root: str | Path, image_size: int = 28, stroke_length: int 
     targets = torch.tensor([index[character_of(keys[i])] for i in rows])
     data = {"image": images[rows], "strokes": torch.stack([strokes[keys[i]] for i in rows])}
     splits = split_classes(list(range(len(chars))), (0.6, 0.2, 0.2), seed)
-    return MultimodalDataset(data, torch.ones(len(rows), 2, dtype=torch.bool), targets, ("image", "strokes"),
-                             splits, {"class_names": chars, "keys": [keys[i] for i in rows]}, "omniglot-strokes")
+    return MultimodalDataset(
+        data,
+        torch.ones(len(rows), 2, dtype=torch.bool),
+        targets,
+        ("image", "strokes"),
+        splits,
+        {"class_names": chars, "keys": [keys[i] for i in rows]},
+        "omniglot-strokes",
+    )

@@ -1,4 +1,5 @@
 """Per-modality standardisation with statistics from the meta-train split only."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ class Standardizer:
     stats: dict[str, tuple[Tensor, Tensor]]
 
     @staticmethod
-    def fit(dataset: MultimodalDataset, split: str = "train") -> "Standardizer":
+    def fit(dataset: MultimodalDataset, split: str = "train") -> Standardizer:
         rows = dataset.rows_of_classes(dataset.splits[split])
         stats = {}
         for j, m in enumerate(dataset.modalities):
@@ -41,5 +42,6 @@ class Standardizer:
         data = dict(dataset.data)
         for m, (mean, std) in self.stats.items():
             data[m] = (data[m] - mean) / std  # absent rows are re-zeroed by MultimodalDataset
-        return MultimodalDataset(data, dataset.present, dataset.targets, dataset.modalities, dataset.splits,
-                                 dataset.metadata, dataset.name)
+        return MultimodalDataset(
+            data, dataset.present, dataset.targets, dataset.modalities, dataset.splits, dataset.metadata, dataset.name
+        )

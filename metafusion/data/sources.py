@@ -1,5 +1,6 @@
 """The dataset registry's entries: name -> builder(DataConfig) -> MultimodalDataset, plus where each
 expects its files (shown by `metafusion datasets`)."""
+
 from __future__ import annotations
 
 import json
@@ -24,12 +25,16 @@ EXPECTED_FILES = {
 
 def require_root(cfg: DataConfig, sub: str) -> Path:
     if not cfg.root:
-        raise DataError(f"dataset {cfg.dataset!r} needs a data root: set METAFUSION_DATA or data.root "
-                        f"(expects {EXPECTED_FILES[cfg.dataset]})")
+        raise DataError(
+            f"dataset {cfg.dataset!r} needs a data root: set METAFUSION_DATA or data.root "
+            f"(expects {EXPECTED_FILES[cfg.dataset]})"
+        )
     path = Path(cfg.root) / sub if sub else Path(cfg.root)
     if not path.exists():
-        raise DataError(f"dataset {cfg.dataset!r}: {path} does not exist (expects {EXPECTED_FILES[cfg.dataset]} "
-                        f"under the data root {cfg.root})")
+        raise DataError(
+            f"dataset {cfg.dataset!r}: {path} does not exist (expects {EXPECTED_FILES[cfg.dataset]} "
+            f"under the data root {cfg.root})"
+        )
     return path
 
 
@@ -77,11 +82,14 @@ def fashion(cfg: DataConfig) -> MultimodalDataset:
 def manifest(cfg: DataConfig) -> MultimodalDataset:
     from .manifest import load_user_data
 
-    ds = load_user_data(require_root(cfg, ""), image_size=cfg.image_size, skip_errors=cfg.skip_unreadable,
-                        seed=cfg.data_seed)
+    ds = load_user_data(
+        require_root(cfg, ""), image_size=cfg.image_size, skip_errors=cfg.skip_unreadable, seed=cfg.data_seed
+    )
     if ds.metadata["skipped"]:
-        print(f"{cfg.root}: skipped {ds.metadata['skipped']} unreadable files (data.skip_unreadable=true); "
-              f"those modalities are masked")
+        print(
+            f"{cfg.root}: skipped {ds.metadata['skipped']} unreadable files (data.skip_unreadable=true); "
+            f"those modalities are masked"
+        )
     if not ds.splits:
         raise DataError(f"{cfg.root}: meta-training needs at least 5 classes to split into train/val/test")
     return ds

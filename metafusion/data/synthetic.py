@@ -7,6 +7,7 @@ classes that collide in one modality but differ in the others, which is what mak
 measurably better than the best single one. ``noise`` scales the within-class noise of every modality.
 Everything is a deterministic function of ``seed`` and builds in seconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ def vocabulary(size: int = VOCAB_SIZE) -> list[str]:
 
 def _segments_to_image(points: Tensor, size: int = 28, sigma: float = 0.9) -> Tensor:
     """Render line segments ``points [N, S, 2, 2]`` (pixel coordinates) into ``[N, 1, size, size]``."""
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     grid = torch.stack([xs, ys], dim=-1).reshape(1, 1, -1, 2)  # (1, 1, P, 2)
     a, b = points[:, :, None, 0], points[:, :, None, 1]  # (N, S, 1, 2)
     ab = b - a
@@ -79,9 +81,14 @@ def _text(keywords: Tensor, noise: float, g: torch.Generator) -> Tensor:
     return torch.where(use_kw, kw, background)
 
 
-def make_synthetic(num_classes: int = 300, samples_per_class: int = 20, noise: float = 1.0,
-                   missing_rate: float = 0.0, seed: int = 0,
-                   split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> MultimodalDataset:
+def make_synthetic(
+    num_classes: int = 300,
+    samples_per_class: int = 20,
+    noise: float = 1.0,
+    missing_rate: float = 0.0,
+    seed: int = 0,
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+) -> MultimodalDataset:
     """Build the synthetic dataset (about 2 s for 300 x 20 samples)."""
     if num_classes < 10:
         raise ValueError(f"synthetic dataset needs at least 10 classes, got {num_classes}")
@@ -114,10 +121,17 @@ def make_synthetic(num_classes: int = 300, samples_per_class: int = 20, noise: f
     }
     present = torch.ones(targets.shape[0], len(MODALITIES), dtype=torch.bool)
     ds = MultimodalDataset(
-        data, present, targets, MODALITIES,
+        data,
+        present,
+        targets,
+        MODALITIES,
         splits=split_classes(list(range(num_classes)), split_fractions, seed),
-        metadata={"vocabulary": vocabulary(), "sample_rate": SAMPLE_RATE, "prototypes": assign,
-                  "text_length": TEXT_LENGTH},
+        metadata={
+            "vocabulary": vocabulary(),
+            "sample_rate": SAMPLE_RATE,
+            "prototypes": assign,
+            "text_length": TEXT_LENGTH,
+        },
         name="synthetic",
     )
     return ds.with_missing(missing_rate, seed=seed + 1)

@@ -1,4 +1,5 @@
 """`metafusion datasets`: what each dataset is, where it expects its files, and whether they are there."""
+
 from __future__ import annotations
 
 from pathlib import Path

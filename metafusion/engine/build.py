@@ -1,4 +1,5 @@
 """Config -> the objects of one experiment: prepared dataset, model, algorithm, samplers, episodes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -40,7 +41,7 @@ def with_encoder_features(cfg: RunConfig, dataset: MultimodalDataset) -> Multimo
     return dataset
 
 
-def as_model_inputs(exp: "Experiment", data: MultimodalDataset) -> MultimodalDataset:
+def as_model_inputs(exp: Experiment, data: MultimodalDataset) -> MultimodalDataset:
     """A user's own data through the pipeline the model was meta-trained on: frozen features where
     the encoder is frozen, then the meta-train split's standardisation (never refitted on the user's data)."""
     data = with_encoder_features(exp.cfg, data)
@@ -61,9 +62,11 @@ def with_frozen_text_features(dataset: MultimodalDataset, modality: str) -> Mult
 
 
 def model_spec(dataset: MultimodalDataset) -> ModelSpec:
-    return ModelSpec({m: tuple(dataset.data[m].shape[1:]) for m in dataset.modalities},
-                     vocab_size=len(dataset.metadata.get("vocabulary", [])) or 201,
-                     sample_rate=dataset.metadata.get("sample_rate", 8000))
+    return ModelSpec(
+        {m: tuple(dataset.data[m].shape[1:]) for m in dataset.modalities},
+        vocab_size=len(dataset.metadata.get("vocabulary", [])) or 201,
+        sample_rate=dataset.metadata.get("sample_rate", 8000),
+    )
 
 
 def make_model(cfg: RunConfig, dataset: MultimodalDataset, ways: int | None = None) -> FusionModel:
@@ -72,21 +75,37 @@ def make_model(cfg: RunConfig, dataset: MultimodalDataset, ways: int | None = No
     if m.modalities:
         unknown = [x for x in m.modalities if x not in spec.input_shapes]
         if unknown:
-            raise ValueError(f"model.modalities names {', '.join(map(repr, unknown))}, which the data does not "
-                             f"provide ({', '.join(spec.input_shapes)})")
+            raise ValueError(
+                f"model.modalities names {', '.join(map(repr, unknown))}, which the data does not "
+                f"provide ({', '.join(spec.input_shapes)})"
+            )
         spec.input_shapes = {x: spec.input_shapes[x] for x in m.modalities}
     encoders = m.encoders
     if m.modalities or cfg.data.modalities:  # a config's encoders for modalities left out do not apply
         encoders = {x: e for x, e in encoders.items() if x in spec.input_shapes}
-    return build_model(spec, ways or cfg.data.ways, width=m.width, hidden=m.hidden,
-                       fusion=m.fusion, attention=m.attention, encoders=encoders)
+    return build_model(
+        spec,
+        ways or cfg.data.ways,
+        width=m.width,
+        hidden=m.hidden,
+        fusion=m.fusion,
+        attention=m.attention,
+        encoders=encoders,
+    )
 
 
 def make_algorithm(cfg: RunConfig, model: FusionModel, dataset: MultimodalDataset) -> MetaAlgorithm:
     a = cfg.algo
-    kwargs = dict(inner_lr=a.inner_lr, inner_steps=a.inner_steps, inner_lr_test=a.inner_lr_test,
-                  inner_steps_test=a.inner_steps_test, transductive=a.transductive,
-                  adapt_scope=cfg.model.adapt, first_order=a.first_order, batched_eval=a.batched_eval)
+    kwargs = dict(
+        inner_lr=a.inner_lr,
+        inner_steps=a.inner_steps,
+        inner_lr_test=a.inner_lr_test,
+        inner_steps_test=a.inner_steps_test,
+        transductive=a.transductive,
+        adapt_scope=cfg.model.adapt,
+        first_order=a.first_order,
+        batched_eval=a.batched_eval,
+    )
     if a.learn_inner_lr:
         kwargs.update(learn_inner_lr=True)
     if a.task_batched:
@@ -118,8 +137,9 @@ class Experiment:
     def test_episodes(self, count: int | None = None, split: str = "test") -> list[Episode]:
         """The fixed evaluation episodes: a function of the data config and episode_seed only."""
         d = self.cfg.data
-        return fixed_episodes(self.dataset, split, d.ways, d.shots, d.queries,
-                              count or d.test_episodes, seed=d.episode_seed)
+        return fixed_episodes(
+            self.dataset, split, d.ways, d.shots, d.queries, count or d.test_episodes, seed=d.episode_seed
+        )
 
 
 def build_experiment(cfg: RunConfig, dataset: MultimodalDataset | None = None) -> Experiment:
@@ -131,7 +151,14 @@ def build_experiment(cfg: RunConfig, dataset: MultimodalDataset | None = None) -
     model = make_model(cfg, dataset).to(cfg.train.device)
     algorithm = make_algorithm(cfg, model, dataset)
     d = cfg.data
-    sampler = EpisodeSampler(dataset, "train", d.train_ways, d.train_shots, d.train_queries, seed=cfg.train.seed,
-                             modality_dropout=d.modality_dropout)
+    sampler = EpisodeSampler(
+        dataset,
+        "train",
+        d.train_ways,
+        d.train_shots,
+        d.train_queries,
+        seed=cfg.train.seed,
+        modality_dropout=d.modality_dropout,
+    )
     val = fixed_episodes(dataset, "val", d.ways, d.shots, d.queries, d.val_episodes, seed=d.episode_seed + 1)
     return Experiment(cfg, dataset, model, algorithm, sampler, val)

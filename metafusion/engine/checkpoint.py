@@ -1,4 +1,5 @@
 """Self-describing, atomically written checkpoints (config, versions, step, RNG states, all state)."""
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,15 @@ def library_versions() -> dict[str, str]:
     from .. import __version__
     from .._learn2learn import __version__ as l2l_version
 
-    return {"metafusion": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "torchaudio": torchaudio.__version__, "transformers": transformers.__version__,
-            "learn2learn": l2l_version, "numpy": np.__version__}
+    return {
+        "metafusion": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torchaudio": torchaudio.__version__,
+        "transformers": transformers.__version__,
+        "learn2learn": l2l_version,
+        "numpy": np.__version__,
+    }
 
 
 def hardware(device: str) -> str:
@@ -41,8 +48,9 @@ def hardware(device: str) -> str:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

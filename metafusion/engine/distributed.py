@@ -12,6 +12,7 @@ only indexes cached tensors) and keeps the sampler state identical on all ranks 
 Only rank 0 validates, logs and writes checkpoints; the budget's stop decision is rank 0's and
 travels in the same all-reduce as the gradients, so ranks can never disagree on when to stop.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ class Rank:
 
     def shard(self, tasks: list) -> list:
         """This rank's tasks of a meta-batch (round-robin, so shares differ by at most one task)."""
-        return tasks[self.rank::self.world]
+        return tasks[self.rank :: self.world]
 
 
 def launched_by_torchrun() -> bool:
@@ -80,8 +81,9 @@ def broadcast_parameters(params: list[torch.Tensor]) -> None:
             dist.broadcast(p.data, src=0)
 
 
-def all_reduce_meta_batch(params: list[torch.Tensor], n_local: int, n_total: int, metrics: dict[str, float],
-                          stop: bool) -> tuple[dict[str, float], bool]:
+def all_reduce_meta_batch(
+    params: list[torch.Tensor], n_local: int, n_total: int, metrics: dict[str, float], stop: bool
+) -> tuple[dict[str, float], bool]:
     """Turn each rank's mean-over-its-tasks gradient into the mean over the whole meta-batch, in one
     flat all-reduce that also carries the metrics (task-weighted) and rank 0's stop request."""
     if not dist.is_initialized():
@@ -89,15 +91,18 @@ def all_reduce_meta_batch(params: list[torch.Tensor], n_local: int, n_total: int
     keys = sorted(k for k, v in metrics.items() if isinstance(v, float))
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     device = grads[0].device if grads else torch.device("cpu")
-    extra = torch.tensor([metrics[k] * n_local for k in keys] + [float(n_local), float(stop)],
-                         dtype=grads[0].dtype if grads else torch.float32, device=device)
+    extra = torch.tensor(
+        [metrics[k] * n_local for k in keys] + [float(n_local), float(stop)],
+        dtype=grads[0].dtype if grads else torch.float32,
+        device=device,
+    )
     flat = torch.cat([g.reshape(-1) * n_local for g in grads] + [extra])
     dist.all_reduce(flat)
     flat /= n_total
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g)
+        p.grad = flat[offset : offset + n].view_as(g)
         offset += n
     reduced = {k: float(flat[offset + i]) for i, k in enumerate(keys)}  # already divided by n_total
     return {**metrics, **reduced}, bool(flat[-1] > 0)

@@ -1,4 +1,5 @@
 """Meta-test: adapt on each fixed episode's support set, score its query set, summarise with a 95% CI."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,6 @@ from tqdm import tqdm
 
 from ..algorithms import MetaAlgorithm
 from ..data import Episode, episodes_fingerprint
-
 
 # Episodes handed to ``evaluate_many`` at once: enough to fill a vmap, few enough to bound its memory
 # (the stacked weights and activations of every episode in the call) and to keep the bar moving.
@@ -46,15 +46,16 @@ def confidence_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, std, 1.96 * std / math.sqrt(n)
 
 
-def meta_test(algorithm: MetaAlgorithm, episodes: list[Episode], quiet: bool = True, desc: str = "meta-test",
-              device: str = "cpu") -> EvalResult:
+def meta_test(
+    algorithm: MetaAlgorithm, episodes: list[Episode], quiet: bool = True, desc: str = "meta-test", device: str = "cpu"
+) -> EvalResult:
     """Adapt on each episode's support set and score its query set; ``EPISODES_PER_CALL`` episodes at a
     time go to ``algorithm.evaluate_many`` (adapted together where that is faster)."""
     start = time.perf_counter()
     accs, f1s, losses, weights, diverged = [], [], [], [], 0
     bar = tqdm(total=len(episodes), desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
     for first in range(0, len(episodes), EPISODES_PER_CALL):
-        chunk = [e.to(device) for e in episodes[first:first + EPISODES_PER_CALL]]
+        chunk = [e.to(device) for e in episodes[first : first + EPISODES_PER_CALL]]
         for m in algorithm.evaluate_many(chunk):
             accs.append(m["accuracy"])
             f1s.append(m["macro_f1"])
@@ -70,8 +71,21 @@ def meta_test(algorithm: MetaAlgorithm, episodes: list[Episode], quiet: bool = T
     mean, std, ci = confidence_interval(accs)
     mw = {m: sum(w[m] for w in weights) / len(weights) for m in weights[0]} if weights else {}
     if diverged:
-        tqdm.write(f"warning: {desc}: {diverged} of {len(episodes)} episodes diverged (non-finite logits); their "
-                   f"non-finite queries count as wrong and the loss is averaged over the other episodes")
+        tqdm.write(
+            f"warning: {desc}: {diverged} of {len(episodes)} episodes diverged (non-finite logits); their "
+            f"non-finite queries count as wrong and the loss is averaged over the other episodes"
+        )
     loss = sum(losses) / len(losses) if losses else float("nan")
-    return EvalResult(mean, std, ci, sum(f1s) / len(f1s), loss, len(episodes), episodes_fingerprint(episodes),
-                      time.perf_counter() - start, mw, diverged, accs)
+    return EvalResult(
+        mean,
+        std,
+        ci,
+        sum(f1s) / len(f1s),
+        loss,
+        len(episodes),
+        episodes_fingerprint(episodes),
+        time.perf_counter() - start,
+        mw,
+        diverged,
+        accs,
+    )

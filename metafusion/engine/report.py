@@ -1,5 +1,6 @@
 """What a run leaves behind for people: metrics.jsonl, TensorBoard events, results.json/.md, plots,
 and the side-by-side comparison tables (Markdown + CSV)."""
+
 from __future__ import annotations
 
 import csv
@@ -56,7 +57,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def start(self) -> "PeakMemory":
+    def start(self) -> PeakMemory:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
         self._sample()
@@ -84,8 +85,9 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -119,24 +121,35 @@ def write_results(run_dir: Path, results: dict[str, Any], stem: str = "results")
 
 
 def results_markdown(r: dict[str, Any]) -> str:
-    lines = [f"# {r.get('name', 'run')}: {r['algorithm']} on {r['dataset']} "
-             f"({r['ways']}-way {r['shots']}-shot)", "",
-             "| metric | value |", "|---|---|",
-             f"| accuracy | {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI) |",
-             f"| episodes | {r['episodes']} (fingerprint `{r['fingerprint']}`), "
-             f"{'transductive' if r.get('transductive', True) else 'non-transductive'} |",
-             f"| macro-F1 | {r['macro_f1']:.4f} |",
-             f"| meta-train iterations | {r.get('iterations', '-')} |",
-             f"| meta-train time | {r.get('train_seconds', 0):.1f} s |",
-             f"| tasks/s | {r.get('tasks_per_s', 0):.2f} |",
-             f"| peak memory | {r.get('peak_memory_mb', 0):.0f} MiB |", ""]
+    lines = [
+        f"# {r.get('name', 'run')}: {r['algorithm']} on {r['dataset']} ({r['ways']}-way {r['shots']}-shot)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI) |",
+        f"| episodes | {r['episodes']} (fingerprint `{r['fingerprint']}`), "
+        f"{'transductive' if r.get('transductive', True) else 'non-transductive'} |",
+        f"| macro-F1 | {r['macro_f1']:.4f} |",
+        f"| meta-train iterations | {r.get('iterations', '-')} |",
+        f"| meta-train time | {r.get('train_seconds', 0):.1f} s |",
+        f"| tasks/s | {r.get('tasks_per_s', 0):.2f} |",
+        f"| peak memory | {r.get('peak_memory_mb', 0):.0f} MiB |",
+        "",
+    ]
     if r.get("modality_weights"):
-        lines += ["Mean attention weight per modality (query samples, after adaptation):", "",
-                  "| modality | weight |", "|---|---|"]
+        lines += [
+            "Mean attention weight per modality (query samples, after adaptation):",
+            "",
+            "| modality | weight |",
+            "|---|---|",
+        ]
         lines += [f"| {m} | {w:.3f} |" for m, w in r["modality_weights"].items()]
         lines.append("")
-    lines += [f"Versions: {', '.join(f'{k} {v}' for k, v in r.get('versions', {}).items())}; "
-              f"git commit: {r.get('git_commit') or 'unknown'}", ""]
+    lines += [
+        f"Versions: {', '.join(f'{k} {v}' for k, v in r.get('versions', {}).items())}; "
+        f"git commit: {r.get('git_commit') or 'unknown'}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -178,20 +191,36 @@ def plot_run(run_dir: Path, results: dict[str, Any]) -> list[Path]:
     return written
 
 
-COMPARE_COLUMNS = ["algorithm", "accuracy_mean", "accuracy_ci95", "macro_f1", "train_seconds", "tasks_per_s",
-                   "peak_memory_mb", "episodes", "fingerprint"]
+COMPARE_COLUMNS = [
+    "algorithm",
+    "accuracy_mean",
+    "accuracy_ci95",
+    "macro_f1",
+    "train_seconds",
+    "tasks_per_s",
+    "peak_memory_mb",
+    "episodes",
+    "fingerprint",
+]
 
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
     """Side-by-side Markdown table of several runs' results."""
     modalities = sorted({m for r in rows for m in (r.get("modality_weights") or {})})
-    head = ["algorithm", "accuracy (95% CI)", "macro-F1", "meta-train time", "tasks/s", "peak mem",
-            "episodes"] + [f"w[{m}]" for m in modalities]
+    head = ["algorithm", "accuracy (95% CI)", "macro-F1", "meta-train time", "tasks/s", "peak mem", "episodes"] + [
+        f"w[{m}]" for m in modalities
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["algorithm"], f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_ci95']:.2f} %",
-                 f"{r['macro_f1']:.3f}", f"{r['train_seconds']:.1f} s", f"{r['tasks_per_s']:.1f}",
-                 f"{r['peak_memory_mb']:.0f} MiB", str(r["episodes"])]
+        cells = [
+            r["algorithm"],
+            f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_ci95']:.2f} %",
+            f"{r['macro_f1']:.3f}",
+            f"{r['train_seconds']:.1f} s",
+            f"{r['tasks_per_s']:.1f}",
+            f"{r['peak_memory_mb']:.0f} MiB",
+            str(r["episodes"]),
+        ]
         weights = r.get("modality_weights") or {}
         cells += [f"{weights[m]:.3f}" if m in weights else "—" for m in modalities]
         lines.append("| " + " | ".join(cells) + " |")

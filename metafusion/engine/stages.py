@@ -3,6 +3,7 @@
 A run folder holds: config.yaml (resolved), metrics.jsonl, tensorboard/, last.pt, best.pt,
 results.json, results.md, learning_curve.png, attention.png (and finetune/ after fine-tuning).
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,8 @@ import yaml
 
 from ..config import RunConfig, from_dict, resolve, to_dict
 from ..data import Episode, EpisodeSampler
-from .build import Experiment, as_model_inputs, build_experiment
 from . import distributed
+from .build import Experiment, as_model_inputs, build_experiment
 from .checkpoint import git_commit, hardware, library_versions, load_checkpoint, save_checkpoint
 from .evaluate import meta_test
 from .report import peak_memory_mb, plot_run, write_compare, write_results
@@ -63,22 +64,40 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def _summary(exp: Experiment, result, train: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
     cfg = exp.cfg
-    return {"name": run_dir.name, "algorithm": cfg.algo.name, "dataset": cfg.data.dataset,
-            "modalities": list(exp.model.modalities), "fusion": cfg.model.fusion,
-            "ways": cfg.data.ways, "shots": cfg.data.shots, "queries": cfg.data.queries,
-            **result.to_dict(),
-            "transductive": cfg.algo.transductive,
-            "iterations": (train or {}).get("iterations"), "train_seconds": (train or {}).get("seconds", 0.0),
-            "tasks_per_s": (train or {}).get("tasks_per_s", 0.0),
-            "best_val_accuracy": (train or {}).get("best_val_accuracy"),
-            "peak_memory_mb": (train or {}).get("peak_memory_mb", peak_memory_mb()), "device": cfg.train.device,
-            "hardware": hardware(cfg.train.device), "threads": torch.get_num_threads(),
-            "versions": library_versions(), "git_commit": git_commit()}
+    return {
+        "name": run_dir.name,
+        "algorithm": cfg.algo.name,
+        "dataset": cfg.data.dataset,
+        "modalities": list(exp.model.modalities),
+        "fusion": cfg.model.fusion,
+        "ways": cfg.data.ways,
+        "shots": cfg.data.shots,
+        "queries": cfg.data.queries,
+        **result.to_dict(),
+        "transductive": cfg.algo.transductive,
+        "iterations": (train or {}).get("iterations"),
+        "train_seconds": (train or {}).get("seconds", 0.0),
+        "tasks_per_s": (train or {}).get("tasks_per_s", 0.0),
+        "best_val_accuracy": (train or {}).get("best_val_accuracy"),
+        "peak_memory_mb": (train or {}).get("peak_memory_mb", peak_memory_mb()),
+        "device": cfg.train.device,
+        "hardware": hardware(cfg.train.device),
+        "threads": torch.get_num_threads(),
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+    }
 
 
-def stage_meta_train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
-                     quiet: bool = False, stop_at: int | None = None, experiment: Experiment | None = None
-                     ) -> tuple[Experiment, dict[str, Any], Path]:
+def stage_meta_train(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    quiet: bool = False,
+    stop_at: int | None = None,
+    experiment: Experiment | None = None,
+) -> tuple[Experiment, dict[str, Any], Path]:
     """Meta-train into ``out``. Launched by torchrun, every rank runs this; rank 0 owns the folder."""
     if resume:
         run_dir = prepare_run_dir(out, resume=True)  # only checks that last.pt exists
@@ -104,16 +123,25 @@ def stage_meta_train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False
     return exp, train, run_dir
 
 
-def stage_meta_test(run_dir: str | Path, *, checkpoint: str | Path | None = None, episodes: int | None = None,
-                    transductive: bool | None = None, quiet: bool = False,
-                    experiment: Experiment | None = None) -> dict[str, Any]:
+def stage_meta_test(
+    run_dir: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    episodes: int | None = None,
+    transductive: bool | None = None,
+    quiet: bool = False,
+    experiment: Experiment | None = None,
+) -> dict[str, Any]:
     """Evaluate a run's best checkpoint (or ``checkpoint``) on the fixed test episodes.
 
     ``transductive=False`` classifies each query sample alone with the support set; its results are
     written as ``results_nontransductive.json/.md`` beside the run's default results."""
     run_dir = Path(run_dir)
-    ckpt_path = Path(checkpoint) if checkpoint else (run_dir / "best.pt" if (run_dir / "best.pt").exists()
-                                                    else run_dir / "last.pt")
+    ckpt_path = (
+        Path(checkpoint)
+        if checkpoint
+        else (run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt")
+    )
     state = load_checkpoint(ckpt_path)
     exp = experiment or build_experiment(from_dict(state["config"]))
     exp.algorithm.module.load_state_dict(state["module"])
@@ -131,8 +159,9 @@ def stage_meta_test(run_dir: str | Path, *, checkpoint: str | Path | None = None
     return summary
 
 
-def stage_fine_tune(run_dir: str | Path, *, seed: int = 0, steps: int | None = None, task: str = "heldout",
-                    quiet: bool = False) -> dict[str, Any]:
+def stage_fine_tune(
+    run_dir: str | Path, *, seed: int = 0, steps: int | None = None, task: str = "heldout", quiet: bool = False
+) -> dict[str, Any]:
     """Adapt the meta-learned model to one new task and save the adapted model.
 
     ``task="heldout"``: one N-way K-shot task drawn (with ``seed``) from the test classes.
@@ -155,12 +184,27 @@ def stage_fine_tune(run_dir: str | Path, *, seed: int = 0, steps: int | None = N
     acc = (logits.argmax(1) == episode.query.labels).float().mean().item()
     out = run_dir / "finetune"
     out.mkdir(exist_ok=True)
-    save_checkpoint(out / "model.pt", {"learner": learner.state_dict(), "config": to_dict(exp.cfg),
-                                       "classes": list(episode.classes), "task": task, "seed": seed})
-    result = {"task": task, "seed": seed, "ways": episode.ways, "shots": episode.shots,
-              "queries": len(episode.query), "classes": list(episode.classes), "query_accuracy": acc,
-              "steps": steps if steps is not None else exp.cfg.algo.inner_steps_test,
-              "model": str(out / "model.pt")}
+    save_checkpoint(
+        out / "model.pt",
+        {
+            "learner": learner.state_dict(),
+            "config": to_dict(exp.cfg),
+            "classes": list(episode.classes),
+            "task": task,
+            "seed": seed,
+        },
+    )
+    result = {
+        "task": task,
+        "seed": seed,
+        "ways": episode.ways,
+        "shots": episode.shots,
+        "queries": len(episode.query),
+        "classes": list(episode.classes),
+        "query_accuracy": acc,
+        "steps": steps if steps is not None else exp.cfg.algo.inner_steps_test,
+        "model": str(out / "model.pt"),
+    }
     (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -174,8 +218,10 @@ def user_task(path: str, exp: Experiment, shots: int) -> Episode:
     for c in sorted(set(data.labels)):
         rows = torch.nonzero(data.targets == c).flatten()
         if len(rows) <= shots:
-            raise ValueError(f"{path}: class {data.metadata['class_names'][c]!r} has {len(rows)} samples; "
-                             f"fine-tuning needs more than shots={shots} (the rest are queries)")
+            raise ValueError(
+                f"{path}: class {data.metadata['class_names'][c]!r} has {len(rows)} samples; "
+                f"fine-tuning needs more than shots={shots} (the rest are queries)"
+            )
         support_rows.append(rows[:shots])
         query_rows.append(rows[shots:])
     s, q = torch.cat(support_rows), torch.cat(query_rows)
@@ -183,8 +229,7 @@ def user_task(path: str, exp: Experiment, shots: int) -> Episode:
     if ways != exp.cfg.data.ways:
         exp.algorithm.reset_head(ways)  # the task's own number of classes
     support, query = data.batch(s), data.batch(q)
-    return Episode(support, query, ways, shots, len(q) // ways, tuple(range(ways)),
-                   tuple(torch.cat([s, q]).tolist()))
+    return Episode(support, query, ways, shots, len(q) // ways, tuple(range(ways)), tuple(torch.cat([s, q]).tolist()))
 
 
 def stage_run(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -196,8 +241,15 @@ def stage_run(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, quiet
     return summary
 
 
-def stage_compare(cfg: RunConfig, algos: list[str], out: str | Path, *, overwrite: bool = False,
-                  quiet: bool = False, baseline: bool = True) -> tuple[list[dict[str, Any]], str]:
+def stage_compare(
+    cfg: RunConfig,
+    algos: list[str],
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    baseline: bool = True,
+) -> tuple[list[dict[str, Any]], str]:
     """Meta-train each algorithm on the same meta-train stream (same seed) and test all of them on the
     identical fixed test episodes; write compare.md / compare.csv and one run folder per algorithm.
     ``baseline`` adds the ``centroid`` row (frozen features + nearest class mean, seconds to run): the

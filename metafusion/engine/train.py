@@ -1,14 +1,15 @@
 """The meta-train loop: sample a meta-batch, let the algorithm fill .grad, step, log, validate, checkpoint."""
+
 from __future__ import annotations
 
 import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -60,8 +61,9 @@ def plan_validation(exp: Experiment, step_seconds: float) -> tuple[ValidationPla
     return choose_validation(iterations, step_seconds, per_episode, len(exp.val_episodes), cfg.val_fraction), probe
 
 
-def choose_validation(iterations: int, step_seconds: float, episode_seconds: float, episodes: int,
-                      fraction: float) -> ValidationPlan:
+def choose_validation(
+    iterations: int, step_seconds: float, episode_seconds: float, episodes: int, fraction: float
+) -> ValidationPlan:
     """Validation within ``fraction`` of the run's meta-training time: up to ``MAX_VALIDATIONS`` on all
     ``episodes`` if they fit, else one, at the end, on fewer episodes (never below ``MIN_VAL_EPISODES``)."""
     allowed = fraction * iterations * step_seconds  # seconds of validation in the whole run
@@ -106,8 +108,14 @@ def _finite(metrics: dict, params: list[torch.Tensor]) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
-def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = False, quiet: bool = False,
-               stop_at: int | None = None) -> dict:
+def meta_train(
+    exp: Experiment,
+    run_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    stop_at: int | None = None,
+) -> dict:
     """Meta-train ``exp`` for ``train.iterations`` (or until ``train.budget_minutes``), writing
     metrics, TensorBoard events and ``last.pt`` / ``best.pt`` (by meta-validation accuracy) into
     ``run_dir``. ``resume`` continues from ``run_dir/last.pt`` and reproduces the uninterrupted run
@@ -121,14 +129,20 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
     cfg, algo = exp.cfg.train, exp.algorithm
     rank = distributed.current()
     if cfg.meta_batch < rank.world:
-        raise ValueError(f"train.meta_batch={cfg.meta_batch} is smaller than the {rank.world} ranks: "
-                         f"every rank needs at least one task")
+        raise ValueError(
+            f"train.meta_batch={cfg.meta_batch} is smaller than the {rank.world} ranks: "
+            f"every rank needs at least one task"
+        )
     params = list(algo.parameters())
     if not params:  # nothing to meta-learn (centroid): validate once and checkpoint, so every stage works
         return _without_meta_parameters(exp, run_dir if rank.main else None)
     opt = make_optimizer(cfg.optimizer, params, cfg.meta_lr)
-    state = {"step": 0, "best": -1.0, "elapsed": 0.0,
-             "plan": ValidationPlan(cfg.val_interval, len(exp.val_episodes), auto=False) if cfg.val_interval else None}
+    state = {
+        "step": 0,
+        "best": -1.0,
+        "elapsed": 0.0,
+        "plan": ValidationPlan(cfg.val_interval, len(exp.val_episodes), auto=False) if cfg.val_interval else None,
+    }
     # Linear schedule: the meta lr (Reptile's epsilon) falls from meta_lr to 0 over the run. With a
     # time budget the run's end is whichever comes first, iterations or minutes, so the schedule
     # follows the further along of the two: a budget-cut run still anneals to 0 (as the papers' did).
@@ -137,8 +151,9 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
     def progress(step: int) -> float:
         return max(step / total, state["elapsed"] / budget_s if budget_s else 0.0)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: max(0.0, 1 - progress(s)))
-                                              if cfg.schedule == "linear" else (lambda s: 1.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda s: max(0.0, 1 - progress(s))) if cfg.schedule == "linear" else (lambda s: 1.0)
+    )
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
         algo.module.load_state_dict(ckpt["module"])
@@ -154,8 +169,13 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
     if not rank.main:
         run_dir = None  # rank 0 alone logs, validates and writes checkpoints
     log = MetricsLog(run_dir, resume_step=state["step"]) if run_dir else None
-    bar = tqdm(total=total, initial=state["step"], desc=f"meta-train {exp.cfg.algo.name}",
-               disable=True if quiet or not rank.main else None, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=state["step"],
+        desc=f"meta-train {exp.cfg.algo.name}",
+        disable=True if quiet or not rank.main else None,
+        dynamic_ncols=True,
+    )
     with PeakMemory() as memory, stop_requests() as stop:
         try:
             _loop(exp, opt, sched, params, state, run_dir, log, bar, stop_at, rank, stop)
@@ -163,14 +183,29 @@ def meta_train(exp: Experiment, run_dir: Path | None = None, *, resume: bool = F
             bar.close()
             if log:
                 log.close()
-    return {"iterations": state["step"], "seconds": state["elapsed"],
-            "tasks_per_s": state["step"] * cfg.meta_batch / max(state["elapsed"], 1e-9),
-            "best_val_accuracy": state["best"], "peak_memory_mb": memory.peak_mb,
-            "validation": asdict(state["plan"]) if state["plan"] else None}
+    return {
+        "iterations": state["step"],
+        "seconds": state["elapsed"],
+        "tasks_per_s": state["step"] * cfg.meta_batch / max(state["elapsed"], 1e-9),
+        "best_val_accuracy": state["best"],
+        "peak_memory_mb": memory.peak_mb,
+        "validation": asdict(state["plan"]) if state["plan"] else None,
+    }
 
 
-def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None, log, bar, stop_at,
-          rank: distributed.Rank, stop: dict) -> None:
+def _loop(
+    exp: Experiment,
+    opt,
+    sched,
+    params,
+    state: dict,
+    run_dir: Path | None,
+    log,
+    bar,
+    stop_at,
+    rank: distributed.Rank,
+    stop: dict,
+) -> None:
     """The loop itself; ``state`` (step, best, elapsed, plan) is updated in place."""
     cfg, algo = exp.cfg.train, exp.algorithm
     last_path = run_dir / "last.pt" if run_dir else None
@@ -188,35 +223,44 @@ def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None
         opt.zero_grad(set_to_none=True)
         metrics = algo.meta_backward(mine)
         out_of_time = rank.main and cfg.budget_minutes is not None and clock() >= 60 * cfg.budget_minutes
-        metrics, out_of_time = distributed.all_reduce_meta_batch(params, len(mine), len(tasks), metrics,
-                                                                 out_of_time)
+        metrics, out_of_time = distributed.all_reduce_meta_batch(params, len(mine), len(tasks), metrics, out_of_time)
         state["step"] = step = state["step"] + 1
         if not _finite(metrics, params):
             if cfg.on_nan == "stop":
                 where = last_path if last_path and last_path.exists() else "none written yet"
-                raise NonFiniteLossError(f"non-finite meta-loss or gradient at iteration {step} "
-                                         f"(loss={metrics['loss']}); last good checkpoint: {where}. "
-                                         f"Lower the learning rates, add train.clip, or set train.on_nan=skip.")
+                raise NonFiniteLossError(
+                    f"non-finite meta-loss or gradient at iteration {step} "
+                    f"(loss={metrics['loss']}); last good checkpoint: {where}. "
+                    f"Lower the learning rates, add train.clip, or set train.on_nan=skip."
+                )
             tqdm.write(f"iteration {step}: non-finite meta-loss/gradient, step skipped (train.on_nan=skip)")
         else:
             if cfg.clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
         state["elapsed"] = elapsed = clock()
-        record = {"step": step, "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 3),
-                  "tasks_per_s": step * cfg.meta_batch / max(elapsed, 1e-9), **metrics}
+        record = {
+            "step": step,
+            "lr": opt.param_groups[0]["lr"],
+            "elapsed_s": round(elapsed, 3),
+            "tasks_per_s": step * cfg.meta_batch / max(elapsed, 1e-9),
+            **metrics,
+        }
         sched.step()
         if rank.main and state["plan"] is None and step >= min(2, cfg.iterations):  # the 2nd step is warm
             state["plan"], probe_seconds = plan_validation(exp, elapsed - step_started)
             val_seconds += probe_seconds
             if not bar.disable:
-                bar.write(f"validation: every {state['plan'].interval} iterations on {state['plan'].episodes} "
-                          f"episodes (~{cfg.val_fraction:.0%} of the run; set train.val_interval to choose)")
+                bar.write(
+                    f"validation: every {state['plan'].interval} iterations on {state['plan'].episodes} "
+                    f"episodes (~{cfg.val_fraction:.0%} of the run; set train.val_interval to choose)"
+                )
         plan = state["plan"]
-        validate = rank.main and ((plan is not None and step % plan.interval == 0) or step == cfg.iterations
-                                  or out_of_time or step == stop_at)
+        validate = rank.main and (
+            (plan is not None and step % plan.interval == 0) or step == cfg.iterations or out_of_time or step == stop_at
+        )
         if validate:
-            val = meta_test(algo, exp.val_episodes[:plan.episodes if plan else None], device=cfg.device)
+            val = meta_test(algo, exp.val_episodes[: plan.episodes if plan else None], device=cfg.device)
             val_acc, val_seconds = val.accuracy_mean, val_seconds + val.seconds
             record["val_accuracy"] = val_acc
             if val_acc > state["best"]:
@@ -236,8 +280,11 @@ def _loop(exp: Experiment, opt, sched, params, state: dict, run_dir: Path | None
             if run_dir:
                 if not validate:
                     save_checkpoint(last_path, _payload(exp, opt, sched, state))
-                raise TrainingStopped(f"stopped by {name} after iteration {step}; {last_path} holds it. Continue "
-                                      f"with: metafusion meta-train --resume {run_dir}", stop["signum"])
+                raise TrainingStopped(
+                    f"stopped by {name} after iteration {step}; {last_path} holds it. Continue "
+                    f"with: metafusion meta-train --resume {run_dir}",
+                    stop["signum"],
+                )
             raise TrainingStopped(f"stopped by {name} after iteration {step}", stop["signum"])
 
 
@@ -250,14 +297,27 @@ def _without_meta_parameters(exp: Experiment, run_dir: Path | None) -> dict:
         log.close()
         for name in ("best.pt", "last.pt"):
             save_checkpoint(run_dir / name, _payload(exp, None, None, state))
-    return {"iterations": 0, "seconds": 0.0, "tasks_per_s": 0.0, "best_val_accuracy": val.accuracy_mean,
-            "peak_memory_mb": peak_memory_mb()}
+    return {
+        "iterations": 0,
+        "seconds": 0.0,
+        "tasks_per_s": 0.0,
+        "best_val_accuracy": val.accuracy_mean,
+        "peak_memory_mb": peak_memory_mb(),
+    }
 
 
 def _payload(exp: Experiment, opt, sched, state: dict) -> dict:
-    return {"module": exp.algorithm.module.state_dict(), "algorithm": exp.algorithm.state_dict(),
-            "optimizer": opt.state_dict() if opt else {}, "scheduler": sched.state_dict() if sched else {},
-            "sampler": exp.train_sampler.state_dict(), "rng": rng_state(), "step": state["step"],
-            "best_val_accuracy": state["best"], "elapsed": state["elapsed"], "config": to_dict(exp.cfg),
-            "validation": asdict(state["plan"]) if state.get("plan") else None,
-            "versions": library_versions()}
+    return {
+        "module": exp.algorithm.module.state_dict(),
+        "algorithm": exp.algorithm.state_dict(),
+        "optimizer": opt.state_dict() if opt else {},
+        "scheduler": sched.state_dict() if sched else {},
+        "sampler": exp.train_sampler.state_dict(),
+        "rng": rng_state(),
+        "step": state["step"],
+        "best_val_accuracy": state["best"],
+        "elapsed": state["elapsed"],
+        "config": to_dict(exp.cfg),
+        "validation": asdict(state["plan"]) if state.get("plan") else None,
+        "versions": library_versions(),
+    }

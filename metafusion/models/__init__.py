@@ -1,9 +1,23 @@
 """Models: per-modality encoders, fusion modules, heads, and the FusionModel that joins them."""
+
 from .encoders import DEFAULT_ENCODERS, ENCODERS
 from .encoders.text import FrozenTextModel, minilm_path
 from .fusion import FUSIONS, AttentionFusion, ConcatFusion, LateFusion, MeanFusion, TransformerFusion
 from .model import ADAPT_SCOPES, FusionModel, ModelSpec, build_model
 
-__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "FUSIONS", "AttentionFusion", "ConcatFusion", "MeanFusion",
-           "LateFusion", "TransformerFusion", "FusionModel", "ModelSpec", "build_model", "ADAPT_SCOPES",
-           "FrozenTextModel", "minilm_path"]
+__all__ = [
+    "ENCODERS",
+    "DEFAULT_ENCODERS",
+    "FUSIONS",
+    "AttentionFusion",
+    "ConcatFusion",
+    "MeanFusion",
+    "LateFusion",
+    "TransformerFusion",
+    "FusionModel",
+    "ModelSpec",
+    "build_model",
+    "ADAPT_SCOPES",
+    "FrozenTextModel",
+    "minilm_path",
+]

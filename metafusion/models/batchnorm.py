@@ -1,5 +1,6 @@
 """BatchNorm with batch statistics only, as few-shot networks use it (no running statistics: an inner
 loop must not leak statistics into the meta-model; train and test normalise with the batch at hand)."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn

@@ -1,10 +1,11 @@
 """How a network executes, not what it computes: memory layout of the 2-D CNNs and the written-out
 BatchNorm. Modules opt in with a class attribute (``memory_format``, ``decomposed``); the context
 managers here switch it for a block of forward passes."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn

@@ -5,6 +5,7 @@ weights ``[B, M]`` where they mean something (``None`` otherwise). Absent modali
 zero influence on a sample's output in every fusion: their features are zeroed, masked out of every
 softmax and average, and never attended to.
 """
+
 from __future__ import annotations
 
 import math
@@ -167,9 +168,16 @@ class TransformerFusion(Fusion):
         nn.init.normal_(self.modality_embedding, std=0.02)
         self.blocks = nn.ModuleList()
         for _ in range(layers):
-            self.blocks.append(nn.ModuleDict(dict(
-                norm1=nn.LayerNorm(dim), attn=MathSelfAttention(dim, heads), norm2=nn.LayerNorm(dim),
-                mlp=nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)))))
+            self.blocks.append(
+                nn.ModuleDict(
+                    dict(
+                        norm1=nn.LayerNorm(dim),
+                        attn=MathSelfAttention(dim, heads),
+                        norm2=nn.LayerNorm(dim),
+                        mlp=nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)),
+                    )
+                )
+            )
         self.out_dim = dim
 
     def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,5 +194,16 @@ def build_fusion(name: str, num_modalities: int, dim: int, mode: str = "vector")
     return FUSIONS.build(name, num_modalities, dim, mode=mode)
 
 
-__all__ = ["FUSIONS", "Fusion", "AttentionFusion", "ConcatFusion", "MeanFusion", "LateFusion",
-           "TransformerFusion", "LinearHead", "LateHead", "masked_softmax", "build_fusion"]
+__all__ = [
+    "FUSIONS",
+    "Fusion",
+    "AttentionFusion",
+    "ConcatFusion",
+    "MeanFusion",
+    "LateFusion",
+    "TransformerFusion",
+    "LinearHead",
+    "LateHead",
+    "masked_softmax",
+    "build_fusion",
+]

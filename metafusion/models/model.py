@@ -1,4 +1,5 @@
 """FusionModel: per-modality encoders f_i -> fusion -> head g, plus adaptation scopes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -89,15 +90,24 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
 
-def build_model(spec: ModelSpec, ways: int, width: int = 64, hidden: int = 64, fusion: str = "attention",
-                attention: str = "vector", encoders: dict[str, str] | None = None) -> FusionModel:
+def build_model(
+    spec: ModelSpec,
+    ways: int,
+    width: int = 64,
+    hidden: int = 64,
+    fusion: str = "attention",
+    attention: str = "vector",
+    encoders: dict[str, str] | None = None,
+) -> FusionModel:
     """Build a FusionModel for the modalities in ``spec`` (encoder per modality from ``encoders``,
     else the modality's default)."""
     chosen = dict(encoders or {})
     unknown = [m for m in chosen if m not in spec.input_shapes]
     if unknown:
-        raise ValueError(f"--encoder names modality {', '.join(map(repr, unknown))}, which the data does not "
-                         f"provide ({', '.join(spec.input_shapes)})")
+        raise ValueError(
+            f"--encoder names modality {', '.join(map(repr, unknown))}, which the data does not "
+            f"provide ({', '.join(spec.input_shapes)})"
+        )
     modules = {}
     for m, shape in spec.input_shapes.items():
         name = chosen.get(m) or default_encoder(m)

@@ -4,6 +4,7 @@ Adding an encoder: one file here, decorated with ``@ENCODERS.register("name")``,
 ``(out_dim, hidden, **options)`` and exposing ``out_dim``. No encoder keeps normalisation running
 statistics: MAML-style inner loops use batch statistics at train and test (see docs/architecture.md).
 """
+
 from torch import nn
 
 from ...registry import Registry
@@ -23,12 +24,15 @@ def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: in
 
     ``stride=2`` downsamples with the convolution itself and drops the max-pool: the Omniglot network
     of the MAML and Reptile reference code (4x fewer convolution FLOPs, no pooling)."""
-    conv, norm, pool = {1: (nn.Conv1d, BatchNorm1d, nn.MaxPool1d),
-                        2: (nn.Conv2d, BatchNorm2d, nn.MaxPool2d)}[dims]
+    conv, norm, pool = {1: (nn.Conv1d, BatchNorm1d, nn.MaxPool1d), 2: (nn.Conv2d, BatchNorm2d, nn.MaxPool2d)}[dims]
     layers, channels = [], in_channels
     for _ in range(depth):
-        layers += [conv(channels, hidden, kernel, stride=stride, padding=kernel // 2),
-                   norm(hidden), *([pool(2)] if stride == 1 else []), nn.ReLU()]
+        layers += [
+            conv(channels, hidden, kernel, stride=stride, padding=kernel // 2),
+            norm(hidden),
+            *([pool(2)] if stride == 1 else []),
+            nn.ReLU(),
+        ]
         channels = hidden
     return nn.Sequential(*layers)
 
@@ -36,14 +40,22 @@ def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: in
 from . import audio, image, sequence, tabular, text  # noqa: E402,F401  (registers the encoders)
 
 # The encoder each modality gets unless the config names another.
-DEFAULT_ENCODERS = {"image": "conv4", "audio": "melcnn", "text": "tokens", "strokes": "conv1d",
-                    "sequence": "conv1d", "tabular": "mlp"}
+DEFAULT_ENCODERS = {
+    "image": "conv4",
+    "audio": "melcnn",
+    "text": "tokens",
+    "strokes": "conv1d",
+    "sequence": "conv1d",
+    "tabular": "mlp",
+}
 
 
 def default_encoder(modality: str) -> str:
     if modality not in DEFAULT_ENCODERS:
-        raise ValueError(f"no default encoder for modality {modality!r}; name one with "
-                         f"--encoder {modality}=NAME (encoders: {', '.join(ENCODERS.names())})")
+        raise ValueError(
+            f"no default encoder for modality {modality!r}; name one with "
+            f"--encoder {modality}=NAME (encoders: {', '.join(ENCODERS.names())})"
+        )
     return DEFAULT_ENCODERS[modality]
 
 

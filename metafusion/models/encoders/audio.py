@@ -1,4 +1,5 @@
 """Audio encoder: a fixed torchaudio log-mel front end followed by a small trainable CNN."""
+
 from __future__ import annotations
 
 import torch
@@ -20,15 +21,22 @@ class MelCNN(nn.Module):
 
     memory_format = torch.channels_last
 
-    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 4000),
-                 sample_rate: int = 8000, n_mels: int = 40, frontend: str = "mel"):
+    def __init__(
+        self,
+        out_dim: int,
+        hidden: int = 64,
+        input_shape: tuple[int, ...] = (1, 4000),
+        sample_rate: int = 8000,
+        n_mels: int = 40,
+        frontend: str = "mel",
+    ):
         super().__init__()
         if frontend == "mel":
-            self.frontend = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=256, hop_length=80,
-                                                                 n_mels=n_mels)
+            self.frontend = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=256, hop_length=80, n_mels=n_mels)
         elif frontend == "mfcc":
-            self.frontend = torchaudio.transforms.MFCC(sample_rate, n_mfcc=n_mels, log_mels=True,
-                                                       melkwargs=dict(n_fft=256, hop_length=80, n_mels=n_mels))
+            self.frontend = torchaudio.transforms.MFCC(
+                sample_rate, n_mfcc=n_mels, log_mels=True, melkwargs=dict(n_fft=256, hop_length=80, n_mels=n_mels)
+            )
         else:
             raise ValueError(f"unknown audio front end {frontend!r}; choose mel or mfcc")
         self.log = frontend == "mel"

@@ -1,4 +1,5 @@
 """Image encoders: the few-shot Conv4 (Vinyals et al. 2016; Finn et al. 2017) and torchvision ResNet-18."""
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,13 @@ class ResNet18(nn.Module):
     statistics into the meta-model. Grey images are fed to a 1-channel first convolution.
     """
 
-    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 28, 28),
-                 weights_path: str | None = None):
+    def __init__(
+        self,
+        out_dim: int,
+        hidden: int = 64,
+        input_shape: tuple[int, ...] = (1, 28, 28),
+        weights_path: str | None = None,
+    ):
         super().__init__()
         net = torchvision.models.resnet18(weights=None, norm_layer=BatchNorm2d)
         if weights_path is not None:

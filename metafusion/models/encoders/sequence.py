@@ -1,4 +1,5 @@
 """Sequence encoders for pen strokes and sensor series ``[B, T, C]``: 1-D CNN or GRU."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Tabular encoder: a two-layer MLP."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn

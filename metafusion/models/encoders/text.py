@@ -1,4 +1,5 @@
 """Text encoders: a trainable token encoder, and a frozen pretrained transformers encoder (MiniLM-L6)."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,7 @@ from . import ENCODERS
 class TokenEncoder(nn.Module):
     """token ids ``[B, L]`` (0 = padding) -> embedding -> conv1d k3 -> ReLU -> masked mean -> d."""
 
-    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (12,),
-                 vocab_size: int = 201):
+    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (12,), vocab_size: int = 201):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, hidden, padding_idx=0)
         self.conv = nn.Conv1d(hidden, hidden, 3, padding=1)
@@ -63,8 +63,13 @@ class FrozenTextModel:
         """Mean-pooled last hidden states, ``[N, dim]``."""
         out = []
         for i in range(0, len(texts), batch_size):
-            tok = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            tok = self.tokenizer(
+                texts[i : i + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             hidden = self.model(**tok).last_hidden_state  # (b, L, dim)
             keep = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, L, 1)
             out.append((hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0))
