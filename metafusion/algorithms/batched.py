@@ -70,6 +70,13 @@ def stacked(batches: list[Batch]) -> tuple[dict[str, Tensor], Tensor]:
     )
 
 
+def stacked_states(states: list) -> object:
+    """Same-structured nested dicts of tensors stacked along a new leading dimension (the episodes)."""
+    if isinstance(states[0], dict):
+        return {k: stacked_states([s[k] for s in states]) for k in states[0]}
+    return torch.stack(states)
+
+
 def predict_alone(logits_fn: Callable[[Batch], Tensor], support: Batch, query: Batch) -> Tensor:
     """The non-transductive protocol (each query row classified in a batch of its own with the support
     set) in a form that composes with vmap: the per-query batches run under an inner vmap, grouped by
@@ -107,11 +114,7 @@ def evaluate_batched(algorithm, episodes: list[Episode]) -> list[tuple[Tensor, T
         group = [episodes[i] for i in idx]
         first = group[0]
         s_mask, q_mask, mods = first.support.mask, first.query.mask, first.support.modalities
-        mine = (
-            torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *[per_episode[i] for i in idx])
-            if per_episode[0]
-            else {}
-        )
+        mine = stacked_states([per_episode[i] for i in idx])
 
         def one(own: State, s_inputs, s_labels, q_inputs, q_labels) -> tuple[Tensor, Tensor]:
             support, query = Batch(s_inputs, s_mask, s_labels, mods), Batch(q_inputs, q_mask, q_labels, mods)
