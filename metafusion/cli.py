@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 # Named flags -> dotted config keys. Everything else can be set with `key=value` or --set key=value.
 FLAG_KEYS = {
     "dataset": "data.dataset",
@@ -167,13 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or (extra and args.command not in ("meta-train", "run", "compare")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
 
-    from .config import ConfigError
-    from .data import DataError
-    from .engine import NonFiniteLossError, RunFolderError, TrainingStopped
+    from .engine import TrainingStopped
 
     try:
         return _dispatch(args, extra)
-    except (ConfigError, DataError, RunFolderError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except InputError as e:  # the project's own error for bad input (config, data, files, run folders)
         print(f"metafusion {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:  # SIGINT/SIGTERM during meta-training: last.pt written
@@ -198,7 +198,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
     from .engine import distributed, stages
 
     if distributed.launched_by_torchrun() and args.command != "meta-train":
-        raise ValueError(
+        raise InputError(
             f"under torchrun only meta-train runs data-parallel; run '{args.command}' as a single "
             f"process (e.g. meta-test the run folder afterwards)"
         )
@@ -210,7 +210,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     if args.command == "meta-test":
         if not (args.run or args.checkpoint):
-            raise ValueError("meta-test needs --run RUN or --checkpoint PATH")
+            raise InputError("meta-test needs --run RUN or --checkpoint PATH")
         args.run = args.run or str(Path(args.checkpoint).parent)
         r = stages.stage_meta_test(
             args.run,
@@ -241,7 +241,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
 
             bad = [a for a in algos if a not in ALGORITHMS]
             if bad:
-                raise ValueError(f"unknown algorithm {', '.join(bad)}; valid: {', '.join(ALGORITHMS)}")
+                raise InputError(f"unknown algorithm {', '.join(bad)}; valid: {', '.join(ALGORITHMS)}")
             rows, table = stages.stage_compare(
                 cfg,
                 algos,

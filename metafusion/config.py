@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
+from .errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration value or key is invalid; the message names it and the valid choices."""
 
 

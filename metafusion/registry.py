@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from .errors import InputError
+
 T = TypeVar("T")
 
 
@@ -35,7 +37,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}") from None
+            raise InputError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}") from None
 
     def build(self, name: str, *args, **kwargs) -> T:
         return self.get(name)(*args, **kwargs)

@@ -370,11 +370,14 @@ def test_a_diverged_meta_test_is_reported_not_averaged_silently(tmp_path, capsys
     assert "6 of 6 episodes diverged" in capsys.readouterr().out
 
 
-def test_a_bug_shows_its_traceback_and_says_it_is_one(monkeypatch, capsys):
+@pytest.mark.parametrize("error", [KeyError("internal"), ValueError("a shape bug"), FileNotFoundError("/tmp/x")])
+def test_a_bug_shows_its_traceback_and_says_it_is_one(monkeypatch, capsys, error):
+    """Only the project's InputError means bad input (exit 2, one line); a ValueError or FileNotFoundError
+    from inside metafusion or a library is a bug, shown with its traceback."""
     from metafusion.engine import stages
 
     def broken(*args, **kwargs):
-        raise KeyError("internal")
+        raise error
 
     monkeypatch.setattr(stages, "stage_meta_train", broken)
     assert run_cli("meta-train", *TINY, "--iterations", 1) == 1

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch, Episode
+from ..errors import InputError
 from ..models.execution import episodes_vmap_pays
 from ..models.model import FusionModel
 from ..registry import Registry
@@ -46,7 +47,7 @@ class MetaAlgorithm:
         **_: object,
     ):
         if batched_eval not in BATCHED_EVAL:
-            raise ValueError(
+            raise InputError(
                 f"algo.batched_eval={batched_eval!r} is not valid; choose one of: {', '.join(BATCHED_EVAL)}"
             )
         self.model = model

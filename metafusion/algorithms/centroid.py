@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch, Episode
+from ..errors import InputError
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm
 from .protonet import proto_logits, prototypes
@@ -65,7 +66,7 @@ class Centroid(MetaAlgorithm):
     def __init__(self, model: FusionModel, *, metric: str = "cosine", vocab_size: int = 0, **kwargs):
         super().__init__(model, **kwargs)
         if metric not in METRICS:
-            raise ValueError(f"algo.metric={metric!r} is not valid; choose one of: {', '.join(METRICS)}")
+            raise InputError(f"algo.metric={metric!r} is not valid; choose one of: {', '.join(METRICS)}")
         self.metric, self.vocab_size = metric, vocab_size
 
     def parameters(self) -> Iterator[nn.Parameter]:

@@ -13,6 +13,7 @@ from .._learn2learn import MAML as L2LMAML
 from .._learn2learn import MetaSGD as L2LMetaSGD
 from .._learn2learn import maml_update, meta_sgd_update
 from ..data.batch import Batch, Episode
+from ..errors import InputError
 from ..models.execution import decomposed_batchnorm, memory_format
 from ..models.fusion import LinearHead
 from ..models.model import FusionModel
@@ -44,19 +45,19 @@ class MAML(MetaAlgorithm):
         self.task_batched = task_batched
         self.proto_init = proto_init
         if proto_init and (task_batched or not isinstance(model.head, LinearHead)):
-            raise ValueError(
+            raise InputError(
                 "algo.proto_init needs one linear head on the fused feature (not 'late' fusion) "
                 "and the per-task loop (not algo.task_batched)"
             )
         if task_batched and (learn_inner_lr or type(self)._update is not MAML._update):
-            raise ValueError(
+            raise InputError(
                 "algo.task_batched runs plain MAML/FOMAML/ANIL inner SGD steps; it does not "
                 "support learned inner learning rates (learn_inner_lr, metasgd)"
             )
         self.wrapper = self._wrap(model)
         self._adapted = model.adapted(self.adapt_scope)
         if not any(self._adapted):
-            raise ValueError(f"adaptation scope {self.adapt_scope!r} selects no trainable parameter")
+            raise InputError(f"adaptation scope {self.adapt_scope!r} selects no trainable parameter")
         # Optional learned inner learning rate per layer (one scalar per adapted parameter tensor),
         # meta-learned with the weights; off by default, as in the MAML paper.
         self.layer_lrs = (
@@ -161,7 +162,7 @@ class MAML(MetaAlgorithm):
             for t in tasks[1:]
         ]
         if not all(same):
-            raise ValueError(
+            raise InputError(
                 "algo.task_batched needs every task of a meta-batch to have the same support "
                 "and query sizes and the same modality mask (the model branches on the "
                 "mask); with missing modalities, leave task_batched off"

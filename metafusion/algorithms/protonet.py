@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import Batch, Episode
+from ..errors import InputError
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally
 from .batched import State, functional, model_parameters
@@ -61,7 +62,7 @@ class ProtoNet(MetaAlgorithm):
     def __init__(self, model: FusionModel, *, metric: str = "euclidean", **kwargs):
         super().__init__(model, **kwargs)
         if metric not in ("euclidean", "cosine"):
-            raise ValueError(f"algo.metric={metric!r} is not valid; choose one of: cosine, euclidean")
+            raise InputError(f"algo.metric={metric!r} is not valid; choose one of: cosine, euclidean")
         self.scale = Scale().to(next(model.parameters()).device) if metric == "cosine" else None
         # The checkpointed module: the model alone for the paper's Euclidean form (as before), the model
         # and its scale for the cosine form.

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batch import Batch, Episode
+from ..errors import InputError
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
 from .batched import State, functional, model_parameters
@@ -33,7 +34,7 @@ def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> to
         return torch.optim.Adam(params, lr=lr, betas=(0.0, ADAM_BETA2), eps=ADAM_EPS, fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
-    raise ValueError(f"unknown inner optimizer {name!r}; choose adam or sgd")
+    raise InputError(f"unknown inner optimizer {name!r}; choose adam or sgd")
 
 
 @ALGORITHMS.register("reptile")

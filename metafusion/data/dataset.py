@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import InputError
 from .batch import Batch
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A dataset, split or episode request that cannot be served; the message says what and why."""
 
 

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .dataset import MultimodalDataset, split_classes
 
 MODALITIES = ("image", "audio", "text", "tabular")
@@ -91,7 +92,7 @@ def make_synthetic(
 ) -> MultimodalDataset:
     """Build the synthetic dataset (about 2 s for 300 x 20 samples)."""
     if num_classes < 10:
-        raise ValueError(f"synthetic dataset needs at least 10 classes, got {num_classes}")
+        raise InputError(f"synthetic dataset needs at least 10 classes, got {num_classes}")
     g = torch.Generator().manual_seed(seed)
     # Enough prototypes that unique tuples exist (protos ** 4 >= classes), ~10 classes per prototype.
     protos = max(2, num_classes // 10, math.ceil(num_classes ** (1 / len(MODALITIES))) + 1)

@@ -12,6 +12,7 @@ from ..config import RunConfig, resolve
 from ..data import DATASETS, Episode, EpisodeSampler, MultimodalDataset, Standardizer, fixed_episodes
 from ..data.cache import cached
 from ..data.synthetic import decode_text
+from ..errors import InputError
 from ..models import ENCODERS, FrozenTextModel, FusionModel, ModelSpec, build_model
 
 
@@ -75,7 +76,7 @@ def make_model(cfg: RunConfig, dataset: MultimodalDataset, ways: int | None = No
     if m.modalities:
         unknown = [x for x in m.modalities if x not in spec.input_shapes]
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"model.modalities names {', '.join(map(repr, unknown))}, which the data does not "
                 f"provide ({', '.join(spec.input_shapes)})"
             )
@@ -110,7 +111,7 @@ def make_algorithm(cfg: RunConfig, model: FusionModel, dataset: MultimodalDatase
         kwargs.update(learn_inner_lr=True)
     if a.task_batched:
         if a.name not in ("maml", "fomaml", "anil"):
-            raise ValueError(f"algo.task_batched applies to maml, fomaml and anil, not {a.name!r}")
+            raise InputError(f"algo.task_batched applies to maml, fomaml and anil, not {a.name!r}")
         kwargs.update(task_batched=True)
     if a.name == "reptile":
         kwargs.update(inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer, seed=cfg.train.seed)

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import MissingFileError
+
 
 def library_versions() -> dict[str, str]:
     import torchaudio
@@ -86,6 +88,6 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     # Our own checkpoints hold RNG states and config dicts next to tensors, hence weights_only=False.
     return torch.load(path, map_location="cpu", weights_only=False)

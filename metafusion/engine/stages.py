@@ -17,6 +17,7 @@ import yaml
 
 from ..config import RunConfig, from_dict, resolve, to_dict
 from ..data import Episode, EpisodeSampler
+from ..errors import InputError
 from . import distributed
 from .build import Experiment, as_model_inputs, build_experiment
 from .checkpoint import git_commit, hardware, library_versions, load_checkpoint, save_checkpoint
@@ -25,7 +26,7 @@ from .report import peak_memory_mb, plot_run, write_compare, write_results
 from .train import meta_train
 
 
-class RunFolderError(FileExistsError):
+class RunFolderError(InputError, FileExistsError):
     """A run folder would be overwritten, or is missing what a stage needs."""
 
 
@@ -218,7 +219,7 @@ def user_task(path: str, exp: Experiment, shots: int) -> Episode:
     for c in sorted(set(data.labels)):
         rows = torch.nonzero(data.targets == c).flatten()
         if len(rows) <= shots:
-            raise ValueError(
+            raise InputError(
                 f"{path}: class {data.metadata['class_names'][c]!r} has {len(rows)} samples; "
                 f"fine-tuning needs more than shots={shots} (the rest are queries)"
             )

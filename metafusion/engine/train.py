@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import to_dict
+from ..errors import InputError
 from . import distributed
 from .build import Experiment
 from .checkpoint import library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -22,7 +23,7 @@ from .evaluate import meta_test
 from .report import MetricsLog, PeakMemory, peak_memory_mb
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(InputError, RuntimeError):
     """Meta-training produced a NaN/inf loss or gradient (and the config says stop)."""
 
 
@@ -129,7 +130,7 @@ def meta_train(
     cfg, algo = exp.cfg.train, exp.algorithm
     rank = distributed.current()
     if cfg.meta_batch < rank.world:
-        raise ValueError(
+        raise InputError(
             f"train.meta_batch={cfg.meta_batch} is smaller than the {rank.world} ranks: "
             f"every rank needs at least one task"
         )

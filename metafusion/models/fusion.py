@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..registry import Registry
 
 FUSIONS: Registry = Registry("fusion")
@@ -75,7 +76,7 @@ class AttentionFusion(Fusion):
     def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
         super().__init__()
         if mode not in ("vector", "scalar"):
-            raise ValueError(f"attention mode must be 'vector' or 'scalar', got {mode!r}")
+            raise InputError(f"attention mode must be 'vector' or 'scalar', got {mode!r}")
         self.score = nn.Linear(dim, dim if mode == "vector" else 1)
         self.mode = mode
         self.out_dim = dim
@@ -144,7 +145,7 @@ class MathSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"fusion width {dim} is not divisible by {heads} attention heads")
+            raise InputError(f"fusion width {dim} is not divisible by {heads} attention heads")
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.heads = heads

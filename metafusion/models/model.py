@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batch import Batch
+from ..errors import InputError
 from .encoders import ENCODERS, default_encoder
 from .fusion import build_fusion
 
@@ -35,7 +36,7 @@ class FusionModel(nn.Module):
         cols = []
         for m in self.modalities:
             if m not in batch.modalities:
-                raise ValueError(f"batch has no modality {m!r} (it has {', '.join(batch.modalities)})")
+                raise InputError(f"batch has no modality {m!r} (it has {', '.join(batch.modalities)})")
             cols.append(batch.modalities.index(m))
         mask = batch.mask[:, cols]  # (B, M)
         feats = []
@@ -75,7 +76,7 @@ class FusionModel(nn.Module):
     def adapted(self, scope: str) -> list[bool]:
         """For each of ``self.parameters()`` (in order): does the inner loop adapt it under ``scope``?"""
         if scope not in ADAPT_SCOPES:
-            raise ValueError(f"unknown adaptation scope {scope!r}; choose one of: {', '.join(ADAPT_SCOPES)}")
+            raise InputError(f"unknown adaptation scope {scope!r}; choose one of: {', '.join(ADAPT_SCOPES)}")
         prefixes = {"all": ("",), "head": ("head.",), "fusion+head": ("fusion.", "head.")}[scope]
         return [p.requires_grad and name.startswith(prefixes) for name, p in self.named_parameters()]
 
@@ -104,7 +105,7 @@ def build_model(
     chosen = dict(encoders or {})
     unknown = [m for m in chosen if m not in spec.input_shapes]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"--encoder names modality {', '.join(map(repr, unknown))}, which the data does not "
             f"provide ({', '.join(spec.input_shapes)})"
         )

@@ -7,6 +7,7 @@ statistics: MAML-style inner loops use batch statistics at train and test (see d
 
 from torch import nn
 
+from ...errors import InputError
 from ...registry import Registry
 from ..batchnorm import BatchNorm1d, BatchNorm2d
 
@@ -52,7 +53,7 @@ DEFAULT_ENCODERS = {
 
 def default_encoder(modality: str) -> str:
     if modality not in DEFAULT_ENCODERS:
-        raise ValueError(
+        raise InputError(
             f"no default encoder for modality {modality!r}; name one with "
             f"--encoder {modality}=NAME (encoders: {', '.join(ENCODERS.names())})"
         )

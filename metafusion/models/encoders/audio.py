@@ -6,6 +6,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
+from ...errors import InputError
 from ..execution import to_memory_format
 from . import ENCODERS, conv_blocks
 
@@ -38,7 +39,7 @@ class MelCNN(nn.Module):
                 sample_rate, n_mfcc=n_mels, log_mels=True, melkwargs=dict(n_fft=256, hop_length=80, n_mels=n_mels)
             )
         else:
-            raise ValueError(f"unknown audio front end {frontend!r}; choose mel or mfcc")
+            raise InputError(f"unknown audio front end {frontend!r}; choose mel or mfcc")
         self.log = frontend == "mel"
         self.body = conv_blocks(2, 1, hidden, depth=3, kernel=3)
         self.proj = nn.Linear(hidden, out_dim)

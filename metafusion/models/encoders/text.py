@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ...errors import MissingFileError
 from . import ENCODERS
 
 
@@ -50,7 +51,7 @@ class FrozenTextModel:
 
         path = Path(path or minilm_path())
         if not path.is_dir():
-            raise FileNotFoundError(f"pretrained text encoder folder not found: {path}")
+            raise MissingFileError(f"pretrained text encoder folder not found: {path}")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval()
         for p in self.model.parameters():
