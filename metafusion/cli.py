@@ -237,11 +237,11 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
         out = args.out or f"runs/{cfg.algo.name}"
         if args.command == "compare":
             algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-            from .config import ALGORITHMS
+            from .algorithms import ALGORITHMS
 
-            bad = [a for a in algos if a not in ALGORITHMS]
+            bad = [a for a in algos if a not in ALGORITHMS.names()]
             if bad:
-                raise InputError(f"unknown algorithm {', '.join(bad)}; valid: {', '.join(ALGORITHMS)}")
+                raise InputError(f"unknown algorithm {', '.join(bad)}; valid: {', '.join(ALGORITHMS.names())}")
             rows, table = stages.stage_compare(
                 cfg,
                 algos,

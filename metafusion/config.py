@@ -119,9 +119,6 @@ class RunConfig:
     out: str = "runs/default"
 
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "finetune", "centroid")
-FUSIONS = ("attention", "concat", "mean", "late", "transformer")
-
 # Published defaults per algorithm, used where the config leaves a value as None.
 # MAML: Finn et al. 2017 (Omniglot 5-way: inner lr 0.4, 1 step, meta-batch 32, Adam 1e-3; 10 steps at test).
 # Reptile: Nichol et al. 2018 (inner Adam beta1=0 lr 1e-3, inner batch 10, 5 steps, 50 at test;
@@ -391,19 +388,24 @@ def _check_device(device: str) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Reject incompatible settings at configuration time, never mid-training."""
-    _choice("algo.name", cfg.algo.name, ALGORITHMS)
+    """Reject incompatible settings at configuration time, never mid-training. Names are checked against
+    the registries and the modules that own them (imported here: they import this module's dataclasses)."""
+    from .algorithms import ALGORITHMS
+    from .algorithms.base import BATCHED_EVAL
+    from .models import ADAPT_SCOPES, FUSIONS
+
+    _choice("algo.name", cfg.algo.name, ALGORITHMS.names())
     for name, section in cfg.per_algorithm.items():
-        _choice("per_algorithm key", name, ALGORITHMS)
+        _choice("per_algorithm key", name, ALGORITHMS.names())
         _apply(copy.deepcopy(cfg), {k: v for k, v in (section or {}).items()})  # reject unknown keys now
-    _choice("model.fusion", cfg.model.fusion, FUSIONS)
+    _choice("model.fusion", cfg.model.fusion, FUSIONS.names())
     _choice("model.attention", cfg.model.attention, ("vector", "scalar"))
-    _choice("model.adapt", cfg.model.adapt, ("all", "head", "fusion+head"))
+    _choice("model.adapt", cfg.model.adapt, ADAPT_SCOPES)
     _choice("algo.inner_optimizer", cfg.algo.inner_optimizer, ("adam", "sgd"))
     _choice("train.optimizer", cfg.train.optimizer, ("adam", "sgd"))
     _choice("train.schedule", cfg.train.schedule, ("constant", "linear"))
     _choice("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
-    _choice("algo.batched_eval", cfg.algo.batched_eval, ("auto", "on", "off"))
+    _choice("algo.batched_eval", cfg.algo.batched_eval, BATCHED_EVAL)
     _choice("data.split", cfg.data.split, ("protocol", "background", "cross-domain"))
     for key in (
         "shots",

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from metafusion.config import ALGORITHMS, load_config, resolve
+from metafusion.algorithms import ALGORITHMS
+from metafusion.config import load_config, resolve
 from metafusion.data import DATASETS
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*.yaml"))
@@ -13,7 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_resolves_for_every_algorithm(path):
-    for algo in ALGORITHMS:
+    for algo in ALGORITHMS.names():
         cfg = resolve(load_config(path, {"algo.name": algo}))
         assert cfg.algo.name == algo and cfg.train.meta_batch >= 1
 

@@ -63,10 +63,10 @@ def test_bad_usage_exits_non_zero_with_usage(argv, capsys):
     "args,message",
     [
         (["--set", "train.iterationz=3"], "unknown config key 'train.iterationz'"),
-        (["--algo", "mamal"], "choose one of: maml, fomaml, reptile, metasgd, anil, protonet, finetune"),
+        (["--algo", "mamal"], "choose one of: anil, centroid, finetune, fomaml, maml, metasgd, protonet, reptile"),
         (["--modalities", "image,smell"], "no modality 'smell'"),
         (["--dataset", "omniglot", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),
-        (["--fusion", "sum"], "attention, concat, mean, late, transformer"),
+        (["--fusion", "sum"], "attention, concat, late, mean, transformer"),
         (["--set", "data.train_ways=10"], "only protonet (which has no classifier head) can train on more ways"),
         (["--set", "algo.metric=cosine"], "algo.metric applies to protonet and centroid, not maml"),
         (["--algo", "reptile", "--set", "algo.proto_init=true"], "applies to maml, fomaml and anil, not reptile"),

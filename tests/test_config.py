@@ -26,8 +26,8 @@ def test_unknown_key_lists_valid_keys(tmp_path):
 @pytest.mark.parametrize(
     "key,value,match",
     [
-        ("algo.name", "mamal", "choose one of: maml, fomaml, reptile"),
-        ("model.fusion", "sum", "attention, concat, mean, late, transformer"),
+        ("algo.name", "mamal", "choose one of: anil, centroid, finetune, fomaml, maml"),
+        ("model.fusion", "sum", "attention, concat, late, mean, transformer"),
         ("data.ways", "five", "expected an integer"),
         ("data.ways", 0, "data.ways must be >= 2"),
         ("data.shots", 0, "data.shots must be >= 1"),
