@@ -53,7 +53,6 @@ class DataConfig:
     val_episodes: int = 100
     test_episodes: int = 600
     episode_seed: int = 0  # fixes the val/test episodes, identical for every algorithm
-    text_encoder_features: bool = False  # internal: set when a frozen text encoder is chosen
 
 
 @dataclass
@@ -296,7 +295,16 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Keys that older versions wrote into run folders' config.yaml and checkpoints but that no longer mean
+# anything; dropped when such a config is read, so old runs still load.
+RETIRED_KEYS = {"data": ("text_encoder_features",)}
+
+
 def from_dict(values: dict[str, Any]) -> RunConfig:
+    values = dict(values)
+    for section, keys in RETIRED_KEYS.items():
+        if isinstance(values.get(section), dict):
+            values[section] = {k: v for k, v in values[section].items() if k not in keys}
     cfg = RunConfig()
     _apply(cfg, values)
     return cfg

@@ -89,9 +89,8 @@ class MetaAlgorithm:
         """Query logits. Transductive: the query set is one batch (normalisation sees all of it).
         Non-transductive: each query sample is classified alone, together with the support set
         (Nichol et al. 2018), so no query sample can inform another. On a GPU those per-query batches
-        run together under vmap (a 600-episode non-transductive meta-test then costs what the
-        transductive one does on an H100); on a CPU one forward per query is 3.1-3.6x faster than the
-        vmapped form (docs/performance.md)."""
+        run together under vmap; on a CPU one forward per query is faster than the vmapped form
+        (docs/performance.md has both measurements)."""
         with torch.no_grad():
             if self.transductive:
                 return learner(episode.query)

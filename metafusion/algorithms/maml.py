@@ -99,7 +99,7 @@ class MAML(MetaAlgorithm):
         if self.proto_init:
             init_head_from_prototypes(learner.module, support)
         # Support passes differentiated twice run the CNNs in NCHW (cheaper double backward through
-        # BatchNorm; measured +4 % with 1 inner step, +8 % with 5); the query pass stays channels_last.
+        # BatchNorm, docs/performance.md); the query pass stays channels_last.
         with memory_format(learner, torch.contiguous_format) if create_graph else nullcontext():
             for _ in range(steps):
                 self._step(learner, support, lr, create_graph)

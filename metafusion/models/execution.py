@@ -39,8 +39,8 @@ def overriding(model: nn.Module, attribute: str, value: object) -> Iterator[None
 def memory_format(model: nn.Module, fmt: torch.memory_format):
     """Run the 2-D CNNs inside ``model`` in ``fmt`` for the forward passes in this block (the layout
     is fixed at forward time; a later backward reuses it). MAML uses it for support passes it will
-    differentiate twice: BatchNorm's double backward is 1.5-3.5x slower in channels_last than in NCHW
-    here, while every other pass is faster in channels_last (docs/performance.md)."""
+    differentiate twice: BatchNorm's double backward is slower in channels_last than in NCHW, while every
+    other pass is faster in channels_last (docs/performance.md has the measurements)."""
     return overriding(model, "memory_format", fmt)
 
 

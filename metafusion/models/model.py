@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +88,6 @@ class ModelSpec:
     input_shapes: dict[str, tuple[int, ...]]
     vocab_size: int = 201
     sample_rate: int = 8000
-    extra: dict = field(default_factory=dict)
 
 
 def build_model(

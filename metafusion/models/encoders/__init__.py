@@ -21,7 +21,7 @@ def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: in
     The layers run as conv, BatchNorm, maxpool, ReLU: ReLU is monotonic, so ``relu(maxpool(x))`` equals
     ``maxpool(relu(x))`` exactly, values and (sub)gradients alike (the pool picks the same position;
     a non-positive maximum gets zero gradient either way), and ReLU then touches 4x fewer elements
-    (measured: +5-8 % MAML tasks/s on Conv4, docs/performance.md).
+    (docs/performance.md).
 
     ``stride=2`` downsamples with the convolution itself and drops the max-pool: the Omniglot network
     of the MAML and Reptile reference code (4x fewer convolution FLOPs, no pooling)."""

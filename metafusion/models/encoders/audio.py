@@ -6,49 +6,33 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from ...errors import InputError
 from ..execution import to_memory_format
 from . import ENCODERS, conv_blocks
 
 
 @ENCODERS.register("melcnn")
 class MelCNN(nn.Module):
-    """waveform ``[B, 1, T]`` -> log-mel ``[B, 1, n_mels, frames]`` -> 3 conv blocks -> mean pool -> d.
+    """waveform ``[B, 1, T]`` -> log-mel ``[B, 1, 40, frames]`` -> 3 conv blocks -> mean pool -> d.
 
-    The front end (MelSpectrogram or MFCC) has no trainable parameters; its filterbank is a buffer.
-    The one-channel spectrogram enters the CNN in channels_last order, as in ``Conv4`` (and for the
-    same reason).
+    The log-mel front end has no trainable parameters; its filterbank is a buffer. The one-channel
+    spectrogram enters the CNN in channels_last order, as in ``Conv4`` (and for the same reason).
     """
 
     memory_format = torch.channels_last
+    n_mels = 40
 
     def __init__(
-        self,
-        out_dim: int,
-        hidden: int = 64,
-        input_shape: tuple[int, ...] = (1, 4000),
-        sample_rate: int = 8000,
-        n_mels: int = 40,
-        frontend: str = "mel",
+        self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 4000), sample_rate: int = 8000
     ):
         super().__init__()
-        if frontend == "mel":
-            self.frontend = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=256, hop_length=80, n_mels=n_mels)
-        elif frontend == "mfcc":
-            self.frontend = torchaudio.transforms.MFCC(
-                sample_rate, n_mfcc=n_mels, log_mels=True, melkwargs=dict(n_fft=256, hop_length=80, n_mels=n_mels)
-            )
-        else:
-            raise InputError(f"unknown audio front end {frontend!r}; choose mel or mfcc")
-        self.log = frontend == "mel"
+        self.frontend = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=256, hop_length=80, n_mels=self.n_mels)
         self.body = conv_blocks(2, 1, hidden, depth=3, kernel=3)
         self.proj = nn.Linear(hidden, out_dim)
         self.out_dim = out_dim
 
-    def spectrogram(self, wave: Tensor) -> Tensor:  # (B, 1, T) -> (B, 1, n_mels, frames)
+    def spectrogram(self, wave: Tensor) -> Tensor:  # (B, 1, T) -> (B, 1, 40, frames)
         with torch.no_grad():
-            spec = self.frontend(wave)
-            return torch.log(spec + 1e-6) if self.log else spec
+            return torch.log(self.frontend(wave) + 1e-6)
 
     def forward(self, wave: Tensor) -> Tensor:  # (B, 1, T) -> (B, out_dim)
         spec = to_memory_format(self.spectrogram(wave), self.memory_format)

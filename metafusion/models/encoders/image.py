@@ -57,7 +57,7 @@ class Conv4Strided(Conv4):
 
 @ENCODERS.register("resnet18")
 class ResNet18(nn.Module):
-    """torchvision ResNet-18 (``weights=None`` by default; or a local state-dict file), projected.
+    """torchvision ResNet-18 (randomly initialised), projected.
 
     BatchNorm uses batch statistics (no running stats) so inner-loop adaptation cannot leak
     statistics into the meta-model. Grey images are fed to a 1-channel first convolution.
@@ -68,13 +68,9 @@ class ResNet18(nn.Module):
         out_dim: int,
         hidden: int = 64,
         input_shape: tuple[int, ...] = (1, 28, 28),
-        weights_path: str | None = None,
     ):
         super().__init__()
         net = torchvision.models.resnet18(weights=None, norm_layer=BatchNorm2d)
-        if weights_path is not None:
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-            net.load_state_dict(state, strict=False)
         if input_shape[0] != 3:
             net.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False)
         net.fc = nn.Identity()
