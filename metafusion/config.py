@@ -122,94 +122,26 @@ class RunConfig:
 # MAML: Finn et al. 2017 (Omniglot 5-way: inner lr 0.4, 1 step, meta-batch 32, Adam 1e-3; 10 steps at test).
 # Reptile: Nichol et al. 2018 (inner Adam beta1=0 lr 1e-3, inner batch 10, 5 steps, 50 at test;
 # outer SGD step 1.0 annealed linearly to 0, meta-batch 5).
+# One row per algorithm, kept as a table (hence no automatic formatting here).
+# fmt: off
+MAML_OUTER = dict(meta_batch=32, meta_lr=1e-3, optimizer="adam", schedule="constant")  # MAML, FOMAML, MetaSGD, ANIL
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "maml": dict(
-        inner_lr=0.4,
-        inner_steps=1,
-        inner_steps_test=10,
-        first_order=False,
-        meta_batch=32,
-        meta_lr=1e-3,
-        optimizer="adam",
-        schedule="constant",
-    ),
-    "fomaml": dict(
-        inner_lr=0.4,
-        inner_steps=1,
-        inner_steps_test=10,
-        first_order=True,
-        meta_batch=32,
-        meta_lr=1e-3,
-        optimizer="adam",
-        schedule="constant",
-    ),
-    "metasgd": dict(
-        inner_lr=0.4,
-        inner_steps=1,
-        inner_steps_test=1,
-        first_order=False,
-        meta_batch=32,
-        meta_lr=1e-3,
-        optimizer="adam",
-        schedule="constant",
-    ),
-    "anil": dict(
-        inner_lr=0.4,
-        inner_steps=5,
-        inner_steps_test=10,
-        first_order=False,
-        meta_batch=32,
-        meta_lr=1e-3,
-        optimizer="adam",
-        schedule="constant",
-    ),
-    "reptile": dict(
-        inner_lr=1e-3,
-        inner_steps=5,
-        inner_steps_test=50,
-        inner_batch=10,
-        inner_optimizer="adam",
-        first_order=True,
-        meta_batch=5,
-        meta_lr=1.0,
-        optimizer="sgd",
-        schedule="linear",
-    ),
-    "protonet": dict(
-        inner_lr=0.0,
-        inner_steps=0,
-        inner_steps_test=0,
-        first_order=True,
-        metric="euclidean",
-        meta_batch=1,
-        meta_lr=1e-3,
-        optimizer="adam",
-        schedule="constant",
-    ),
+    "maml": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, first_order=False, **MAML_OUTER),
+    "fomaml": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, first_order=True, **MAML_OUTER),
+    "metasgd": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=1, first_order=False, **MAML_OUTER),
+    "anil": dict(inner_lr=0.4, inner_steps=5, inner_steps_test=10, first_order=False, **MAML_OUTER),
+    "reptile": dict(inner_lr=1e-3, inner_steps=5, inner_steps_test=50, inner_batch=10, inner_optimizer="adam",
+                    first_order=True, meta_batch=5, meta_lr=1.0, optimizer="sgd", schedule="linear"),
+    "protonet": dict(inner_lr=0.0, inner_steps=0, inner_steps_test=0, first_order=True, metric="euclidean",
+                     meta_batch=1, meta_lr=1e-3, optimizer="adam", schedule="constant"),
     # Frozen features + nearest class mean: nothing is meta-trained (the run records 0 iterations).
-    "centroid": dict(
-        inner_lr=0.0,
-        inner_steps=0,
-        inner_steps_test=0,
-        first_order=True,
-        metric="cosine",
-        meta_batch=1,
-        meta_lr=0.0,
-        optimizer="sgd",
-        schedule="constant",
-    ),
+    "centroid": dict(inner_lr=0.0, inner_steps=0, inner_steps_test=0, first_order=True, metric="cosine",
+                     meta_batch=1, meta_lr=0.0, optimizer="sgd", schedule="constant"),
     # Chen et al. 2019 baseline: supervised pre-training, then a new head fitted on the support set.
-    "finetune": dict(
-        inner_lr=0.01,
-        inner_steps=0,
-        inner_steps_test=100,
-        first_order=True,
-        meta_batch=4,
-        meta_lr=1e-3,
-        optimizer="adam",
-        schedule="constant",
-    ),
+    "finetune": dict(inner_lr=0.01, inner_steps=0, inner_steps_test=100, first_order=True,
+                     meta_batch=4, meta_lr=1e-3, optimizer="adam", schedule="constant"),
 }
+# fmt: on
 
 
 def default_data_root() -> str | None:

@@ -16,26 +16,10 @@ import yaml
 from metafusion.cli import main
 
 TINY = [
-    "--set",
-    "data.num_classes=30",
-    "--set",
-    "data.samples_per_class=10",
-    "--queries",
-    "2",
-    "--set",
-    "data.val_episodes=2",
-    "--episodes",
-    "6",
-    "--set",
-    "model.width=8",
-    "--set",
-    "model.hidden=8",
-    "--meta-batch",
-    "2",
-    "--set",
-    "train.val_interval=3",
-    "--quiet",
-]
+    "--set", "data.num_classes=30", "--set", "data.samples_per_class=10", "--queries", "2",
+    "--set", "data.val_episodes=2", "--episodes", "6", "--set", "model.width=8", "--set", "model.hidden=8",
+    "--meta-batch", "2", "--set", "train.val_interval=3", "--quiet",
+]  # fmt: skip
 
 
 def run_cli(*args) -> int:

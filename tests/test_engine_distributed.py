@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_cli import TINY
 
 from metafusion.config import from_dict
 from metafusion.engine import build_experiment, distributed
@@ -68,28 +69,8 @@ def test_two_ranks_give_the_one_process_meta_gradient(algo, tmp_path):
 def test_torchrun_meta_train_matches_one_process(tmp_path):
     """The real launcher end to end: same weights after 4 iterations as one process (fp32, so up to
     summation order), one run folder written by rank 0, and the job reports its ranks."""
-    common = [
-        "meta-train",
-        "--set",
-        "data.num_classes=30",
-        "--set",
-        "data.samples_per_class=10",
-        "--queries",
-        "2",
-        "--set",
-        "data.val_episodes=2",
-        "--set",
-        "model.width=8",
-        "--set",
-        "model.hidden=8",
-        "--meta-batch",
-        "4",
-        "--iterations",
-        "4",
-        "--set",
-        "train.val_interval=2",
-        "--quiet",
-    ]
+    # The CLI tests' tiny run; later flags override earlier ones.
+    common = ["meta-train", *TINY, "--meta-batch", "4", "--iterations", "4", "--set", "train.val_interval=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
         [sys.executable, "-m", "metafusion", *common, "--out", str(tmp_path / "one")],

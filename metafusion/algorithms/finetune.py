@@ -60,18 +60,13 @@ class FineTuneBaseline(MetaAlgorithm):
         loss.backward()
         return {"loss": loss.item(), "accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
-    def _fresh_head(self, ways: int) -> nn.Module:
-        """A randomly initialised task head on the model's device and in its dtype."""
-        like = next(self.model.parameters())
-        return self.model.fusion.make_head(ways).to(like.device, like.dtype)
-
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         """Fit a new head on frozen support features: SGD, momentum 0.9, full batch (Chen et al.)."""
         steps = self.inner_steps_test if steps is None else steps
         ways = int(support.labels.max()) + 1
         with torch.no_grad():
             z, mask = fused_features(self.model, support)
-        head = self._fresh_head(ways)
+        head = self.model.new_head(ways)
         opt = torch.optim.SGD(head.parameters(), lr=self.inner_lr_test, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         with torch.enable_grad():
             for _ in range(steps):
@@ -84,7 +79,7 @@ class FineTuneBaseline(MetaAlgorithm):
     # -- functional form: the head fit as SGD with momentum on a dict of head parameters ---------
     def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
         # Fresh heads drawn in episode order, as one ``adapt`` after another draws them.
-        heads = [self._fresh_head(e.ways) for e in episodes]
+        heads = [self.model.new_head(e.ways) for e in episodes]
         return {"model": model_parameters(self.model), "head_module": heads[0]}, [
             {"head": model_parameters(h)} for h in heads
         ]

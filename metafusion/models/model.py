@@ -68,10 +68,14 @@ class FusionModel(nn.Module):
         _, weights = self.fusion(*self.encode(batch))
         return weights
 
-    def reset_head(self, ways: int) -> None:
+    def new_head(self, ways: int) -> nn.Module:
         """A fresh, randomly initialised head for ``ways`` classes, on the model's device and in its dtype."""
         like = next(self.parameters())
-        self.head = self.fusion.make_head(ways).to(like.device, like.dtype)
+        return self.fusion.make_head(ways).to(like.device, like.dtype)
+
+    def reset_head(self, ways: int) -> None:
+        """Replace the model's head by ``new_head(ways)``."""
+        self.head = self.new_head(ways)
 
     def adapted(self, scope: str) -> list[bool]:
         """For each of ``self.parameters()`` (in order): does the inner loop adapt it under ``scope``?"""
