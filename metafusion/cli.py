@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="adaptation steps (default: algo.inner_steps_test)")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("predict", help="label new samples with a fine-tuned model (class names, probabilities)")
+    p.add_argument("--model", required=True, help="RUN/finetune/model.pt written by fine-tune (or its run folder)")
+    p.add_argument("--data", required=True, help="folder or manifest of samples to label (labels optional)")
+    p.add_argument("--out", help="predictions file, .csv or .jsonl (default: predictions.csv beside the model)")
+    p.add_argument(
+        "--non-transductive",
+        action="store_true",
+        help="classify each sample alone with the support set (default: the model's setting)",
+    )
+    p.add_argument("--skip-unreadable", action="store_true", help="mask unreadable files instead of stopping")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
     p = sub.add_parser("run", help="meta-train, meta-test and fine-tune for one config")
     _add_config_flags(p)
 
@@ -194,6 +206,43 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from .data.manifest import load_user_data
+    from .engine.predictor import Predictor
+    from .engine.report import plot_confusion
+
+    predictor = Predictor.load(args.model, args.device)
+    data = load_user_data(
+        args.data, predictor.modalities, like=predictor.trained.inputs, skip_errors=args.skip_unreadable, labelled=False
+    )
+    for m in data.metadata["absent"]:
+        print(f"warning: {args.data} has no {m} data; the model sees {m} as missing for every sample")
+    for c in data.metadata["ignored"]:
+        print(f"warning: column {c!r} ignored: the model takes {', '.join(predictor.modalities)}")
+    if data.metadata["skipped"]:
+        print(f"warning: {data.metadata['skipped']} unreadable files skipped; those modalities are masked")
+    pred = predictor.predict(data, transductive=False if args.non_transductive else None)
+    out = Path(args.out) if args.out else Path(args.model).with_name("predictions.csv")
+    if Path(args.model).is_dir() and not args.out:
+        out = Path(args.model) / "predictions.csv"
+    pred.write(out)
+    counts = {c: pred.predicted.count(c) for c in pred.classes}
+    print(f"predicted {len(pred)} samples: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    if int(pred.diverged.sum()):
+        print(f"warning: {int(pred.diverged.sum())} samples got non-finite logits (no prediction)")
+    if pred.labels is not None:
+        matrix = pred.confusion()
+        png = plot_confusion(out.with_suffix(".png"), matrix, pred.classes)
+        width = max(len(c) for c in pred.classes)
+        print(f"accuracy {100 * pred.accuracy:.2f} % on {len(pred)} labelled samples; confusion (row = true):")
+        print(" " * (width + 2) + " ".join(f"{c:>{width}}" for c in pred.classes))
+        for c, row in zip(pred.classes, matrix.tolist()):
+            print(f"  {c:>{width}}" + "".join(f" {n:>{width}}" for n in row))
+        print(f"confusion matrix: {png}")
+    print(f"predictions written to {out}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
     from .engine import distributed, stages
 
@@ -226,10 +275,15 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "fine-tune":
         r = stages.stage_fine_tune(args.run, seed=args.seed, steps=args.steps, task=args.task, quiet=args.quiet)
         print(
-            f"fine-tuned on {r['ways']}-way {r['shots']}-shot task ({args.task}): query accuracy "
-            f"{100 * r['query_accuracy']:.2f} % on {r['queries']} queries; model saved to {r['model']}"
+            f"fine-tuned on {r['ways']}-way {r['shots']}-shot task ({args.task}; classes: {', '.join(r['classes'])}): "
+            f"query accuracy {100 * r['query_accuracy']:.2f} % on {r['queries']} queries"
         )
+        if r["diverged"]:
+            print("warning: some query logits are not finite (adaptation diverged; they count as wrong)")
+        print(f"adapted model saved to {r['model']}\nlabel new files with:\n  {r['predict']}")
         return 0
+    if args.command == "predict":
+        return _predict(args)
     if args.command == "meta-train" and args.resume:
         exp, train, run_dir = stages.stage_meta_train(None, args.resume, resume=True, quiet=args.quiet)
     else:

@@ -265,8 +265,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         for parent in reversed(parents):
             nested = {parent: nested}
         _apply(cfg, nested)
+        for section in cfg.per_algorithm.values():  # a flag beats the file, its per-algorithm sections too
+            _forget(section, dotted.split("."))
     validate(cfg)
     return cfg
+
+
+def _forget(values: dict[str, Any], path: list[str]) -> None:
+    """Remove the nested key ``path`` from ``values`` (if there), and sections it leaves empty."""
+    head, *rest = path
+    if head not in values:
+        return
+    if rest and isinstance(values[head], dict):
+        _forget(values[head], rest)
+        if not values[head]:
+            del values[head]
+    elif not rest:
+        del values[head]
 
 
 def resolve(cfg: RunConfig) -> RunConfig:

@@ -357,6 +357,20 @@ def test_metasgd_resizes_its_head_rates_with_the_head():
     assert algo.evaluate_many([episode], batched=True)[0]["accuracy"] == algo.evaluate(episode)["accuracy"]
 
 
+def test_the_fine_tune_baseline_draws_its_task_head_from_its_seed_not_the_global_rng():
+    """An evaluation depends on the weights and the episode only, not on what ran before it."""
+    episode = tiny_episode(ways=3)
+    algo = ALGORITHMS.build("finetune", tiny_tabular_model(ways=3), train_classes=[0, 1, 2, 3], seed=7, **COMMON)
+    results = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        results.append(algo.evaluate(episode))
+    assert results[0]["loss"] == results[1]["loss"]
+    other = ALGORITHMS.build("finetune", tiny_tabular_model(ways=3), train_classes=[0, 1, 2, 3], seed=8, **COMMON)
+    other.model.load_state_dict(algo.model.state_dict())
+    assert other.evaluate(episode)["loss"] != results[0]["loss"]  # the seed is what fixes the head
+
+
 def test_reptile_adapts_one_by_one_where_adam_would_skip_a_parameter():
     """A mini-batch without a modality leaves its encoder's gradient None, which torch's Adam skips
     (the functional form's zero gradient would still count a step): such episodes take the loop."""

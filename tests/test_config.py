@@ -63,3 +63,14 @@ def test_resolve_fills_published_defaults_only_where_unset():
     assert cfg.algo.inner_steps_test == ALGORITHM_DEFAULTS["reptile"]["inner_steps_test"] == 50
     assert (cfg.train.optimizer, cfg.train.schedule, cfg.train.meta_lr) == ("sgd", "linear", 1.0)
     assert cfg.algo.inner_lr_test == cfg.algo.inner_lr
+
+
+def test_flags_beat_the_files_per_algorithm_recipes(tmp_path):
+    """defaults <- YAML file (its per_algorithm sections included) <- flags: a flag is never undone."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "per_algorithm:\n  maml:\n    train: {iterations: 60000, meta_batch: 32}\n    algo: {inner_lr: 0.4}"
+    )
+    cfg = resolve(load_config(path, {"algo.name": "maml", "train.iterations": 2}))
+    assert (cfg.train.iterations, cfg.train.meta_batch, cfg.algo.inner_lr) == (2, 32, 0.4)
+    assert resolve(load_config(path, {"algo.name": "maml"})).train.iterations == 60000

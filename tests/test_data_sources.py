@@ -90,9 +90,9 @@ def test_fsdd_loads(data_root):
 def test_folder_layout_with_a_missing_file():
     ds = load_user_data(HERE / "tiny_folder")
     assert ds.modalities == ("image", "text", "tabular")
-    assert ds.metadata["class_names"] == ["bird", "cat", "dog", "fish", "frog"]
-    assert ds.data["image"].shape == (15, 1, 28, 28) and ds.data["tabular"].shape == (15, 4)
-    assert ds.present.sum() == 15 * 3 - 1  # frog2.png is missing -> image masked for that sample
+    assert ds.metadata["class_names"] == ["bird", "cat", "dog", "fish", "frog", "horse", "mouse", "owl"]
+    assert ds.data["image"].shape == (24, 1, 28, 28) and ds.data["tabular"].shape == (24, 4)
+    assert ds.present.sum() == 24 * 3 - 1  # frog2.png is missing -> image masked for that sample
     frog2 = 14
     assert not ds.present[frog2, 0] and (ds.data["image"][frog2] == 0).all()
     assert "meow" in ds.metadata["vocabulary"]
@@ -101,7 +101,7 @@ def test_folder_layout_with_a_missing_file():
 def test_manifest_with_inline_text_matches_folder():
     ds = load_user_data(HERE / "tiny_manifest.csv")
     assert ds.modalities == ("image", "text", "tabular")
-    assert len(ds) == 15 and ds.present[:, 0].sum() == 14
+    assert len(ds) == 24 and ds.present[:, 0].sum() == 23
     assert ds.metadata["texts"][0] == "inline meow purr whiskers"
 
 

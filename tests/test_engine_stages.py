@@ -8,6 +8,7 @@ from metafusion.config import load_config
 from metafusion.data import DATASETS
 from metafusion.data.synthetic import decode_text
 from metafusion.engine import build_experiment
+from metafusion.engine.build import TrainedModel
 from metafusion.engine.stages import user_task
 
 TINY = {
@@ -34,7 +35,7 @@ def test_a_users_data_is_standardised_with_the_meta_train_statistics(tmp_path):
         (tmp_path / f"c{k}").mkdir()
         for i, r in enumerate(rows):
             np.save(tmp_path / f"c{k}" / f"{i}.npy", raw[r].numpy())
-    episode = user_task(str(tmp_path), exp, shots=1)
+    episode, _, _ = user_task(str(tmp_path), TrainedModel.of(exp), shots=1)
     expected = exp.dataset.data["tabular"][[rows[0] for rows in classes]]
     assert not torch.allclose(raw[[rows[0] for rows in classes]], expected)  # standardisation changes them
     assert torch.allclose(episode.support.inputs["tabular"], expected, atol=1e-6)
@@ -49,7 +50,7 @@ def test_a_users_text_is_embedded_by_the_frozen_encoder_the_model_was_trained_on
     classes = _test_rows(exp, per_class=2)
     lines = ["label,text"] + [f"c{k},{decode_text(ids[r], vocab)}" for k, rows in enumerate(classes) for r in rows]
     (tmp_path / "task.csv").write_text("\n".join(lines) + "\n")
-    episode = user_task(str(tmp_path / "task.csv"), exp, shots=1)
+    episode, _, _ = user_task(str(tmp_path / "task.csv"), TrainedModel.of(exp), shots=1)
     support = episode.support.inputs["text"]
     assert support.is_floating_point() and support.shape == (3, 384)  # MiniLM features, not token ids
     expected = exp.dataset.data["text"][[rows[0] for rows in classes]]

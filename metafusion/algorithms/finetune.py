@@ -39,8 +39,9 @@ class FeatureHeadClassifier(nn.Module):
 class FineTuneBaseline(MetaAlgorithm):
     name = "finetune"
 
-    def __init__(self, model: FusionModel, *, train_classes: list[int], **kwargs):
+    def __init__(self, model: FusionModel, *, train_classes: list[int], seed: int = 0, **kwargs):
         super().__init__(model, **kwargs)
+        self.seed = seed
         self.class_index = {c: i for i, c in enumerate(sorted(train_classes))}
         model.reset_head(len(self.class_index))  # one head over every meta-train class
 
@@ -66,7 +67,7 @@ class FineTuneBaseline(MetaAlgorithm):
         ways = int(support.labels.max()) + 1
         with torch.no_grad():
             z, mask = fused_features(self.model, support)
-        head = self.model.new_head(ways)
+        head = self.new_head(ways)
         opt = torch.optim.SGD(head.parameters(), lr=self.inner_lr_test, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         with torch.enable_grad():
             for _ in range(steps):
@@ -76,10 +77,16 @@ class FineTuneBaseline(MetaAlgorithm):
                 opt.step()
         return FeatureHeadClassifier(self.model, head)
 
+    def new_head(self, ways: int) -> nn.Module:
+        """The task head every adaptation starts from: drawn from ``seed``, not the global RNG, so an
+        evaluation depends on the weights and the episode only (not on what ran before it)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return self.model.new_head(ways)
+
     # -- functional form: the head fit as SGD with momentum on a dict of head parameters ---------
     def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
-        # Fresh heads drawn in episode order, as one ``adapt`` after another draws them.
-        heads = [self.model.new_head(e.ways) for e in episodes]
+        heads = [self.new_head(e.ways) for e in episodes]
         return {"model": model_parameters(self.model), "head_module": heads[0]}, [
             {"head": model_parameters(h)} for h in heads
         ]

@@ -2,12 +2,15 @@
 
 Manifest: one row per sample, a ``label`` column plus one column per modality holding a file path
 (relative to the manifest's folder) or, for ``text``, inline text. An empty cell means that modality is
-missing for that sample. Folder: files with the same stem in a class folder are one sample; the
-extension picks the modality: png/jpg/jpeg -> image, wav/flac -> audio, txt -> text, npy/csv -> sequence
-(2-D, ``[T, C]``) or tabular (1-D). A missing file masks that modality for that sample. A corrupt or
+missing for that sample. Optional columns: ``split`` (``train`` / ``val`` / ``test``: the class split,
+instead of the seeded 60/20/20 one) and ``id`` (names the sample in predictions).
+Folder: files with the same stem in a class folder are one sample; the extension picks the modality:
+png/jpg/jpeg -> image, wav/flac -> audio, txt -> text, npy/csv -> sequence (2-D, ``[T, C]``) or tabular
+(1-D). ``root/{train,val,test}/<class>/...`` gives the class split; files directly in ``root`` are
+unlabelled samples (for ``predict``). A missing file masks that modality for that sample. A corrupt or
 unreadable file is an error naming the file and the reason, unless ``skip_errors=True``: then that
 modality is masked for that sample and the count is reported in ``metadata["skipped"]``.
-See docs/datasets.md for the format and tests/data/tiny_manifest for an example.
+See docs/datasets.md for the format and tests/data/tiny_manifest.csv for an example.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from .dataset import DataError, MultimodalDataset, split_classes
 from .fsdd import read_wav
+from .input_format import TEXT_LENGTH, InputFormat
 
 EXTENSIONS = {
     ".png": "image",
@@ -37,6 +41,8 @@ EXTENSIONS = {
     ".csv": "array",
 }
 MODALITY_ORDER = ("image", "audio", "text", "sequence", "tabular")
+RESERVED_COLUMNS = ("label", "split", "id")  # manifest columns that are not modalities
+SPLITS = ("train", "val", "test")
 
 
 def tokenize(text: str) -> list[str]:
@@ -82,9 +88,10 @@ def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any], co
     what = column or modality
     try:
         if modality == "image":
-            size = opts["image_size"]
-            img = Image.open(path).convert("L").resize((size, size), resample=Image.LANCZOS)
-            array = np.asarray(img, dtype=np.float32)[None] / 255.0
+            size, rgb = opts["image_size"], opts["image_channels"] == 3
+            img = Image.open(path).convert("RGB" if rgb else "L").resize((size, size), resample=Image.LANCZOS)
+            array = np.asarray(img, dtype=np.float32) / 255.0
+            array = array.transpose(2, 0, 1) if rgb else array[None]
         elif modality == "audio":
             array = read_wav(path, opts["audio_length"])[None]
         else:
@@ -100,7 +107,7 @@ def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any], co
     return array
 
 
-def _rows_from_manifest(path: Path) -> list[dict[str, str]]:
+def _rows_from_manifest(path: Path, labelled: bool) -> list[dict[str, str]]:
     if path.suffix == ".jsonl":
         rows = []
         for i, line in enumerate(path.read_text().splitlines(), 1):
@@ -116,57 +123,92 @@ def _rows_from_manifest(path: Path) -> list[dict[str, str]]:
         raise DataError(f"{path}: a manifest must be .csv or .jsonl")
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
-    if "label" not in rows[0]:
+    if labelled and "label" not in rows[0]:
         raise DataError(f"{path}: manifest needs a 'label' column (columns: {', '.join(rows[0])})")
     return rows
 
 
 def _rows_from_folder(root: Path) -> list[dict[str, str]]:
+    """Samples of ``root/<class>/``, of ``root/{train,val,test}/<class>/`` (with their split), or, for
+    files directly in ``root``, unlabelled samples."""
     rows: dict[tuple[str, str], dict[str, str]] = {}
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in sorted(class_dir.iterdir()):
+
+    def add(folder: Path, **fields: str) -> None:
+        for f in sorted(folder.iterdir()):
             kind = EXTENSIONS.get(f.suffix.lower())
-            if kind is None or not f.is_file():
-                continue
-            row = rows.setdefault((class_dir.name, f.stem), {"label": class_dir.name})
-            row[kind] = str(f.relative_to(root))
+            if kind is not None and f.is_file():
+                row = rows.setdefault((str(folder), f.stem), {**fields, "id": str(f.relative_to(root).with_suffix(""))})
+                row[kind] = str(f.relative_to(root))
+
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if folders and all(p.name in SPLITS for p in folders):
+        for split_dir in folders:
+            for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+                add(class_dir, label=class_dir.name, split=split_dir.name)
+    else:
+        for class_dir in folders:
+            add(class_dir, label=class_dir.name)
+        add(root)  # files directly in root: samples without a label
     if not rows:
         raise DataError(f"{root}: no samples found (expected {root}/<class>/<sample>.<png|wav|txt|npy|csv>)")
     return list(rows.values())
 
 
+def _splits_of(rows: list[dict[str, str]], names: list[str], path: Path) -> dict[str, list[int]] | None:
+    """The class split a ``split`` column (or split folders) gives, None where there is none."""
+    if not any(r.get("split") for r in rows):
+        return None
+    where: dict[str, str] = {}
+    for i, r in enumerate(rows, 1):
+        split, label = (r.get("split") or "").strip(), str(r["label"])
+        if split not in SPLITS:
+            raise DataError(f"{path}: row {i} ({label!r}) has split {split!r}; use one of: {', '.join(SPLITS)}")
+        if where.setdefault(label, split) != split:
+            raise DataError(f"{path}: class {label!r} is in both the {where[label]!r} and {split!r} splits")
+    return {s: sorted(names.index(c) for c, w in where.items() if w == s) for s in SPLITS}
+
+
 def load_user_data(
     path: str | Path,
     modalities: tuple[str, ...] | None = None,
-    like: MultimodalDataset | None = None,
+    like: MultimodalDataset | InputFormat | None = None,
     image_size: int = 28,
     seconds: float = 1.0,
     sample_rate: int = 8000,
-    text_length: int = 32,
+    text_length: int = TEXT_LENGTH,
     skip_errors: bool = False,
     seed: int = 0,
+    labelled: bool = True,
 ) -> MultimodalDataset:
-    """Load a manifest file or a class-folder tree as a MultimodalDataset.
+    """Load a manifest file or a folder tree as a MultimodalDataset.
 
-    ``like``: a dataset whose shapes and vocabulary must be matched (e.g. the one a model was
-    meta-trained on, when fine-tuning on the user's task).
+    ``like``: the input format (or a dataset of it) to match: image size and channels, audio length,
+    text vocabulary (e.g. the model's, when fine-tuning on or predicting a user's files). With ``like``,
+    a modality the files lack entirely is masked for every sample (``metadata["absent"]`` names it),
+    and columns that are not among ``modalities`` are left unread (``metadata["ignored"]``).
+    ``labelled=False``: labels are optional (``targets`` -1 where none; ``metadata["labelled"]`` says).
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"no such manifest or folder: {path}")
-    rows = _rows_from_folder(path) if path.is_dir() else _rows_from_manifest(path)
+    fmt = InputFormat.of(like) if isinstance(like, MultimodalDataset) else like
+    rows = _rows_from_folder(path) if path.is_dir() else _rows_from_manifest(path, labelled)
     base = path if path.is_dir() else path.parent
-    columns = (
-        [c for c in rows[0] if c != "label"]
-        if not path.is_dir()
-        else sorted({k for r in rows for k in r if k != "label"})
-    )
-    opts = {"image_size": image_size, "audio_length": int(seconds * sample_rate)}
-    if like is not None:
-        if "image" in like.data:
-            opts["image_size"] = like.data["image"].shape[-1]
-        if "audio" in like.data:
-            opts["audio_length"] = like.data["audio"].shape[-1]
+    found = [c for c in rows[0] if c not in RESERVED_COLUMNS] if not path.is_dir() else []
+    if path.is_dir():
+        found = sorted({k for r in rows for k in r if k not in RESERVED_COLUMNS})
+    has_label = [bool(str(r.get("label") or "").strip()) for r in rows]
+    if not all(has_label) and (labelled or any(has_label)):
+        i = has_label.index(False)
+        raise DataError(f"{path}: sample {i + 1} ({_sample_id(rows[i], i)}) has no label; label every sample or none")
+    ignored = [c for c in found if fmt is not None and modalities and c not in modalities and c != "array"]
+    columns = [c for c in found if c not in ignored]
+    opts = {"image_size": image_size, "image_channels": 1, "audio_length": int(seconds * sample_rate)}
+    if fmt is not None:
+        if "image" in fmt.shapes:
+            opts["image_channels"], opts["image_size"] = fmt.shapes["image"][0], fmt.shapes["image"][-1]
+        if "audio" in fmt.shapes:
+            opts["audio_length"] = fmt.shapes["audio"][-1]
     raw: dict[str, list[Any]] = {c: [] for c in columns}
     skipped = 0
     for row in rows:
@@ -192,41 +234,62 @@ def load_user_data(
         if len(dims) > 1:
             raise DataError(f"{path}: .npy/.csv files mix 1-D and 2-D arrays; keep one shape per dataset")
         raw["sequence" if dims == {2} else "tabular"] = arrays
-    names = sorted({str(r["label"]) for r in rows})
-    targets = torch.tensor([names.index(str(r["label"])) for r in rows])
+    labelled_rows = all(has_label)
+    names = sorted({str(r["label"]) for r in rows}) if labelled_rows else []
+    targets = torch.tensor([names.index(str(r["label"])) if labelled_rows else -1 for r in rows])
     wanted = modalities or tuple(m for m in MODALITY_ORDER if m in raw) + tuple(
         m for m in raw if m not in MODALITY_ORDER
     )
     missing = [m for m in wanted if m not in raw]
-    if missing:
-        raise DataError(f"{path} has no {', '.join(missing)} data (it has: {', '.join(raw)})")
-    data, present, metadata = {}, [], {"class_names": names, "skipped": skipped, "sample_rate": sample_rate}
+    if missing and fmt is None:
+        raise DataError(f"{path} has no {', '.join(missing)} data (it has: {', '.join(raw) or 'no modality'})")
+    for m in missing:  # matching a model's format: a modality the files lack is masked everywhere
+        raw[m] = [None] * len(rows)
+    metadata = {
+        "class_names": names,
+        "skipped": skipped,
+        "sample_rate": fmt.sample_rate if fmt is not None else sample_rate,
+        "ids": [_sample_id(r, i) for i, r in enumerate(rows)],
+        "labelled": labelled_rows,
+        "absent": missing,
+        "ignored": [c for c in ignored + [c for c in raw if c not in wanted] if c != "array"],
+    }
+    data, present = {}, []
     for m in wanted:
         values = raw[m]
         present.append(torch.tensor([v is not None for v in values]))
         if m == "text":
             texts = [v or "" for v in values]
-            vocab = like.metadata.get("vocabulary") if like is not None else None
-            ids = like.data.get("text") if like is not None else None
-            length = ids.shape[-1] if ids is not None and not ids.is_floating_point() else text_length
-            data[m], metadata["vocabulary"] = token_ids(texts, length, vocab)
+            length = fmt.text_length if fmt is not None else text_length
+            data[m], metadata["vocabulary"] = token_ids(texts, length, fmt.vocabulary if fmt is not None else None)
             metadata["texts"] = texts
         else:
-            data[m] = _stack(values, m, path, like.data[m].shape[1:] if like is not None and m in like.data else None)
+            data[m] = _stack(values, m, path, fmt.shapes.get(m) if fmt is not None else None)
     present_t = torch.stack(present, 1) if present else torch.zeros(len(rows), 0, dtype=torch.bool)
     empty = ~present_t.any(1)
     if empty.any():
+        first = int(torch.nonzero(empty)[0])
         raise DataError(
-            f"{path}: {int(empty.sum())} samples have no readable modality "
-            f"(first: label {rows[int(torch.nonzero(empty)[0])]['label']!r})"
+            f"{path}: {int(empty.sum())} samples have no readable modality among {', '.join(wanted)} "
+            f"(first: {_sample_id(rows[first], first)})"
         )
-    splits = split_classes(list(range(len(names))), (0.6, 0.2, 0.2), seed) if len(names) >= 5 else {}
+    splits = _splits_of(rows, names, path) if labelled_rows else None
+    if splits is None:
+        splits = split_classes(list(range(len(names))), (0.6, 0.2, 0.2), seed) if len(names) >= 5 else {}
     return MultimodalDataset(data, present_t, targets, tuple(wanted), splits, metadata, path.name)
+
+
+def _sample_id(row: dict[str, str], i: int) -> str:
+    """The sample's name in messages and predictions: its ``id``, else its first file, else its row."""
+    if row.get("id"):
+        return str(row["id"])
+    files = [v for k, v in row.items() if k not in RESERVED_COLUMNS and k != "text" and v]
+    return str(files[0]) if files else f"row {i + 1}"
 
 
 def _stack(values: list[np.ndarray | None], modality: str, path: Path, shape: tuple | None) -> Tensor:
     arrays = [v for v in values if v is not None]
-    if not arrays:
+    if not arrays and shape is None:
         raise DataError(f"{path}: modality {modality!r} has no readable sample")
     if shape is None:
         shape = arrays[0].shape

@@ -47,6 +47,10 @@ def synthetic(cfg: DataConfig) -> MultimodalDataset:
 def omniglot(cfg: DataConfig) -> MultimodalDataset:
     from .omniglot import omniglot as load
 
+    if "strokes" in (cfg.modalities or []):
+        raise DataError(
+            "dataset 'omniglot' has images only; its pen strokes are dataset 'omniglot-strokes' (image, strokes)"
+        )
     return load(require_root(cfg, ""), cfg.image_size, cfg.split, cfg.rotations, seed=cfg.data_seed)
 
 

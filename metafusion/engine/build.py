@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any
 
 import torch
 
 from ..algorithms import ALGORITHMS, MetaAlgorithm
-from ..config import RunConfig, resolve
+from ..config import RunConfig, from_dict, resolve
 from ..data import DATASETS, Episode, EpisodeSampler, MultimodalDataset, Standardizer, fixed_episodes
 from ..data.cache import cached
+from ..data.input_format import InputFormat
 from ..data.synthetic import decode_text
 from ..errors import InputError
 from ..models import ENCODERS, FrozenTextModel, FusionModel, ModelSpec, build_model
@@ -19,7 +22,7 @@ from ..models import ENCODERS, FrozenTextModel, FusionModel, ModelSpec, build_mo
 def load_dataset(cfg: RunConfig) -> MultimodalDataset:
     """The dataset as the model will see it: chosen modalities, missing rate, frozen text features,
     and standardisation fitted on the meta-train split only (kept in ``metadata["standardizer"]``, so
-    that a user's own data later goes through the same statistics: ``as_model_inputs``)."""
+    that a user's own data later goes through the same statistics: ``TrainedModel.prepare``)."""
     d = cfg.data
     dataset = DATASETS.build(d.dataset, d)
     if d.modalities:
@@ -42,14 +45,6 @@ def with_encoder_features(cfg: RunConfig, dataset: MultimodalDataset) -> Multimo
     return dataset
 
 
-def as_model_inputs(exp: Experiment, data: MultimodalDataset) -> MultimodalDataset:
-    """A user's own data through the pipeline the model was meta-trained on: frozen features where
-    the encoder is frozen, then the meta-train split's standardisation (never refitted on the user's data)."""
-    data = with_encoder_features(exp.cfg, data)
-    standardizer = exp.dataset.metadata.get("standardizer")
-    return standardizer(data) if standardizer is not None else data
-
-
 def with_frozen_text_features(dataset: MultimodalDataset, modality: str) -> MultimodalDataset:
     """Replace token ids by pretrained sentence features, computed once per sample and cached on disk
     (keyed by the texts themselves: the features are a function of the strings and the model)."""
@@ -70,9 +65,9 @@ def model_spec(dataset: MultimodalDataset) -> ModelSpec:
     )
 
 
-def make_model(cfg: RunConfig, dataset: MultimodalDataset, ways: int | None = None) -> FusionModel:
+def make_model(cfg: RunConfig, spec: ModelSpec, ways: int | None = None) -> FusionModel:
     m = cfg.model
-    spec = model_spec(dataset)
+    spec = ModelSpec(dict(spec.input_shapes), spec.vocab_size, spec.sample_rate)
     if m.modalities:
         unknown = [x for x in m.modalities if x not in spec.input_shapes]
         if unknown:
@@ -95,7 +90,7 @@ def make_model(cfg: RunConfig, dataset: MultimodalDataset, ways: int | None = No
     )
 
 
-def make_algorithm(cfg: RunConfig, model: FusionModel, dataset: MultimodalDataset) -> MetaAlgorithm:
+def make_algorithm(cfg: RunConfig, model: FusionModel, spec: ModelSpec, train_classes: list[int]) -> MetaAlgorithm:
     a = cfg.algo
     kwargs = dict(
         inner_lr=a.inner_lr,
@@ -116,11 +111,11 @@ def make_algorithm(cfg: RunConfig, model: FusionModel, dataset: MultimodalDatase
     if a.name == "reptile":
         kwargs.update(inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer, seed=cfg.train.seed)
     if a.name == "finetune":
-        kwargs.update(train_classes=dataset.splits["train"])
+        kwargs.update(train_classes=train_classes, seed=cfg.train.seed)
     if a.name in ("protonet", "centroid"):
         kwargs.update(metric=a.metric)
     if a.name == "centroid":
-        kwargs.update(vocab_size=model_spec(dataset).vocab_size)
+        kwargs.update(vocab_size=spec.vocab_size)
     if a.proto_init:
         kwargs.update(proto_init=True)
     return ALGORITHMS.build(a.name, model, **kwargs)
@@ -133,7 +128,12 @@ class Experiment:
     model: FusionModel
     algorithm: MetaAlgorithm
     train_sampler: EpisodeSampler
-    val_episodes: list[Episode]
+
+    @cached_property
+    def val_episodes(self) -> list[Episode]:
+        """The fixed validation episodes, drawn when first needed (meta-test and fine-tune never need them)."""
+        d = self.cfg.data
+        return fixed_episodes(self.dataset, "val", d.ways, d.shots, d.queries, d.val_episodes, seed=d.episode_seed + 1)
 
     def test_episodes(self, count: int | None = None, split: str = "test") -> list[Episode]:
         """The fixed evaluation episodes: a function of the data config and episode_seed only."""
@@ -149,8 +149,9 @@ def build_experiment(cfg: RunConfig, dataset: MultimodalDataset | None = None) -
         torch.set_num_threads(cfg.train.threads)
     dataset = dataset if dataset is not None else load_dataset(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = make_model(cfg, dataset).to(cfg.train.device)
-    algorithm = make_algorithm(cfg, model, dataset)
+    spec = model_spec(dataset)
+    model = make_model(cfg, spec).to(cfg.train.device)
+    algorithm = make_algorithm(cfg, model, spec, dataset.splits["train"])
     d = cfg.data
     sampler = EpisodeSampler(
         dataset,
@@ -161,5 +162,85 @@ def build_experiment(cfg: RunConfig, dataset: MultimodalDataset | None = None) -
         seed=cfg.train.seed,
         modality_dropout=d.modality_dropout,
     )
-    val = fixed_episodes(dataset, "val", d.ways, d.shots, d.queries, d.val_episodes, seed=d.episode_seed + 1)
-    return Experiment(cfg, dataset, model, algorithm, sampler, val)
+    EpisodeSampler(dataset, "val", d.ways, d.shots, d.queries)  # the val split can serve them: checked up front
+    return Experiment(cfg, dataset, model, algorithm, sampler)
+
+
+@dataclass
+class TrainedModel:
+    """A meta-trained model with everything that turns a user's files into its inputs: what a
+    checkpoint's ``model_args`` rebuild without the training data (``TrainedModel.restore``)."""
+
+    cfg: RunConfig  # resolved
+    algorithm: MetaAlgorithm
+    spec: ModelSpec
+    train_classes: list[int]  # the meta-train classes (the fine-tune baseline's pre-training head)
+    inputs: InputFormat  # how to read files into the shapes the model takes
+    standardizer: Standardizer | None  # the meta-train split's statistics
+
+    @property
+    def model(self) -> FusionModel:
+        return self.algorithm.model
+
+    @staticmethod
+    def of(exp: Experiment) -> TrainedModel:
+        d = exp.dataset
+        return TrainedModel(
+            exp.cfg,
+            exp.algorithm,
+            model_spec(d),
+            list(d.splits.get("train", [])),
+            InputFormat.of(d),
+            d.metadata.get("standardizer"),
+        )
+
+    def model_args(self) -> dict[str, Any]:
+        """What ``restore`` needs besides the config and the weights (in every checkpoint, as nanoGPT
+        saves its ``model_args``): model spec, meta-train classes, input format, standardisation."""
+        return {
+            "spec": asdict(self.spec),
+            "train_classes": self.train_classes,
+            "inputs": self.inputs.to_dict(),
+            "standardizer": self.standardizer.stats if self.standardizer is not None else None,
+        }
+
+    def set_ways(self, ways: int) -> None:
+        """Tasks with another number of classes than the config's get a fresh head of their own."""
+        if ways != self.cfg.data.ways:
+            self.algorithm.reset_head(ways)
+
+    def prepare(self, data: MultimodalDataset) -> MultimodalDataset:
+        """A user's data through the pipeline the model was meta-trained on: frozen features where the
+        encoder is frozen, then the meta-train split's standardisation (never refitted on the user's data)."""
+        data = with_encoder_features(self.cfg, data)
+        return self.standardizer(data) if self.standardizer is not None else data
+
+    @staticmethod
+    def restore(state: dict[str, Any], device: str | None = None, ways: int | None = None) -> TrainedModel:
+        """The model of a checkpoint (``state["module"]`` loaded) from its ``config`` and ``model_args``,
+        without the training data. ``ways``: the task's number of classes, where it was set for one."""
+        cfg = resolve(from_dict(state["config"]))
+        if device is not None:
+            cfg.train.device = device
+        args = state["model_args"]
+        shapes = {m: tuple(s) for m, s in args["spec"]["input_shapes"].items()}
+        spec = ModelSpec(**{**args["spec"], "input_shapes": shapes})
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG be
+            model = make_model(cfg, spec).to(cfg.train.device)
+            algorithm = make_algorithm(cfg, model, spec, args["train_classes"])
+            trained = TrainedModel(
+                cfg,
+                algorithm,
+                spec,
+                list(args["train_classes"]),
+                InputFormat.from_dict(args["inputs"]),
+                Standardizer(args["standardizer"]) if args["standardizer"] else None,
+            )
+            if ways is not None:
+                trained.set_ways(ways)
+        algorithm.module.load_state_dict(state["module"])
+        return trained
+
+
+def model_args(exp: Experiment) -> dict[str, Any]:
+    return TrainedModel.of(exp).model_args()

@@ -191,6 +191,29 @@ def plot_run(run_dir: Path, results: dict[str, Any]) -> list[Path]:
     return written
 
 
+def plot_confusion(path: Path, matrix: torch.Tensor, classes: list[str]) -> Path:
+    """A confusion matrix as a PNG: row = true class, column = predicted class, counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * n, 1.0 + 0.5 * n))
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 COMPARE_COLUMNS = [
     "algorithm",
     "accuracy_mean",

@@ -15,13 +15,15 @@ from typing import Any
 import torch
 import yaml
 
+from ..algorithms.base import classification_metrics
 from ..config import RunConfig, from_dict, resolve, to_dict
 from ..data import Episode, EpisodeSampler
 from ..errors import InputError
 from . import distributed
-from .build import Experiment, as_model_inputs, build_experiment
-from .checkpoint import git_commit, hardware, library_versions, load_checkpoint, save_checkpoint
+from .build import Experiment, TrainedModel, build_experiment
+from .checkpoint import git_commit, hardware, library_versions, load_checkpoint
 from .evaluate import meta_test
+from .predictor import Predictor
 from .report import peak_memory_mb, plot_run, write_compare, write_results
 from .train import meta_train
 
@@ -163,37 +165,40 @@ def stage_meta_test(
 def stage_fine_tune(
     run_dir: str | Path, *, seed: int = 0, steps: int | None = None, task: str = "heldout", quiet: bool = False
 ) -> dict[str, Any]:
-    """Adapt the meta-learned model to one new task and save the adapted model.
+    """Adapt the meta-learned model to one new task and save it as a self-describing adapted model
+    (``finetune/model.pt``, read by ``metafusion predict`` and ``metafusion.load``).
 
     ``task="heldout"``: one N-way K-shot task drawn (with ``seed``) from the test classes.
     Otherwise ``task`` is a path to a user's folder or manifest (see docs/datasets.md); each of its
-    classes gives ``shots`` support samples and the rest are queries.
+    classes gives ``shots`` support samples and the rest are queries. A user's task needs no training
+    data: the checkpoint rebuilds the model and its input pipeline.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} does not exist")
     state = load_checkpoint(run_dir / ("best.pt" if (run_dir / "best.pt").exists() else "last.pt"))
-    cfg = from_dict(state["config"])
-    exp = build_experiment(cfg)
-    exp.algorithm.module.load_state_dict(state["module"])
-    d = exp.cfg.data
+    query_ids = None
+    if task == "heldout" or "model_args" not in state:  # checkpoints from before model_args rebuild from the data
+        exp = build_experiment(from_dict(state["config"]))
+        exp.algorithm.module.load_state_dict(state["module"])
+        trained = TrainedModel.of(exp)
+    else:
+        trained = TrainedModel.restore(state)
+    d = trained.cfg.data
     if task == "heldout":
         episode = EpisodeSampler(exp.dataset, "test", d.ways, d.shots, d.queries, seed=seed).sample()
+        names = exp.dataset.metadata.get("class_names")
+        classes = [str(names[c]) if names else f"class {c}" for c in episode.classes]
     else:
-        episode = user_task(task, exp, d.shots)
-    episode = episode.to(exp.cfg.train.device)
-    learner = exp.algorithm.adapt(episode.support, steps)
-    logits = exp.algorithm.predict(learner, episode)
-    acc = (logits.argmax(1) == episode.query.labels).float().mean().item()
+        episode, classes, query_ids = user_task(task, trained, d.shots)
+    episode = episode.to(trained.cfg.train.device)
+    learner = trained.algorithm.adapt(episode.support, steps)
+    logits = trained.algorithm.predict(learner, episode)
+    metrics = classification_metrics(logits, episode.query.labels, episode.ways)
+    finite = torch.isfinite(logits).all(1).tolist()
     out = run_dir / "finetune"
-    out.mkdir(exist_ok=True)
-    save_checkpoint(
-        out / "model.pt",
-        {
-            "learner": learner.state_dict(),
-            "config": to_dict(exp.cfg),
-            "classes": list(episode.classes),
-            "task": task,
-            "seed": seed,
-        },
+    model_path = Predictor(trained, learner, episode.support, classes).save(
+        out / "model.pt", task=task, seed=seed, steps=steps
     )
     result = {
         "task": task,
@@ -201,36 +206,44 @@ def stage_fine_tune(
         "ways": episode.ways,
         "shots": episode.shots,
         "queries": len(episode.query),
-        "classes": list(episode.classes),
-        "query_accuracy": acc,
-        "steps": steps if steps is not None else exp.cfg.algo.inner_steps_test,
-        "model": str(out / "model.pt"),
+        "classes": classes,
+        "query_accuracy": metrics["accuracy"],
+        "diverged": metrics["diverged"],
+        "query_ids": query_ids,
+        "query_predictions": [classes[i] if ok else None for i, ok in zip(logits.argmax(1).tolist(), finite)],
+        "steps": steps if steps is not None else trained.cfg.algo.inner_steps_test,
+        "model": str(model_path),
+        "predict": f"metafusion predict --model {model_path} --data YOUR_FILES --out {out / 'predictions.csv'}",
     }
     (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def user_task(path: str, exp: Experiment, shots: int) -> Episode:
-    """A user's folder/manifest as one episode: first ``shots`` samples per class -> support."""
+def user_task(path: str, trained: TrainedModel, shots: int) -> tuple[Episode, list[str], list[str]]:
+    """A user's folder/manifest as one episode (first ``shots`` samples per class -> support, the rest
+    -> queries), its class names and the ids of its queries."""
     from ..data.manifest import load_user_data
 
-    data = as_model_inputs(exp, load_user_data(path, modalities=exp.dataset.modalities, like=exp.dataset))
+    raw = load_user_data(path, modalities=trained.inputs.modalities, like=trained.inputs)
+    data = trained.prepare(raw)
+    names = data.metadata["class_names"]
     support_rows, query_rows = [], []
     for c in sorted(set(data.labels)):
         rows = torch.nonzero(data.targets == c).flatten()
         if len(rows) <= shots:
             raise InputError(
-                f"{path}: class {data.metadata['class_names'][c]!r} has {len(rows)} samples; "
+                f"{path}: class {names[c]!r} has {len(rows)} samples; "
                 f"fine-tuning needs more than shots={shots} (the rest are queries)"
             )
         support_rows.append(rows[:shots])
         query_rows.append(rows[shots:])
     s, q = torch.cat(support_rows), torch.cat(query_rows)
     ways = len(support_rows)
-    if ways != exp.cfg.data.ways:
-        exp.algorithm.reset_head(ways)  # the task's own number of classes
+    trained.set_ways(ways)  # the task's own number of classes
     support, query = data.batch(s), data.batch(q)
-    return Episode(support, query, ways, shots, len(q) // ways, tuple(range(ways)), tuple(torch.cat([s, q]).tolist()))
+    rows = tuple(torch.cat([s, q]).tolist())
+    episode = Episode(support, query, ways, shots, len(q) // ways, tuple(range(ways)), rows)
+    return episode, list(names), [data.metadata["ids"][i] for i in q.tolist()]
 
 
 def stage_run(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..errors import InputError
 from . import distributed
-from .build import Experiment
+from .build import Experiment, model_args
 from .checkpoint import library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluate import meta_test
 from .report import MetricsLog, PeakMemory, peak_memory_mb
@@ -319,6 +319,7 @@ def _payload(exp: Experiment, opt, sched, state: dict) -> dict:
         "best_val_accuracy": state["best"],
         "elapsed": state["elapsed"],
         "config": to_dict(exp.cfg),
+        "model_args": model_args(exp),
         "validation": asdict(state["plan"]) if state.get("plan") else None,
         "versions": library_versions(),
     }

@@ -1,0 +1,202 @@
+"""From a few labelled examples to predictions on new files: self-describing adapted models, `predict`,
+`metafusion.load` / `metafusion.fine_tune`, and the tutorial that walks a user through them."""
+
+import csv
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import metafusion
+from metafusion.cli import main
+from metafusion.data.manifest import load_user_data
+from metafusion.engine.build import TrainedModel
+from metafusion.engine.checkpoint import load_checkpoint
+from metafusion.engine.predictor import Predictor
+from metafusion.engine.stages import user_task
+from metafusion.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+TINY_RUN = [
+    "--dataset", "manifest", "--data-root", str(DATA / "tiny_manifest.csv"), "--ways", "2", "--shots", "1",
+    "--queries", "1", "--meta-batch", "2", "--iterations", "2", "--set", "data.val_episodes=2", "--episodes", "4",
+    "--set", "model.width=8", "--set", "model.hidden=8", "--quiet",
+]  # fmt: skip
+
+
+def _blocks(doc: Path, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", doc.read_text(), flags=re.S)
+
+
+def _in_repo_layout(tmp_path, monkeypatch) -> None:
+    """Work in ``tmp_path`` as if it were the repository root (tests/data reachable, runs/ written there)."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "data").symlink_to(DATA)
+    monkeypatch.chdir(tmp_path)
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _task_queries(tmp_path: Path, shots: int = 1) -> Path:
+    """tiny_task.csv's query rows (all but the first ``shots`` of each class), in the order fine-tune
+    batches them, with their file paths made absolute."""
+    rows = list(csv.DictReader((DATA / "tiny_task.csv").open()))
+    queries = [r for c in sorted({r["label"] for r in rows}) for r in [x for x in rows if x["label"] == c][shots:]]
+    for r in queries:
+        r["image"], r["tabular"] = str(DATA / r["image"]), str(DATA / r["tabular"])
+    return _write_manifest(tmp_path / "queries.csv", queries)
+
+
+def test_the_tutorial_runs_as_written(tmp_path, monkeypatch, capsys):
+    """docs/tutorial-your-data.md, command by command: tiny_manifest.csv -> predictions.csv with class names."""
+    _in_repo_layout(tmp_path, monkeypatch)
+    doc = ROOT / "docs" / "tutorial-your-data.md"
+    commands = [c.strip() for block in _blocks(doc, "bash") for c in block.splitlines() if c.startswith("metafusion ")]
+    assert [c.split()[1] for c in commands] == ["meta-train", "meta-test", "fine-tune", "predict"]
+    for command in commands:
+        assert main(shlex.split(command)[1:]) == 0, command
+    assert "metafusion predict --model runs/mine/finetune/model.pt" in capsys.readouterr().out  # fine-tune says so
+
+    with open("runs/mine/predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == ["horse0", "horse1", "horse2", "mouse0", "mouse1", "mouse2"]
+    for r in rows:
+        probs = {k[5:]: float(v) for k, v in r.items() if k.startswith("prob_")}
+        assert set(probs) == {"horse", "mouse"} and r["predicted"] == max(probs, key=probs.get)
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        weights = [float(r[f"weight_{m}"]) for m in ("image", "text", "tabular")]
+        assert sum(weights) == pytest.approx(1.0, abs=1e-5)  # attention over the modalities present
+
+    for block in _blocks(doc, "python") + _blocks(ROOT / "docs" / "quickstart.md", "python"):
+        exec(compile(block, str(doc), "exec"), {})
+    assert Path("runs/mine/predictions_py.csv").is_file()
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile", "metasgd", "finetune", "protonet", "centroid"])
+def test_a_saved_adapted_model_predicts_what_the_fine_tune_stage_computed(tmp_path, algo):
+    """Adapt to a user's task, save, load in a fresh Predictor: the loaded model's probabilities on the
+    task's queries equal the in-memory learner's (so ``predict`` == the fine-tune stage)."""
+    run = tmp_path / "run"
+    assert main(["meta-train", *TINY_RUN, "--algo", algo, "--out", str(run)]) == 0
+    trained = TrainedModel.restore(load_checkpoint(run / "best.pt"))
+    episode, classes, _ = user_task(str(DATA / "tiny_task.csv"), trained, shots=1)
+    learner = trained.algorithm.adapt(episode.support)
+    expected = torch.softmax(trained.algorithm.predict(learner, episode), 1)
+    Predictor(trained, learner, episode.support, classes).save(tmp_path / "model.pt")
+
+    torch.manual_seed(123)  # loading and predicting depend on no global random state
+    loaded = metafusion.load(tmp_path / "model.pt")
+    predictions = loaded.predict_files(_task_queries(tmp_path))
+    assert predictions.classes == ["horse", "mouse"] and predictions.labels == ["horse"] * 2 + ["mouse"] * 2
+    torch.testing.assert_close(predictions.probabilities, expected.float(), atol=1e-6, rtol=1e-5)
+
+
+def test_fine_tune_on_a_users_task_needs_no_training_data_and_predict_agrees_with_it(tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(DATA / "tiny_folder", data / "tiny_folder")
+    shutil.copy(DATA / "tiny_manifest.csv", data / "tiny_manifest.csv")
+    run = tmp_path / "run"
+    args = [a if a != str(DATA / "tiny_manifest.csv") else str(data / "tiny_manifest.csv") for a in TINY_RUN]
+    assert main(["meta-train", *args, "--out", str(run)]) == 0
+    shutil.rmtree(data)  # the training data is gone: the checkpoint alone rebuilds model and pipeline
+
+    model = metafusion.fine_tune(run, DATA / "tiny_task.csv")
+    ft = json.loads((run / "finetune" / "finetune.json").read_text())
+    assert ft["classes"] == model.classes == ["horse", "mouse"] and ft["queries"] == 4
+    assert model.predict_files(_task_queries(tmp_path)).predicted == ft["query_predictions"]
+
+
+def test_predict_reports_accuracy_and_handles_mismatched_input(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["meta-train", *TINY_RUN, "--out", str(run)]) == 0
+    assert main(["fine-tune", "--run", str(run), "--task", str(DATA / "tiny_task.csv")]) == 0
+    capsys.readouterr()
+
+    # Labelled data: accuracy, confusion matrix (printed and as a PNG).
+    assert (
+        main(["predict", "--model", str(run), "--data", str(DATA / "tiny_task.csv"), "--out", str(tmp_path / "p.csv")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "accuracy" in out and (tmp_path / "p.png").is_file()
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert {r["label"] for r in rows} == {"horse", "mouse"} and all(r["correct"] in ("0", "1") for r in rows)
+
+    # A modality missing from the files is masked, with a warning; an unknown column is ignored.
+    rows = [{"id": r["id"], "tabular": str(DATA / r["tabular"]), "colour": "red"} for r in
+            csv.DictReader((DATA / "tiny_unlabelled.csv").open())]  # fmt: skip
+    partial = _write_manifest(tmp_path / "tabular_only.csv", rows)
+    assert main(["predict", "--model", str(run), "--data", str(partial), "--out", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "has no image data" in out and "has no text data" in out and "column 'colour' ignored" in out
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert all(r["present_image"] == "0" and r["weight_image"] == "" and r["predicted"] for r in rows)
+
+    # Bad input: one line naming the problem, exit 2.
+    assert main(["predict", "--model", str(run / "best.pt"), "--data", str(partial)]) == 2
+    assert "not an adapted model" in capsys.readouterr().err
+    assert main(["predict", "--model", str(run), "--data", str(DATA / "tiny_manifest.csv")]) == 2
+    assert "are not classes of this model (horse, mouse)" in capsys.readouterr().err
+
+
+def test_the_manifest_split_column_is_honoured_and_checked(tmp_path):
+    ds = load_user_data(DATA / "tiny_manifest.csv")
+    names = ds.metadata["class_names"]
+    assert {s: [names[c] for c in cs] for s, cs in ds.splits.items()} == {
+        "train": ["bird", "cat", "dog", "owl"],
+        "val": ["fish", "frog"],
+        "test": ["horse", "mouse"],
+    }
+    rows = list(csv.DictReader((DATA / "tiny_manifest.csv").open()))
+    for r in rows:
+        r["image"], r["tabular"] = str(DATA / r["image"]), str(DATA / r["tabular"])
+    rows[1]["split"] = "test"  # the second cat
+    with pytest.raises(InputError, match="class 'cat' is in both the 'train' and 'test' splits"):
+        load_user_data(_write_manifest(tmp_path / "two.csv", rows))
+    rows[1]["split"] = "holdout"
+    with pytest.raises(InputError, match="split 'holdout'; use one of: train, val, test"):
+        load_user_data(_write_manifest(tmp_path / "bad.csv", rows))
+
+
+def test_split_folders_give_the_class_split(tmp_path):
+    import shutil
+
+    for split, classes in {"train": ["cat", "dog"], "val": ["fish"], "test": ["frog", "bird"]}.items():
+        for c in classes:
+            shutil.copytree(DATA / "tiny_folder" / c, tmp_path / split / c)
+    ds = load_user_data(tmp_path)
+    names = ds.metadata["class_names"]
+    assert {s: [names[c] for c in cs] for s, cs in ds.splits.items()} == {
+        "train": ["cat", "dog"],
+        "val": ["fish"],
+        "test": ["bird", "frog"],
+    }
+
+
+def test_omniglot_strokes_are_named_where_asked_for_on_omniglot(tmp_path, capsys):
+    code = main(["meta-train", "--dataset", "omniglot", "--modalities", "image,strokes", "--data-root", str(tmp_path)])
+    assert code == 2 and "omniglot-strokes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
+@pytest.mark.parametrize("algo", ["maml", "metasgd", "finetune", "protonet"])
+def test_a_users_task_adapts_and_predicts_on_cuda(tmp_path, algo):
+    """Heads reset for the user's number of classes, labels and support set all on the model's device."""
+    run = tmp_path / "run"
+    assert main(["meta-train", *TINY_RUN, "--algo", algo, "--device", "cuda", "--out", str(run)]) == 0
+    model = metafusion.fine_tune(run, DATA / "tiny_task.csv")
+    cuda = metafusion.load(run, device="cuda")
+    queries = _task_queries(tmp_path)
+    assert cuda.predict_files(queries).predicted == model.predict_files(queries).predicted
