@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import TrainingStopped
 
     try:
+        import_plugins()
         return _dispatch(args, extra)
     except InputError as e:  # the project's own error for bad input (config, data, files, run folders)
         print(f"metafusion {args.command}: error: {e}", file=sys.stderr)
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"metafusion {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): nothing left to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (so the interpreter's final flush stays quiet)
+        return 0
     except Exception:  # not an input problem: a bug, shown with its traceback
         import traceback
 
@@ -204,6 +209,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def import_plugins() -> None:
+    """Import the modules named in $METAFUSION_PLUGINS (comma-separated), so that the datasets,
+    encoders, fusions and algorithms they register are known to every command (docs/extending.md)."""
+    import importlib
+
+    for name in filter(None, (n.strip() for n in os.environ.get("METAFUSION_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise InputError(f"METAFUSION_PLUGINS names {name!r}, which cannot be imported: {e}") from None
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """Typed run configuration. Values flow one way: dataclass defaults <- YAML file <- CLI overrides.
 
 Unknown keys are errors that list the valid ones. Hyperparameters left as ``None`` take the chosen
-algorithm's published defaults (``ALGORITHM_DEFAULTS``) when the config is resolved, and the resolved
+algorithm's published defaults (the algorithm class's ``defaults``) when the config is resolved, and the resolved
 config is what every run folder stores.
 """
 
@@ -116,32 +116,6 @@ class RunConfig:
     # lets one config hold each paper's recipe, so `compare` and `--algo` pick the right one.
     per_algorithm: dict[str, dict] = field(default_factory=dict)
     out: str = "runs/default"
-
-
-# Published defaults per algorithm, used where the config leaves a value as None.
-# MAML: Finn et al. 2017 (Omniglot 5-way: inner lr 0.4, 1 step, meta-batch 32, Adam 1e-3; 10 steps at test).
-# Reptile: Nichol et al. 2018 (inner Adam beta1=0 lr 1e-3, inner batch 10, 5 steps, 50 at test;
-# outer SGD step 1.0 annealed linearly to 0, meta-batch 5).
-# One row per algorithm, kept as a table (hence no automatic formatting here).
-# fmt: off
-MAML_OUTER = dict(meta_batch=32, meta_lr=1e-3, optimizer="adam", schedule="constant")  # MAML, FOMAML, MetaSGD, ANIL
-ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "maml": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, first_order=False, **MAML_OUTER),
-    "fomaml": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, first_order=True, **MAML_OUTER),
-    "metasgd": dict(inner_lr=0.4, inner_steps=1, inner_steps_test=1, first_order=False, **MAML_OUTER),
-    "anil": dict(inner_lr=0.4, inner_steps=5, inner_steps_test=10, first_order=False, **MAML_OUTER),
-    "reptile": dict(inner_lr=1e-3, inner_steps=5, inner_steps_test=50, inner_batch=10, inner_optimizer="adam",
-                    first_order=True, meta_batch=5, meta_lr=1.0, optimizer="sgd", schedule="linear"),
-    "protonet": dict(inner_lr=0.0, inner_steps=0, inner_steps_test=0, first_order=True, metric="euclidean",
-                     meta_batch=1, meta_lr=1e-3, optimizer="adam", schedule="constant"),
-    # Frozen features + nearest class mean: nothing is meta-trained (the run records 0 iterations).
-    "centroid": dict(inner_lr=0.0, inner_steps=0, inner_steps_test=0, first_order=True, metric="cosine",
-                     meta_batch=1, meta_lr=0.0, optimizer="sgd", schedule="constant"),
-    # Chen et al. 2019 baseline: supervised pre-training, then a new head fitted on the support set.
-    "finetune": dict(inner_lr=0.01, inner_steps=0, inner_steps_test=100, first_order=True,
-                     meta_batch=4, meta_lr=1e-3, optimizer="adam", schedule="constant"),
-}
-# fmt: on
 
 
 def default_data_root() -> str | None:
@@ -284,13 +258,20 @@ def _forget(values: dict[str, Any], path: list[str]) -> None:
         del values[head]
 
 
+def algorithm_defaults(name: str) -> dict[str, Any]:
+    """Algorithm ``name``'s published hyperparameters (its class owns them)."""
+    from .algorithms import ALGORITHMS
+
+    return ALGORITHMS.get(name).defaults
+
+
 def resolve(cfg: RunConfig) -> RunConfig:
     """Return a copy with every None hyperparameter filled from the algorithm's defaults."""
     cfg = copy.deepcopy(cfg)
     specific = cfg.per_algorithm.get(cfg.algo.name)
     if specific:
         _apply(cfg, {k: v for k, v in specific.items() if k != "per_algorithm"})
-    defaults = ALGORITHM_DEFAULTS[cfg.algo.name]
+    defaults = algorithm_defaults(cfg.algo.name)
     for section in (cfg.algo, cfg.train):
         for key, value in defaults.items():
             if hasattr(section, key) and getattr(section, key) is None:
@@ -324,11 +305,6 @@ def _greater(key: str, value: Any, bound: float = 0.0) -> None:
         raise ConfigError(f"{key} must be > {bound:g}, got {value}")
 
 
-# Algorithms that have nothing to meta-train (no meta learning rate) or no inner loop (no inner rate).
-NO_META_PARAMETERS = ("centroid",)
-NO_INNER_LOOP = ("protonet", "centroid")
-
-
 def _check_device(device: str) -> None:
     import torch
 
@@ -347,16 +323,17 @@ def validate(cfg: RunConfig) -> None:
     the registries and the modules that own them (imported here: they import this module's dataclasses)."""
     from .algorithms import ALGORITHMS
     from .algorithms.base import BATCHED_EVAL
+    from .algorithms.protonet import METRICS
     from .models import ADAPT_SCOPES, FUSIONS
 
     _choice("algo.name", cfg.algo.name, ALGORITHMS.names())
+    algorithm = ALGORITHMS.get(cfg.algo.name)
     for name, section in cfg.per_algorithm.items():
         _choice("per_algorithm key", name, ALGORITHMS.names())
         _apply(copy.deepcopy(cfg), {k: v for k, v in (section or {}).items()})  # reject unknown keys now
     _choice("model.fusion", cfg.model.fusion, FUSIONS.names())
     _choice("model.attention", cfg.model.attention, ("vector", "scalar"))
     _choice("model.adapt", cfg.model.adapt, ADAPT_SCOPES)
-    _choice("algo.inner_optimizer", cfg.algo.inner_optimizer, ("adam", "sgd"))
     _choice("train.optimizer", cfg.train.optimizer, ("adam", "sgd"))
     _choice("train.schedule", cfg.train.schedule, ("constant", "linear"))
     _choice("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
@@ -385,11 +362,11 @@ def validate(cfg: RunConfig) -> None:
     _greater("train.budget_minutes", cfg.train.budget_minutes)
     _greater("train.val_fraction", cfg.train.val_fraction)
     _greater("train.clip", cfg.train.clip)
-    if cfg.algo.name not in NO_META_PARAMETERS:
+    if algorithm.meta_parameters:
         _greater("train.meta_lr", cfg.train.meta_lr)
     for key in ("inner_lr", "inner_lr_test"):
         value = getattr(cfg.algo, key)
-        if cfg.algo.name in NO_INNER_LOOP:
+        if not algorithm.inner_loop:
             if value is not None and not value >= 0:
                 raise ConfigError(f"algo.{key} must be >= 0, got {value}")
         else:
@@ -397,11 +374,6 @@ def validate(cfg: RunConfig) -> None:
     _check_device(cfg.train.device)
     _positive("data.train_shots", cfg.data.train_shots)
     _positive("data.train_ways", cfg.data.train_ways, minimum=2)
-    if cfg.data.train_ways not in (None, cfg.data.ways) and cfg.algo.name != "protonet":
-        raise ConfigError(
-            f"data.train_ways={cfg.data.train_ways} differs from data.ways={cfg.data.ways}: only "
-            f"protonet (which has no classifier head) can train on more ways than it is tested on"
-        )
     _positive("data.train_queries", cfg.data.train_queries, minimum=0)
     _positive("train.iterations", cfg.train.iterations, minimum=0)
     _positive("train.meta_batch", cfg.train.meta_batch)
@@ -412,40 +384,5 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(cfg.data, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"data.{key} must be in [0, 1), got {value}")
-    name = cfg.algo.name
-    if name == "reptile" and cfg.algo.first_order is False:
-        raise ConfigError(
-            "algo.first_order=false is meaningless for reptile (it is first-order by design); "
-            "leave it unset or use --algo maml"
-        )
-    if name in ("maml", "anil", "metasgd") and cfg.algo.first_order is True:
-        raise ConfigError(f"algo.first_order=true with {name}: use --algo fomaml for first-order MAML")
-    if name == "fomaml" and cfg.algo.first_order is False:
-        raise ConfigError("algo.first_order=false with fomaml: use --algo maml for second-order MAML")
-    if name in ("protonet", "finetune", "centroid") and cfg.model.adapt != "all":
-        raise ConfigError(f"model.adapt={cfg.model.adapt!r} has no meaning for {name} (it has no inner loop)")
-    if name == "anil" and cfg.model.adapt not in ("all", "head"):
-        raise ConfigError("anil adapts the head only; model.adapt must be 'head' (or left at its default)")
-    if cfg.algo.learn_inner_lr and name not in ("maml", "fomaml", "anil"):
-        raise ConfigError(
-            f"algo.learn_inner_lr applies to maml, fomaml and anil, not {name}"
-            + (" (metasgd always learns per-parameter rates)" if name == "metasgd" else "")
-        )
-    if name == "metasgd" and cfg.model.adapt != "all":
-        raise ConfigError("metasgd learns a rate for every parameter; model.adapt must be 'all'")
-    _choice("algo.metric", cfg.algo.metric, ("cosine", "euclidean"))
-    if cfg.algo.metric is not None and name not in ("protonet", "centroid"):
-        raise ConfigError(f"algo.metric applies to protonet and centroid, not {name}")
-    if cfg.algo.proto_init and name not in ("maml", "fomaml", "anil"):
-        raise ConfigError(
-            f"algo.proto_init (Proto-MAML head initialisation) applies to maml, fomaml and anil, not {name}"
-        )
-    if cfg.algo.proto_init and cfg.model.fusion == "late":
-        raise ConfigError(
-            "algo.proto_init needs one linear head on a fused feature; 'late' fusion has one head "
-            "per modality (use attention/concat/mean/transformer)"
-        )
-    if cfg.algo.proto_init and cfg.algo.task_batched:
-        raise ConfigError("algo.proto_init is not supported with algo.task_batched")
-    if name == "protonet" and cfg.model.fusion == "late":
-        raise ConfigError("protonet needs a fused embedding; 'late' fusion has none (use attention/concat/...)")
+    _choice("algo.metric", cfg.algo.metric, METRICS)
+    algorithm.check_config(cfg)  # what only this algorithm knows: its options and incompatibilities

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .errors import InputError
 
@@ -23,15 +23,24 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, Callable[..., T]] = {}
+        self._info: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, **info: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator adding ``factory`` under ``name``; ``info`` is what else the entry says of itself
+        (e.g. a dataset's expected files and its check), read back with ``info(name)``."""
+
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = factory
+            self._info[name] = info
             return factory
 
         return decorator
+
+    def info(self, name: str) -> dict[str, Any]:
+        self.get(name)  # an unknown name is an error listing the valid ones
+        return self._info[name]
 
     def get(self, name: str) -> Callable[..., T]:
         try:

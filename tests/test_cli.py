@@ -51,9 +51,12 @@ def test_bad_usage_exits_non_zero_with_usage(argv, capsys):
         (["--modalities", "image,smell"], "no modality 'smell'"),
         (["--dataset", "omniglot", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),
         (["--fusion", "sum"], "attention, concat, late, mean, transformer"),
-        (["--set", "data.train_ways=10"], "only protonet (which has no classifier head) can train on more ways"),
-        (["--set", "algo.metric=cosine"], "algo.metric applies to protonet and centroid, not maml"),
-        (["--algo", "reptile", "--set", "algo.proto_init=true"], "applies to maml, fomaml and anil, not reptile"),
+        (["--set", "data.train_ways=10"], "only protonet (no classifier head) can train on more ways"),
+        (["--set", "algo.metric=cosine"], "algo.metric applies to centroid and protonet, not maml"),
+        (
+            ["--algo", "reptile", "--set", "algo.proto_init=true"],
+            "algo.proto_init applies to anil, fomaml and maml, not reptile",
+        ),
         (["--set", "algo.proto_init=true", "--fusion", "late"], "'late' fusion has one head per modality"),
     ],
 )

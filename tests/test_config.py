@@ -2,7 +2,8 @@
 
 import pytest
 
-from metafusion.config import ALGORITHM_DEFAULTS, ConfigError, load_config, resolve
+from metafusion.algorithms import Reptile
+from metafusion.config import ConfigError, load_config, resolve
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -60,7 +61,7 @@ def test_incompatible_settings_fail_at_configuration_time(overrides, match):
 def test_resolve_fills_published_defaults_only_where_unset():
     cfg = resolve(load_config(None, {"algo.name": "reptile", "algo.inner_steps": 7}))
     assert cfg.algo.inner_steps == 7  # the user's value wins
-    assert cfg.algo.inner_steps_test == ALGORITHM_DEFAULTS["reptile"]["inner_steps_test"] == 50
+    assert cfg.algo.inner_steps_test == Reptile.defaults["inner_steps_test"] == 50
     assert (cfg.train.optimizer, cfg.train.schedule, cfg.train.meta_lr) == ("sgd", "linear", 1.0)
     assert cfg.algo.inner_lr_test == cfg.algo.inner_lr
 

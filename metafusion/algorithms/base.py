@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ConfigError, RunConfig
 from ..data.batch import Batch, Episode
 from ..errors import InputError
 from ..models.execution import episodes_vmap_pays
-from ..models.model import FusionModel
+from ..models.model import FusionModel, ModelSpec
 from ..registry import Registry
 from .batched import State, evaluate_batched, functional, predict_alone
 
 ALGORITHMS: Registry = Registry("algorithm")
 BATCHED_EVAL = ("auto", "on", "off")  # adapt evaluation episodes together: where it pays | always | never
+OPTIONS = ("learn_inner_lr", "task_batched", "proto_init", "metric")  # algo.* switches only some algorithms take
 
 
 class MetaAlgorithm:
@@ -32,6 +35,53 @@ class MetaAlgorithm:
     """
 
     name = "base"
+    # What the class knows of its configuration: config.validate and resolve ask it, nothing else holds it.
+    defaults: dict[str, Any] = {}  # published hyperparameters (algo.* and train.* keys) where the config says None
+    options: tuple[str, ...] = ()  # which of OPTIONS it takes
+    inner_loop = True  # False: no gradient steps at test time (an inner learning rate of 0 is then fine)
+    scoped_adaptation = True  # False: it adapts no model parameter, so model.adapt means nothing to it
+    meta_parameters = True  # False: nothing to meta-train (no meta learning rate)
+    trains_on_more_ways = False  # True: may meta-train on more ways than it is tested on (no classifier head)
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Reject settings this algorithm cannot honour, naming them (``config.validate`` calls it)."""
+        for option in OPTIONS:
+            if getattr(cfg.algo, option) not in (None, False) and option not in cls.options:
+                takers = [n for n in ALGORITHMS.names() if option in ALGORITHMS.get(n).options]
+                raise ConfigError(f"algo.{option} applies to {listing(takers)}, not {cls.name}")
+        if not cls.scoped_adaptation and cfg.model.adapt != "all":
+            raise ConfigError(f"model.adapt={cfg.model.adapt!r} has no meaning for {cls.name} (it has no inner loop)")
+        if cfg.data.train_ways not in (None, cfg.data.ways) and not cls.trains_on_more_ways:
+            raise ConfigError(
+                f"data.train_ways={cfg.data.train_ways} differs from data.ways={cfg.data.ways}: only "
+                f"{listing([n for n in ALGORITHMS.names() if ALGORITHMS.get(n).trains_on_more_ways])} (no "
+                f"classifier head) can train on more ways than it is tested on"
+            )
+
+    @classmethod
+    def from_config(
+        cls, cfg: RunConfig, model: FusionModel, spec: ModelSpec, train_classes: list[int]
+    ) -> MetaAlgorithm:
+        """The algorithm a resolved config describes, for ``model`` (``spec``: what the model was built for;
+        ``train_classes``: the meta-train classes)."""
+        a = cfg.algo
+        return cls(
+            model,
+            inner_lr=a.inner_lr,
+            inner_steps=a.inner_steps,
+            inner_lr_test=a.inner_lr_test,
+            inner_steps_test=a.inner_steps_test,
+            transductive=a.transductive,
+            adapt_scope=cfg.model.adapt,
+            batched_eval=a.batched_eval,
+            **cls.config_kwargs(cfg, spec, train_classes),
+        )
+
+    @classmethod
+    def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict[str, Any]:
+        """Constructor arguments of this algorithm beyond the common ones, from the config."""
+        return {}
 
     def __init__(
         self,
@@ -44,7 +94,6 @@ class MetaAlgorithm:
         transductive: bool = True,
         adapt_scope: str = "all",
         batched_eval: str = "auto",
-        **_: object,
     ):
         if batched_eval not in BATCHED_EVAL:
             raise InputError(
@@ -145,6 +194,11 @@ class MetaAlgorithm:
         if params is None:
             return None
         return functional(self.model, params, FusionModel.modality_weights, batch)
+
+
+def listing(names: list[str]) -> str:
+    """``["a", "b", "c"]`` -> ``"a, b and c"``."""
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1] if names else ""]))
 
 
 class TaskTally:

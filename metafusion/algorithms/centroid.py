@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import RunConfig
 from ..data.batch import Batch, Episode
 from ..errors import InputError
-from ..models.model import FusionModel
+from ..models.model import FusionModel, ModelSpec
 from .base import ALGORITHMS, MetaAlgorithm
-from .protonet import proto_logits, prototypes
+from .protonet import METRICS, proto_logits, prototypes
 
-METRICS = ("cosine", "euclidean")
 COSINE_SCALE = 10.0  # turns cosine similarities into logits; it changes the loss, never the prediction
 
 
@@ -62,6 +62,23 @@ class Centroid(MetaAlgorithm):
     called: the algorithm has no meta-parameter, so meta-training only records the run."""
 
     name = "centroid"
+    defaults = dict(
+        inner_lr=0.0,
+        inner_steps=0,
+        inner_steps_test=0,
+        first_order=True,
+        metric="cosine",
+        meta_batch=1,
+        meta_lr=0.0,
+        optimizer="sgd",
+        schedule="constant",
+    )
+    options = ("metric",)
+    inner_loop = scoped_adaptation = meta_parameters = False
+
+    @classmethod
+    def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
+        return dict(metric=cfg.algo.metric, vocab_size=spec.vocab_size)
 
     def __init__(self, model: FusionModel, *, metric: str = "cosine", vocab_size: int = 0, **kwargs):
         super().__init__(model, **kwargs)

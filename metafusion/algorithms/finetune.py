@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import RunConfig
 from ..data.batch import Batch, Episode
-from ..models.model import FusionModel
+from ..models.model import FusionModel, ModelSpec
 from .base import ALGORITHMS, MetaAlgorithm
 from .batched import State, functional, model_parameters
 
@@ -18,10 +19,9 @@ MOMENTUM, WEIGHT_DECAY = 0.9, 1e-3
 
 
 def fused_features(model: FusionModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused feature z and the modality mask a head consumes."""
-    h, mask = model.encode(batch)
-    z, _ = model.fusion(h, mask)
-    return z, mask
+    """The fused feature z and the modality mask a head consumes (the model's ``forward_features``)."""
+    features = model.forward_features(batch)
+    return features.z, features.mask
 
 
 class FeatureHeadClassifier(nn.Module):
@@ -38,6 +38,21 @@ class FeatureHeadClassifier(nn.Module):
 @ALGORITHMS.register("finetune")
 class FineTuneBaseline(MetaAlgorithm):
     name = "finetune"
+    defaults = dict(
+        inner_lr=0.01,
+        inner_steps=0,
+        inner_steps_test=100,
+        first_order=True,
+        meta_batch=4,
+        meta_lr=1e-3,
+        optimizer="adam",
+        schedule="constant",
+    )
+    scoped_adaptation = False
+
+    @classmethod
+    def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
+        return dict(train_classes=train_classes, seed=cfg.train.seed)
 
     def __init__(self, model: FusionModel, *, train_classes: list[int], seed: int = 0, **kwargs):
         super().__init__(model, **kwargs)

@@ -12,14 +12,26 @@ from torch import nn
 from .._learn2learn import MAML as L2LMAML
 from .._learn2learn import MetaSGD as L2LMetaSGD
 from .._learn2learn import maml_update, meta_sgd_update
+from ..config import ConfigError, RunConfig
 from ..data.batch import Batch, Episode
 from ..errors import InputError
-from ..models.execution import decomposed_batchnorm, memory_format
 from ..models.fusion import LinearHead
-from ..models.model import FusionModel
+from ..models.model import FusionModel, ModelSpec
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
 from .batched import State, functional, model_parameters
 from .protonet import prototypes
+
+# Finn et al. 2017, Omniglot 5-way: inner SGD lr 0.4, 1 step (10 at test), meta-batch 32, Adam 1e-3.
+MAML_DEFAULTS = dict(
+    inner_lr=0.4,
+    inner_steps=1,
+    inner_steps_test=10,
+    first_order=False,
+    meta_batch=32,
+    meta_lr=1e-3,
+    optimizer="adam",
+    schedule="constant",
+)
 
 
 @ALGORITHMS.register("maml")
@@ -29,6 +41,33 @@ class MAML(MetaAlgorithm):
     second-order terms (FOMAML). Only parameters in the adaptation scope move in the inner loop."""
 
     name = "maml"
+    defaults = MAML_DEFAULTS
+    options = ("learn_inner_lr", "task_batched", "proto_init")
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        a, fixed = cfg.algo, cls.defaults["first_order"]
+        if a.first_order is not None and a.first_order != fixed:
+            other = "fomaml for first-order" if fixed is False else "maml for second-order"
+            raise ConfigError(f"algo.first_order={str(a.first_order).lower()} with {cls.name}: use --algo {other} MAML")
+        if a.proto_init and cfg.model.fusion == "late":
+            raise ConfigError(
+                "algo.proto_init needs one linear head on a fused feature; 'late' fusion has one head "
+                "per modality (use attention/concat/mean/transformer)"
+            )
+        if a.proto_init and a.task_batched:
+            raise ConfigError("algo.proto_init is not supported with algo.task_batched")
+
+    @classmethod
+    def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
+        a = cfg.algo
+        return dict(
+            first_order=a.first_order,
+            learn_inner_lr=a.learn_inner_lr,
+            task_batched=a.task_batched,
+            proto_init=a.proto_init,
+        )
 
     def __init__(
         self,
@@ -55,8 +94,9 @@ class MAML(MetaAlgorithm):
                 "support learned inner learning rates (learn_inner_lr, metasgd)"
             )
         self.wrapper = self._wrap(model)
-        self._adapted = model.adapted(self.adapt_scope)
-        if not any(self._adapted):
+        scope = model.adapted(self.adapt_scope)
+        self._adapted = [n in scope for n, _ in model.named_parameters()]  # in parameters() order
+        if not scope:
             raise InputError(f"adaptation scope {self.adapt_scope!r} selects no trainable parameter")
         # Optional learned inner learning rate per layer (one scalar per adapted parameter tensor),
         # meta-learned with the weights; off by default, as in the MAML paper.
@@ -100,7 +140,7 @@ class MAML(MetaAlgorithm):
             init_head_from_prototypes(learner.module, support)
         # Support passes differentiated twice run the CNNs in NCHW (cheaper double backward through
         # BatchNorm, docs/performance.md); the query pass stays channels_last.
-        with memory_format(learner, torch.contiguous_format) if create_graph else nullcontext():
+        with learner.module.differentiated_twice() if create_graph else nullcontext():
             for _ in range(steps):
                 self._step(learner, support, lr, create_graph)
         return learner
@@ -192,7 +232,7 @@ class MAML(MetaAlgorithm):
             )
             return losses.mean(), (losses.detach(), logits.detach())
 
-        with memory_format(self.model, torch.contiguous_format), decomposed_batchnorm(self.model):
+        with self.model.vmapped_over_tasks():
             grads, (losses, logits) = torch.func.grad(meta_loss, has_aux=True)(params)
         for n, p in named:
             if p.requires_grad:
@@ -219,6 +259,7 @@ class FOMAML(MAML):
     """First-order MAML: the outer gradient is the query gradient at the adapted parameters."""
 
     name = "fomaml"
+    defaults = {**MAML_DEFAULTS, "first_order": True}
 
     def __init__(self, model: FusionModel, **kwargs):
         kwargs["first_order"] = True
@@ -230,6 +271,13 @@ class ANIL(MAML):
     """Almost No Inner Loop: MAML that adapts only the head (the model's ``head`` scope)."""
 
     name = "anil"
+    defaults = {**MAML_DEFAULTS, "inner_steps": 5}
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        if cfg.model.adapt not in ("all", "head"):
+            raise ConfigError("anil adapts the head only; model.adapt must be 'head' (or left at its default)")
 
     def __init__(self, model: FusionModel, **kwargs):
         kwargs["adapt_scope"] = "head"
@@ -242,6 +290,16 @@ class MetaSGD(MAML):
     The learned rates are meta-parameters: the outer optimizer updates them with the rest."""
 
     name = "metasgd"
+    defaults = {**MAML_DEFAULTS, "inner_steps_test": 1}
+    options = ()
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        if cfg.algo.learn_inner_lr:
+            raise ConfigError("metasgd always learns per-parameter rates: algo.learn_inner_lr does not apply to it")
+        super().check_config(cfg)
+        if cfg.model.adapt != "all":
+            raise ConfigError("metasgd learns a rate for every parameter; model.adapt must be 'all'")
 
     def _wrap(self, model: FusionModel) -> nn.Module:
         return L2LMetaSGD(model, lr=self.inner_lr, first_order=self.first_order)

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ConfigError, RunConfig
 from ..data.batch import Batch, Episode
 from ..errors import InputError
-from ..models.model import FusionModel
+from ..models.model import FusionModel, ModelSpec
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally
 from .batched import State, functional, model_parameters
 
@@ -55,14 +56,41 @@ class PrototypeClassifier(nn.Module):
         return proto_logits(self.module.features(batch), self.protos, self.scale)
 
 
+METRICS = ("cosine", "euclidean")
+
+
 @ALGORITHMS.register("protonet")
 class ProtoNet(MetaAlgorithm):
     name = "protonet"
+    defaults = dict(
+        inner_lr=0.0,
+        inner_steps=0,
+        inner_steps_test=0,
+        first_order=True,
+        metric="euclidean",
+        meta_batch=1,
+        meta_lr=1e-3,
+        optimizer="adam",
+        schedule="constant",
+    )
+    options = ("metric",)
+    inner_loop = scoped_adaptation = False
+    trains_on_more_ways = True
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        if cfg.model.fusion == "late":
+            raise ConfigError("protonet needs a fused embedding; 'late' fusion has none (use attention/concat/...)")
+
+    @classmethod
+    def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
+        return dict(metric=cfg.algo.metric)
 
     def __init__(self, model: FusionModel, *, metric: str = "euclidean", **kwargs):
         super().__init__(model, **kwargs)
-        if metric not in ("euclidean", "cosine"):
-            raise InputError(f"algo.metric={metric!r} is not valid; choose one of: cosine, euclidean")
+        if metric not in METRICS:
+            raise InputError(f"algo.metric={metric!r} is not valid; choose one of: {', '.join(METRICS)}")
         self.scale = Scale().to(next(model.parameters()).device) if metric == "cosine" else None
         # The checkpointed module: the model alone for the paper's Euclidean form (as before), the model
         # and its scale for the cosine form.

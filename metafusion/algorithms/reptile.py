@@ -20,13 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError, RunConfig
 from ..data.batch import Batch, Episode
 from ..errors import InputError
-from ..models.model import FusionModel
+from ..models.model import FusionModel, ModelSpec
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
 from .batched import State, functional, model_parameters
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # torch's defaults; beta1 = 0 as in the paper
+
+
+INNER_OPTIMIZERS = ("adam", "sgd")
 
 
 def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -34,21 +38,54 @@ def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> to
         return torch.optim.Adam(params, lr=lr, betas=(0.0, ADAM_BETA2), eps=ADAM_EPS, fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
-    raise InputError(f"unknown inner optimizer {name!r}; choose adam or sgd")
+    raise InputError(f"unknown inner optimizer {name!r}; choose one of: {', '.join(INNER_OPTIMIZERS)}")
 
 
 @ALGORITHMS.register("reptile")
 class Reptile(MetaAlgorithm):
     name = "reptile"
+    # Nichol et al. 2018: inner Adam (beta1 = 0) lr 1e-3, inner batch 10, 5 steps (50 at test); outer SGD
+    # step 1.0 annealed linearly to 0, meta-batch 5.
+    defaults = dict(
+        inner_lr=1e-3,
+        inner_steps=5,
+        inner_steps_test=50,
+        inner_batch=10,
+        inner_optimizer="adam",
+        first_order=True,
+        meta_batch=5,
+        meta_lr=1.0,
+        optimizer="sgd",
+        schedule="linear",
+    )
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        if cfg.algo.first_order is False:
+            raise ConfigError(
+                "algo.first_order=false is meaningless for reptile (it is first-order by design); "
+                "leave it unset or use --algo maml"
+            )
+        if cfg.algo.inner_optimizer not in (None, *INNER_OPTIMIZERS):
+            raise ConfigError(
+                f"algo.inner_optimizer={cfg.algo.inner_optimizer!r} is not valid; choose one of: "
+                f"{', '.join(INNER_OPTIMIZERS)}"
+            )
+
+    @classmethod
+    def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
+        a = cfg.algo
+        return dict(inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer, seed=cfg.train.seed)
 
     def __init__(
         self, model: FusionModel, *, inner_batch: int = 10, inner_optimizer: str = "adam", seed: int = 0, **kwargs
     ):
-        kwargs.pop("first_order", None)
         super().__init__(model, **kwargs)
         self.inner_batch = inner_batch
         self.inner_optimizer = inner_optimizer
-        self._adapted = model.adapted(self.adapt_scope)
+        scope = model.adapted(self.adapt_scope)
+        self._adapted = [n in scope for n, _ in model.named_parameters()]  # in parameters() order
         self.fast = copy.deepcopy(model)
         self.inner_opt = make_inner_optimizer(inner_optimizer, self._scoped(self.fast), self.inner_lr)
         self.generator = torch.Generator().manual_seed(seed)
@@ -94,9 +131,15 @@ class Reptile(MetaAlgorithm):
             with torch.no_grad():
                 for d, fast, slow in zip(delta, self._scoped(self.fast), meta):
                     d += fast - slow
-            # Reptile trains on support sets alone; scoring the query set here would cost a forward pass
-            # per task for the logs only, so training logs the inner loss and validation the accuracy.
-            tally.add(loss)
+            # "loss" means what it means for every algorithm with a query set: the query loss after
+            # adaptation. Reptile's recipe samples no queries (train_queries 0): then it is the support
+            # loss of the last inner step (docs/architecture.md, "What "loss" means").
+            if len(task.query):
+                with torch.no_grad():
+                    logits = self.fast(task.query)
+                tally.add(F.cross_entropy(logits, task.query.labels).item(), logits, task.query.labels)
+            else:
+                tally.add(loss)
         for p, d in zip(meta, delta):
             g = -d / len(tasks)
             p.grad = g if p.grad is None else p.grad + g

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..config import default_data_root
 from . import DATASETS
-from .sources import EXPECTED_FILES, check_files
+from .sources import check_files
 
 
 def describe_datasets(root: str | None = None) -> str:
@@ -14,6 +14,6 @@ def describe_datasets(root: str | None = None) -> str:
     lines = [f"data root: {root or '(not set: export METAFUSION_DATA=/path/to/data)'}", ""]
     for name in DATASETS.names():
         status = check_files(name, Path(root)) if root else "data root not set"
-        lines.append(f"{name:18s} {EXPECTED_FILES[name]}")
+        lines.append(f"{name:18s} {DATASETS.info(name).get('expects', '(no description)')}")
         lines.append(f"{'':18s} -> {status}")
     return "\n".join(lines)

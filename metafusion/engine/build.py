@@ -91,34 +91,8 @@ def make_model(cfg: RunConfig, spec: ModelSpec, ways: int | None = None) -> Fusi
 
 
 def make_algorithm(cfg: RunConfig, model: FusionModel, spec: ModelSpec, train_classes: list[int]) -> MetaAlgorithm:
-    a = cfg.algo
-    kwargs = dict(
-        inner_lr=a.inner_lr,
-        inner_steps=a.inner_steps,
-        inner_lr_test=a.inner_lr_test,
-        inner_steps_test=a.inner_steps_test,
-        transductive=a.transductive,
-        adapt_scope=cfg.model.adapt,
-        first_order=a.first_order,
-        batched_eval=a.batched_eval,
-    )
-    if a.learn_inner_lr:
-        kwargs.update(learn_inner_lr=True)
-    if a.task_batched:
-        if a.name not in ("maml", "fomaml", "anil"):
-            raise InputError(f"algo.task_batched applies to maml, fomaml and anil, not {a.name!r}")
-        kwargs.update(task_batched=True)
-    if a.name == "reptile":
-        kwargs.update(inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer, seed=cfg.train.seed)
-    if a.name == "finetune":
-        kwargs.update(train_classes=train_classes, seed=cfg.train.seed)
-    if a.name in ("protonet", "centroid"):
-        kwargs.update(metric=a.metric)
-    if a.name == "centroid":
-        kwargs.update(vocab_size=spec.vocab_size)
-    if a.proto_init:
-        kwargs.update(proto_init=True)
-    return ALGORITHMS.build(a.name, model, **kwargs)
+    """The configured algorithm around ``model``: its class reads what it needs from the config."""
+    return ALGORITHMS.get(cfg.algo.name).from_config(cfg, model, spec, train_classes)
 
 
 @dataclass

@@ -48,6 +48,31 @@ class ValidationPlan:
     auto: bool
 
 
+@dataclass
+class TrainState:
+    """Where a run is (checkpointed with the weights, optimizer and RNG states)."""
+
+    step: int = 0
+    best: float = -1.0  # best meta-validation accuracy so far
+    elapsed: float = 0.0  # seconds of meta-training; validation time is not counted
+    plan: ValidationPlan | None = None  # None until planned (train.val_interval = 0)
+
+
+@dataclass
+class _Session:
+    """The objects one call of ``meta_train`` works with, beyond the experiment and its state."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.nn.Parameter]
+    run_dir: Path | None  # None on ranks other than 0: they neither log nor write
+    log: MetricsLog | None
+    bar: tqdm
+    rank: distributed.Rank
+    stop: dict  # stop_requests()'s record of a signal
+    stop_at: int | None
+
+
 def plan_validation(exp: Experiment, step_seconds: float) -> tuple[ValidationPlan, float]:
     """The automatic plan for ``exp``, from the last step's time and a validation episode's time
     (measured here on ``PROBE_EPISODES``). Returns the plan and the seconds the measurement took."""
@@ -138,19 +163,16 @@ def meta_train(
     if not params:  # nothing to meta-learn (centroid): validate once and checkpoint, so every stage works
         return _without_meta_parameters(exp, run_dir if rank.main else None)
     opt = make_optimizer(cfg.optimizer, params, cfg.meta_lr)
-    state = {
-        "step": 0,
-        "best": -1.0,
-        "elapsed": 0.0,
-        "plan": ValidationPlan(cfg.val_interval, len(exp.val_episodes), auto=False) if cfg.val_interval else None,
-    }
+    state = TrainState(
+        plan=ValidationPlan(cfg.val_interval, len(exp.val_episodes), auto=False) if cfg.val_interval else None
+    )
     # Linear schedule: the meta lr (Reptile's epsilon) falls from meta_lr to 0 over the run. With a
     # time budget the run's end is whichever comes first, iterations or minutes, so the schedule
     # follows the further along of the two: a budget-cut run still anneals to 0 (as the papers' did).
     total, budget_s = cfg.iterations, 60 * cfg.budget_minutes if cfg.budget_minutes else None
 
     def progress(step: int) -> float:
-        return max(step / total, state["elapsed"] / budget_s if budget_s else 0.0)
+        return max(step / total, state.elapsed / budget_s if budget_s else 0.0)
 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda s: max(0.0, 1 - progress(s))) if cfg.schedule == "linear" else (lambda s: 1.0)
@@ -163,60 +185,51 @@ def meta_train(
         sched.load_state_dict(ckpt["scheduler"])
         exp.train_sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
-        state.update(step=ckpt["step"], best=ckpt["best_val_accuracy"], elapsed=ckpt["elapsed"])
+        state.step, state.best, state.elapsed = ckpt["step"], ckpt["best_val_accuracy"], ckpt["elapsed"]
         if ckpt.get("validation"):  # the interrupted run's plan, so the resumed run validates where it would have
-            state["plan"] = ValidationPlan(**ckpt["validation"])
+            state.plan = ValidationPlan(**ckpt["validation"])
     distributed.broadcast_parameters(params)
     if not rank.main:
         run_dir = None  # rank 0 alone logs, validates and writes checkpoints
-    log = MetricsLog(run_dir, resume_step=state["step"]) if run_dir else None
+    log = MetricsLog(run_dir, resume_step=state.step) if run_dir else None
     bar = tqdm(
         total=total,
-        initial=state["step"],
+        initial=state.step,
         desc=f"meta-train {exp.cfg.algo.name}",
         disable=True if quiet or not rank.main else None,
         dynamic_ncols=True,
     )
     with PeakMemory() as memory, stop_requests() as stop:
         try:
-            _loop(exp, opt, sched, params, state, run_dir, log, bar, stop_at, rank, stop)
+            _loop(exp, state, _Session(opt, sched, params, run_dir, log, bar, rank, stop, stop_at))
         finally:
             bar.close()
             if log:
                 log.close()
     return {
-        "iterations": state["step"],
-        "seconds": state["elapsed"],
-        "tasks_per_s": state["step"] * cfg.meta_batch / max(state["elapsed"], 1e-9),
-        "best_val_accuracy": state["best"],
+        "iterations": state.step,
+        "seconds": state.elapsed,
+        "tasks_per_s": state.step * cfg.meta_batch / max(state.elapsed, 1e-9),
+        "best_val_accuracy": state.best,
         "peak_memory_mb": memory.peak_mb,
-        "validation": asdict(state["plan"]) if state["plan"] else None,
+        "validation": asdict(state.plan) if state.plan else None,
     }
 
 
-def _loop(
-    exp: Experiment,
-    opt,
-    sched,
-    params,
-    state: dict,
-    run_dir: Path | None,
-    log,
-    bar,
-    stop_at,
-    rank: distributed.Rank,
-    stop: dict,
-) -> None:
-    """The loop itself; ``state`` (step, best, elapsed, plan) is updated in place."""
+def _loop(exp: Experiment, state: TrainState, session: _Session) -> None:
+    """The loop itself; ``state`` is updated in place."""
     cfg, algo = exp.cfg.train, exp.algorithm
+    opt, params, run_dir, log, bar, rank = (
+        session.optimizer, session.params, session.run_dir, session.log, session.bar, session.rank
+    )  # fmt: skip
     last_path = run_dir / "last.pt" if run_dir else None
     # ``elapsed`` counts meta-training only: validation time is excluded from the budget and tasks/s.
-    start, elapsed_before, val_acc, val_seconds = time.perf_counter(), state["elapsed"], float("nan"), 0.0
+    start, elapsed_before, val_acc, val_seconds = time.perf_counter(), state.elapsed, float("nan"), 0.0
 
     def clock() -> float:
         return elapsed_before + time.perf_counter() - start - val_seconds
 
-    while state["step"] < cfg.iterations:
+    while state.step < cfg.iterations:
         step_started = clock()
         # Every rank draws the whole meta-batch (identical samplers) and adapts its own share.
         tasks = [exp.train_sampler.sample() for _ in range(cfg.meta_batch)]
@@ -225,7 +238,7 @@ def _loop(
         metrics = algo.meta_backward(mine)
         out_of_time = rank.main and cfg.budget_minutes is not None and clock() >= 60 * cfg.budget_minutes
         metrics, out_of_time = distributed.all_reduce_meta_batch(params, len(mine), len(tasks), metrics, out_of_time)
-        state["step"] = step = state["step"] + 1
+        state.step = step = state.step + 1
         if not _finite(metrics, params):
             if cfg.on_nan == "stop":
                 where = last_path if last_path and last_path.exists() else "none written yet"
@@ -239,7 +252,7 @@ def _loop(
             if cfg.clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
-        state["elapsed"] = elapsed = clock()
+        state.elapsed = elapsed = clock()
         record = {
             "step": step,
             "lr": opt.param_groups[0]["lr"],
@@ -247,57 +260,60 @@ def _loop(
             "tasks_per_s": step * cfg.meta_batch / max(elapsed, 1e-9),
             **metrics,
         }
-        sched.step()
-        if rank.main and state["plan"] is None and step >= min(2, cfg.iterations):  # the 2nd step is warm
-            state["plan"], probe_seconds = plan_validation(exp, elapsed - step_started)
+        session.scheduler.step()
+        if rank.main and state.plan is None and step >= min(2, cfg.iterations):  # the 2nd step is warm
+            state.plan, probe_seconds = plan_validation(exp, elapsed - step_started)
             val_seconds += probe_seconds
             if not bar.disable:
                 bar.write(
-                    f"validation: every {state['plan'].interval} iterations on {state['plan'].episodes} "
+                    f"validation: every {state.plan.interval} iterations on {state.plan.episodes} "
                     f"episodes (~{cfg.val_fraction:.0%} of the run; set train.val_interval to choose)"
                 )
-        plan = state["plan"]
+        plan = state.plan
         validate = rank.main and (
-            (plan is not None and step % plan.interval == 0) or step == cfg.iterations or out_of_time or step == stop_at
+            (plan is not None and step % plan.interval == 0)
+            or step == cfg.iterations
+            or out_of_time
+            or step == session.stop_at
         )
         if validate:
             val = meta_test(algo, exp.val_episodes[: plan.episodes if plan else None], device=cfg.device)
             val_acc, val_seconds = val.accuracy_mean, val_seconds + val.seconds
             record["val_accuracy"] = val_acc
-            if val_acc > state["best"]:
-                state["best"] = val_acc
+            if val_acc > state.best:
+                state.best = val_acc
                 if run_dir:
-                    save_checkpoint(run_dir / "best.pt", _payload(exp, opt, sched, state))
+                    save_checkpoint(run_dir / "best.pt", _payload(exp, state, opt, session.scheduler))
         if log and (validate or step % cfg.log_interval == 0):
             log.write(record)
         if validate and run_dir:
-            save_checkpoint(last_path, _payload(exp, opt, sched, state))
+            save_checkpoint(last_path, _payload(exp, state, opt, session.scheduler))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{val_acc:.3f}")
-        if out_of_time or step == stop_at:
+        if out_of_time or step == session.stop_at:
             break
-        if stop["signum"] is not None:
-            name = signal.Signals(stop["signum"]).name
+        if session.stop["signum"] is not None:
+            name = signal.Signals(session.stop["signum"]).name
             if run_dir:
                 if not validate:
-                    save_checkpoint(last_path, _payload(exp, opt, sched, state))
+                    save_checkpoint(last_path, _payload(exp, state, opt, session.scheduler))
                 raise TrainingStopped(
                     f"stopped by {name} after iteration {step}; {last_path} holds it. Continue "
                     f"with: metafusion meta-train --resume {run_dir}",
-                    stop["signum"],
+                    session.stop["signum"],
                 )
-            raise TrainingStopped(f"stopped by {name} after iteration {step}", stop["signum"])
+            raise TrainingStopped(f"stopped by {name} after iteration {step}", session.stop["signum"])
 
 
 def _without_meta_parameters(exp: Experiment, run_dir: Path | None) -> dict:
     val = meta_test(exp.algorithm, exp.val_episodes, device=exp.cfg.train.device)
-    state = {"step": 0, "best": val.accuracy_mean, "elapsed": 0.0}
+    state = TrainState(best=val.accuracy_mean)
     if run_dir:
         log = MetricsLog(run_dir)
         log.write({"step": 0, "loss": val.loss, "val_accuracy": val.accuracy_mean})
         log.close()
         for name in ("best.pt", "last.pt"):
-            save_checkpoint(run_dir / name, _payload(exp, None, None, state))
+            save_checkpoint(run_dir / name, _payload(exp, state))
     return {
         "iterations": 0,
         "seconds": 0.0,
@@ -307,7 +323,7 @@ def _without_meta_parameters(exp: Experiment, run_dir: Path | None) -> dict:
     }
 
 
-def _payload(exp: Experiment, opt, sched, state: dict) -> dict:
+def _payload(exp: Experiment, state: TrainState, opt=None, sched=None) -> dict:
     return {
         "module": exp.algorithm.module.state_dict(),
         "algorithm": exp.algorithm.state_dict(),
@@ -315,11 +331,11 @@ def _payload(exp: Experiment, opt, sched, state: dict) -> dict:
         "scheduler": sched.state_dict() if sched else {},
         "sampler": exp.train_sampler.state_dict(),
         "rng": rng_state(),
-        "step": state["step"],
-        "best_val_accuracy": state["best"],
-        "elapsed": state["elapsed"],
+        "step": state.step,
+        "best_val_accuracy": state.best,
+        "elapsed": state.elapsed,
         "config": to_dict(exp.cfg),
         "model_args": model_args(exp),
-        "validation": asdict(state["plan"]) if state.get("plan") else None,
+        "validation": asdict(state.plan) if state.plan else None,
         "versions": library_versions(),
     }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -10,13 +12,28 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..errors import InputError
 from .encoders import ENCODERS, default_encoder
+from .execution import decomposed_batchnorm, memory_format
 from .fusion import build_fusion
 
-ADAPT_SCOPES = ("all", "head", "fusion+head")
+# Adaptation scope -> the parameter-name prefixes an inner loop adapts under it.
+ADAPT_SCOPES = {"all": ("",), "head": ("head.",), "fusion+head": ("fusion.", "head.")}
+
+
+class Features(NamedTuple):
+    """What ``forward_features`` returns: the fused feature ``z`` (``[B, D]``; ``[B, M, d]`` for late
+    fusion), the modality mask ``[B, M]`` the head reads, and the per-sample modality weights ``[B, M]``
+    (None for fusions without them, e.g. concat)."""
+
+    z: Tensor
+    mask: Tensor
+    weights: Tensor | None
 
 
 class FusionModel(nn.Module):
-    """``logits = head(fusion({f_m(x_m)}, mask), mask)``.
+    """``logits = head(fusion({f_m(x_m)}, mask), mask)``, as a timm-like contract:
+    ``forward_features(batch) -> Features``, ``forward_head(features) -> logits``, ``reset_head(ways)``,
+    adaptation scopes by parameter name (``adapted``), and the execution policy for special passes
+    (``differentiated_twice``, ``vmapped_over_tasks``) kept here, not in the algorithms.
 
     Each encoder runs only on the samples where its modality is present, so an absent modality
     (whatever its placeholder values) has exactly zero influence, including through the batch
@@ -52,21 +69,25 @@ class FusionModel(nn.Module):
                 feats.append(x.new_zeros(x.shape[0], self.width, dtype=torch.get_default_dtype()))
         return torch.stack(feats, dim=1), mask  # (B, M, d), (B, M)
 
-    def features(self, batch: Batch) -> Tensor:
-        """The fused feature z (``[B, D]``; ``[B, M, d]`` for late fusion)."""
-        z, _ = self.fusion(*self.encode(batch))
-        return z
+    def forward_features(self, batch: Batch) -> Features:
+        h, mask = self.encode(batch)
+        z, weights = self.fusion(h, mask)
+        return Features(z, mask, weights)
+
+    def forward_head(self, features: Features) -> Tensor:  # -> (B, ways)
+        return self.head(features.z, features.mask)
 
     def forward(self, batch: Batch) -> Tensor:  # -> (B, ways)
-        h, mask = self.encode(batch)
-        z, _ = self.fusion(h, mask)
-        return self.head(z, mask)
+        return self.forward_head(self.forward_features(batch))
+
+    def features(self, batch: Batch) -> Tensor:
+        """The fused feature z alone (an embedding for prototypes)."""
+        return self.forward_features(batch).z
 
     @torch.no_grad()
     def modality_weights(self, batch: Batch) -> Tensor | None:
         """Per-sample modality weights ``[B, M]`` (None for fusions without them, e.g. concat)."""
-        _, weights = self.fusion(*self.encode(batch))
-        return weights
+        return self.forward_features(batch).weights
 
     def new_head(self, ways: int) -> nn.Module:
         """A fresh, randomly initialised head for ``ways`` classes, on the model's device and in its dtype."""
@@ -77,12 +98,26 @@ class FusionModel(nn.Module):
         """Replace the model's head by ``new_head(ways)``."""
         self.head = self.new_head(ways)
 
-    def adapted(self, scope: str) -> list[bool]:
-        """For each of ``self.parameters()`` (in order): does the inner loop adapt it under ``scope``?"""
+    def adapted(self, scope: str) -> set[str]:
+        """The names of the parameters an inner loop adapts under ``scope``."""
         if scope not in ADAPT_SCOPES:
             raise InputError(f"unknown adaptation scope {scope!r}; choose one of: {', '.join(ADAPT_SCOPES)}")
-        prefixes = {"all": ("",), "head": ("head.",), "fusion+head": ("fusion.", "head.")}[scope]
-        return [p.requires_grad and name.startswith(prefixes) for name, p in self.named_parameters()]
+        return {n for n, p in self.named_parameters() if p.requires_grad and n.startswith(ADAPT_SCOPES[scope])}
+
+    # -- execution policy: how the model runs special passes (the values are the same either way) --------
+    def differentiated_twice(self) -> ExitStack:
+        """For forward passes whose graph is differentiated twice (MAML's support passes): 2-D CNNs in
+        NCHW, where BatchNorm's double backward is faster than in channels_last (docs/performance.md)."""
+        stack = ExitStack()
+        stack.enter_context(memory_format(self, torch.contiguous_format))
+        return stack
+
+    def vmapped_over_tasks(self) -> ExitStack:
+        """For forward passes vmapped over tasks: NCHW, and BatchNorm written out as mean/var arithmetic
+        (whose batching rules keep per-task statistics; batchnorm.py)."""
+        stack = self.differentiated_twice()
+        stack.enter_context(decomposed_batchnorm(self))
+        return stack
 
 
 @dataclass
@@ -113,12 +148,6 @@ def build_model(
             f"provide ({', '.join(spec.input_shapes)})"
         )
     modules = {}
-    for m, shape in spec.input_shapes.items():
-        name = chosen.get(m) or default_encoder(m)
-        options = {}
-        if name == "tokens":
-            options["vocab_size"] = spec.vocab_size
-        if name == "melcnn":
-            options["sample_rate"] = spec.sample_rate
-        modules[m] = ENCODERS.build(name, out_dim=width, hidden=hidden, input_shape=tuple(shape), **options)
+    for m in spec.input_shapes:
+        modules[m] = ENCODERS.get(chosen.get(m) or default_encoder(m)).from_spec(spec, m, width, hidden)
     return FusionModel(modules, build_fusion(fusion, len(modules), width, mode=attention), ways)

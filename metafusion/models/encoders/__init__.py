@@ -1,9 +1,15 @@
 """Per-modality encoders f_i: each maps its modality batch ``[B, ...]`` to ``[B, out_dim]``.
 
-Adding an encoder: one file here, decorated with ``@ENCODERS.register("name")``, taking
-``(out_dim, hidden, **options)`` and exposing ``out_dim``. No encoder keeps normalisation running
-statistics: MAML-style inner loops use batch statistics at train and test (see docs/architecture.md).
+Adding an encoder: an ``Encoder`` subclass in a file of its own, decorated with
+``@ENCODERS.register("name")``, taking ``(out_dim, hidden, input_shape)`` and setting ``out_dim``; one
+that needs more of the model spec (a vocabulary size, a sample rate) overrides ``from_spec``. No
+encoder keeps normalisation running statistics: MAML-style inner loops use batch statistics at train
+and test (see docs/architecture.md).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -11,7 +17,21 @@ from ...errors import InputError
 from ...registry import Registry
 from ..batchnorm import BatchNorm1d, BatchNorm2d
 
+if TYPE_CHECKING:
+    from ..model import ModelSpec
+
 ENCODERS: Registry = Registry("encoder")
+
+
+class Encoder(nn.Module):
+    """``f_i``: a modality's batch ``[B, ...]`` -> features ``[B, out_dim]``."""
+
+    out_dim: int
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, modality: str, out_dim: int, hidden: int) -> Encoder:
+        """The encoder of ``modality`` in a model built for ``spec`` (what ``build_model`` calls)."""
+        return cls(out_dim, hidden, tuple(spec.input_shapes[modality]))
 
 
 def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: int, stride: int = 1):
@@ -60,4 +80,4 @@ def default_encoder(modality: str) -> str:
     return DEFAULT_ENCODERS[modality]
 
 
-__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "default_encoder", "conv_blocks"]
+__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "Encoder", "default_encoder", "conv_blocks"]

@@ -7,11 +7,11 @@ import torchaudio
 from torch import Tensor, nn
 
 from ..execution import to_memory_format
-from . import ENCODERS, conv_blocks
+from . import ENCODERS, Encoder, conv_blocks
 
 
 @ENCODERS.register("melcnn")
-class MelCNN(nn.Module):
+class MelCNN(Encoder):
     """waveform ``[B, 1, T]`` -> log-mel ``[B, 1, 40, frames]`` -> 3 conv blocks -> mean pool -> d.
 
     The log-mel front end has no trainable parameters; its filterbank is a buffer. The one-channel
@@ -20,6 +20,10 @@ class MelCNN(nn.Module):
 
     memory_format = torch.channels_last
     n_mels = 40
+
+    @classmethod
+    def from_spec(cls, spec, modality: str, out_dim: int, hidden: int) -> MelCNN:
+        return cls(out_dim, hidden, tuple(spec.input_shapes[modality]), sample_rate=spec.sample_rate)
 
     def __init__(
         self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 4000), sample_rate: int = 8000

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..batchnorm import BatchNorm2d
 from ..execution import to_memory_format
-from . import ENCODERS, conv_blocks
+from . import ENCODERS, Encoder, conv_blocks
 
 
 def _project(in_dim: int, out_dim: int) -> nn.Module:
@@ -17,7 +17,7 @@ def _project(in_dim: int, out_dim: int) -> nn.Module:
 
 
 @ENCODERS.register("conv4")
-class Conv4(nn.Module):
+class Conv4(Encoder):
     """4 x [conv 3x3 (hidden), BatchNorm (batch statistics), ReLU, maxpool 2], flattened, projected.
 
     On 1x28x28 inputs the flattened feature is ``hidden`` wide (28 -> 14 -> 7 -> 3 -> 1), so with
@@ -56,7 +56,7 @@ class Conv4Strided(Conv4):
 
 
 @ENCODERS.register("resnet18")
-class ResNet18(nn.Module):
+class ResNet18(Encoder):
     """torchvision ResNet-18 (randomly initialised), projected.
 
     BatchNorm uses batch statistics (no running stats) so inner-loop adaptation cannot leak

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import ENCODERS, conv_blocks
+from . import ENCODERS, Encoder, conv_blocks
 
 
 @ENCODERS.register("conv1d")
-class Conv1dEncoder(nn.Module):
+class Conv1dEncoder(Encoder):
     """3 x [conv1d k5 (hidden), BatchNorm (batch statistics), ReLU, maxpool 2] -> mean over time -> d."""
 
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (64, 3)):
@@ -23,7 +23,7 @@ class Conv1dEncoder(nn.Module):
 
 
 @ENCODERS.register("gru")
-class GRUEncoder(nn.Module):
+class GRUEncoder(Encoder):
     """A GRU unrolled with ``nn.GRUCell`` -> last hidden state -> d.
 
     ``nn.GRU`` keeps its weights in a cuDNN "flat buffer" that learn2learn's ``clone_module`` /

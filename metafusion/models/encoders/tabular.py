@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import ENCODERS
+from . import ENCODERS, Encoder
 
 
 @ENCODERS.register("mlp")
-class MLP(nn.Module):
+class MLP(Encoder):
     """``[B, F]`` -> Linear(hidden) -> ReLU -> Linear(out_dim)."""
 
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (16,)):

@@ -9,12 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import MissingFileError
-from . import ENCODERS
+from . import ENCODERS, Encoder
 
 
 @ENCODERS.register("tokens")
-class TokenEncoder(nn.Module):
+class TokenEncoder(Encoder):
     """token ids ``[B, L]`` (0 = padding) -> embedding -> conv1d k3 -> ReLU -> masked mean -> d."""
+
+    @classmethod
+    def from_spec(cls, spec, modality: str, out_dim: int, hidden: int) -> TokenEncoder:
+        return cls(out_dim, hidden, tuple(spec.input_shapes[modality]), vocab_size=spec.vocab_size)
 
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (12,), vocab_size: int = 201):
         super().__init__()
@@ -78,7 +82,7 @@ class FrozenTextModel:
 
 
 @ENCODERS.register("minilm")
-class PretrainedTextProjection(nn.Module):
+class PretrainedTextProjection(Encoder):
     """Trainable projection of frozen MiniLM-L6 sentence features ``[B, 384] -> [B, d]``.
 
     With ``d == 384`` (``model.width=384``) the projection is residual and starts as the identity,
