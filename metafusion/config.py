@@ -324,8 +324,10 @@ def validate(cfg: RunConfig) -> None:
     from .algorithms import ALGORITHMS
     from .algorithms.base import BATCHED_EVAL
     from .algorithms.protonet import METRICS
+    from .data import DATASETS
     from .models import ADAPT_SCOPES, FUSIONS
 
+    _choice("data.dataset", cfg.data.dataset, DATASETS.names())
     _choice("algo.name", cfg.algo.name, ALGORITHMS.names())
     algorithm = ALGORITHMS.get(cfg.algo.name)
     for name, section in cfg.per_algorithm.items():

@@ -186,7 +186,8 @@ def test_split_folders_give_the_class_split(tmp_path):
 
 
 def test_omniglot_strokes_are_named_where_asked_for_on_omniglot(tmp_path, capsys):
-    code = main(["meta-train", "--dataset", "omniglot", "--modalities", "image,strokes", "--data-root", str(tmp_path)])
+    args = ["--dataset", "omniglot", "--modalities", "image,strokes", "--data-root", str(tmp_path)]
+    code = main(["meta-train", *args, "--out", str(tmp_path / "run")])
     assert code == 2 and "omniglot-strokes" in capsys.readouterr().err
 
 

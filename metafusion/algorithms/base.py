@@ -134,14 +134,14 @@ class MetaAlgorithm:
         pass
 
     # -- shared evaluation ----------------------------------------------------------------------
-    def predict(self, learner: nn.Module, episode: Episode) -> Tensor:
-        """Query logits. Transductive: the query set is one batch (normalisation sees all of it).
-        Non-transductive: each query sample is classified alone, together with the support set
-        (Nichol et al. 2018), so no query sample can inform another. On a GPU those per-query batches
-        run together under vmap; on a CPU one forward per query is faster than the vmapped form
-        (docs/performance.md has both measurements)."""
+    def predict(self, learner: nn.Module, episode: Episode, transductive: bool | None = None) -> Tensor:
+        """Query logits. Transductive (``transductive``, by default ``self.transductive``): the query set
+        is one batch (normalisation sees all of it). Non-transductive: each query sample is classified
+        alone, together with the support set (Nichol et al. 2018), so no query sample can inform another.
+        On a GPU those per-query batches run together under vmap; on a CPU one forward per query is
+        faster than the vmapped form (docs/performance.md has both measurements)."""
         with torch.no_grad():
-            if self.transductive:
+            if self.transductive if transductive is None else transductive:
                 return learner(episode.query)
             alone = predict_each_alone if episode.query.labels.is_cuda else predict_each_alone_loop
             return alone(learner, episode.support, episode.query)

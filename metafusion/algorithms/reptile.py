@@ -131,15 +131,9 @@ class Reptile(MetaAlgorithm):
             with torch.no_grad():
                 for d, fast, slow in zip(delta, self._scoped(self.fast), meta):
                     d += fast - slow
-            # "loss" means what it means for every algorithm with a query set: the query loss after
-            # adaptation. Reptile's recipe samples no queries (train_queries 0): then it is the support
-            # loss of the last inner step (docs/architecture.md, "What "loss" means").
-            if len(task.query):
-                with torch.no_grad():
-                    logits = self.fast(task.query)
-                tally.add(F.cross_entropy(logits, task.query.labels).item(), logits, task.query.labels)
-            else:
-                tally.add(loss)
+            # Reptile's objective has no query set: its "loss" is the support loss of the last inner step
+            # (scoring queries would cost a forward pass per task for the logs alone; docs/architecture.md).
+            tally.add(loss)
         for p, d in zip(meta, delta):
             g = -d / len(tasks)
             p.grad = g if p.grad is None else p.grad + g

@@ -194,9 +194,9 @@ def load_user_data(
     fmt = InputFormat.of(like) if isinstance(like, MultimodalDataset) else like
     rows = _rows_from_folder(path) if path.is_dir() else _rows_from_manifest(path, labelled)
     base = path if path.is_dir() else path.parent
-    found = [c for c in rows[0] if c not in RESERVED_COLUMNS] if not path.is_dir() else []
-    if path.is_dir():
-        found = sorted({k for r in rows for k in r if k not in RESERVED_COLUMNS})
+    # A manifest's columns in its order; a folder's modalities (file kinds) in name order.
+    keys = rows[0] if not path.is_dir() else sorted({k for r in rows for k in r})
+    found = [c for c in keys if c not in RESERVED_COLUMNS]
     has_label = [bool(str(r.get("label") or "").strip()) for r in rows]
     if not all(has_label) and (labelled or any(has_label)):
         i = has_label.index(False)

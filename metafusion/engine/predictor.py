@@ -183,13 +183,8 @@ class Predictor:
         data = self.trained.prepare(data)
         query = data.batch(torch.arange(len(data))).to(self.trained.cfg.train.device)
         query.labels.fill_(0)  # the class ids of the user's labels mean nothing to the model
-        algorithm, saved = self.algorithm, self.algorithm.transductive
-        algorithm.transductive = saved if transductive is None else transductive
-        try:
-            episode = Episode(self.support, query, len(self.classes), 0, len(query), tuple(range(len(self.classes))))
-            logits = algorithm.predict(self.learner, episode)
-        finally:
-            algorithm.transductive = saved
+        episode = Episode(self.support, query, len(self.classes), 0, len(query), tuple(range(len(self.classes))))
+        logits = self.algorithm.predict(self.learner, episode, transductive)
         inner = fused_model(self.learner)
         weights = inner.modality_weights(query) if isinstance(inner, FusionModel) else None
         columns = [data.modalities.index(m) for m in self.trained.model.modalities]

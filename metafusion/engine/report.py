@@ -205,9 +205,13 @@ def plot_confusion(path: Path, matrix: torch.Tensor, classes: list[str]) -> Path
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    correct = int(matrix.diagonal().sum())
+    ax.set_title(f"{correct} / {int(matrix.sum())} right", fontsize=9)
+    dark = matrix.max().item() / 2
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8)
+            colour = "white" if matrix[i, j] > dark else "black"
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8, color=colour)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
