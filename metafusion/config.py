@@ -61,7 +61,7 @@ class ModelConfig:
     encoders: dict[str, str] = field(default_factory=dict)  # modality -> encoder (default per modality)
     fusion: str = "attention"  # attention | concat | mean | late | transformer
     attention: str = "vector"  # attention weights: vector (element-wise) | scalar (one per modality)
-    adapt: str = "all"  # parameters the inner loop adapts: all | head | fusion+head
+    adapt: str = "all"  # parameters the inner loop adapts: all | head | fusion+head | encoders+head
     hidden: int = 64  # channels / hidden units inside encoders
     # Modalities the model reads (None -> all the data provides). Unlike data.modalities, which drops
     # the other modalities (and samples left with none) from the data, this keeps the episodes as they

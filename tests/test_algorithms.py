@@ -502,3 +502,19 @@ def test_a_diverged_episode_is_counted_and_its_queries_are_wrong():
     result = meta_test(Diverging(model, batched_eval="off", **COMMON), episodes)  # adapt() is the loop's
     assert result.episodes_diverged == 1 and result.accuracies[1] == 0.0
     assert torch.isfinite(torch.tensor(result.loss))  # averaged over the finite episodes
+
+
+def test_encoders_and_head_scope_keeps_the_fusion_fixed_in_the_inner_loop_only():
+    """``model.adapt=encoders+head``: the inner loop moves encoders and head but not the (transformer)
+    fusion, whose parameters still get a meta-gradient from the outer loop."""
+    torch.manual_seed(0)
+    model, episode = tiny_tabular_model(fusion="transformer"), tiny_episode()
+    algo = MAML(model, adapt_scope="encoders+head", **COMMON)
+    learner = algo.adapt(episode.support)
+    for (name, before), after in zip(model.named_parameters(), learner.module.parameters()):
+        moved = not torch.equal(before, after)
+        assert moved != name.startswith("fusion."), name
+    algo.meta_backward([episode])
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("fusion.")
+    )

@@ -33,6 +33,27 @@ def test_omniglot_protocol_recipes(ways, shots, lr, steps, batch):
     assert maml.data.test_episodes == reptile.data.test_episodes == 600
 
 
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem.endswith("_fast")], ids=lambda p: p.stem)
+def test_fast_recipes_keep_the_papers_protocol(path):
+    """A faster recipe may change how meta-training runs, never what is tested: same split, classes,
+    image size, ways, shots, test queries and the same 600 test episodes as the protocol config."""
+    protocol = path.with_name(path.name.replace("_fast", ""))
+    fast, paper = (resolve(load_config(p, {"algo.name": "maml"})) for p in (path, protocol))
+    for key in (
+        "dataset",
+        "split",
+        "rotations",
+        "image_size",
+        "ways",
+        "shots",
+        "queries",
+        "test_episodes",
+        "episode_seed",
+    ):
+        assert getattr(fast.data, key) == getattr(paper.data, key), key
+    assert fast.algo.inner_steps_test == paper.algo.inner_steps_test
+
+
 @pytest.mark.data
 def test_omniglot_protocol_config_builds_the_published_splits(data_root):
     cfg = resolve(load_config(CONFIGS[0].parent / "omniglot_5w1s.yaml", {"data.root": str(data_root)}))

@@ -16,7 +16,15 @@ from .execution import decomposed_batchnorm, memory_format
 from .fusion import build_fusion
 
 # Adaptation scope -> the parameter-name prefixes an inner loop adapts under it.
-ADAPT_SCOPES = {"all": ("",), "head": ("head.",), "fusion+head": ("fusion.", "head.")}
+# Parameter-name prefixes each inner-loop scope adapts. ``encoders+head`` keeps the fusion fixed inside
+# the inner loop (meta-learned by the outer loop only): a transformer fusion's LayerNorms and MLP do
+# not take MAML's inner rate for convolutions (docs/results.md, multimodal Omniglot).
+ADAPT_SCOPES = {
+    "all": ("",),
+    "head": ("head.",),
+    "fusion+head": ("fusion.", "head."),
+    "encoders+head": ("encoders.", "head."),
+}
 
 
 class Features(NamedTuple):
