@@ -458,12 +458,16 @@ def _commands(row: Row) -> str:
     return "<br>".join(f"`{shown(c)}`" for c in row.commands)
 
 
-def _train_facts(row: Row, unrecorded: str, one_process: str) -> tuple[dict, str]:
-    """The row's train.json ({} if it has none) and its hardware cell (CPU, then ranks or threads)."""
+def _train_cells(row: Row, unrecorded: str, one_process: str) -> tuple[str, str]:
+    """From the row's train.json: its "iterations | meta-train time | tasks/s" cells (dashes for a row that
+    trained nothing or has not run) and its hardware cell (CPU, then ranks or threads)."""
     path = REPO / row.out / "train.json"
     train = json.loads(path.read_text()) if path.exists() else {}
     ranks = train.get("ranks", 1)
-    return train, train.get("hardware", unrecorded) + (f", {ranks} ranks × 1 thread" if ranks > 1 else one_process)
+    hw = train.get("hardware", unrecorded) + (f", {ranks} ranks × 1 thread" if ranks > 1 else one_process)
+    if not train.get("iterations"):
+        return "— | — | —", hw
+    return f"{train['iterations']:,} | {train['seconds']:.0f} s | {train['tasks_per_s']:.1f}", hw
 
 
 def table_omniglot(rows: list[Row]) -> str:
@@ -475,12 +479,10 @@ def table_omniglot(rows: list[Row]) -> str:
     for row in rows:
         algo = row.labels["algorithm"]
         t, n = _load(row), _load(row, "results_nontransductive")
-        train, hw = _train_facts(row, UNRECORDED_HARDWARE, ", 2 threads")
+        trained, hw = _train_cells(row, UNRECORDED_HARDWARE, ", 2 threads")
         out.append(
             f"| {algo} | {row.labels['network']} | {PAPER[algo][0]} ({PAPER[algo][1]}) | {L2L_LOOP_20MIN[algo]} | "
-            f"{_acc(t)} | {_acc(n)} | "
-            f"{format(train['iterations'], ',') if train else '—'} | {train.get('seconds', 0):.0f} s | "
-            f"{train.get('tasks_per_s', 0):.1f} | {hw} | {_commands(row)} |"
+            f"{_acc(t)} | {_acc(n)} | {trained} | {hw} | {_commands(row)} |"
         )
     return "\n".join(out)
 
@@ -494,12 +496,11 @@ def table_fast(rows: list[Row]) -> str:
     for row in rows:
         protocol, algo = row.labels["protocol"], "centroid" if "centroid" in row.name else "maml"
         t, n = _load(row), _load(row, "results_nontransductive")
-        train, hw = _train_facts(row, "—", "")
-        trained = f"{format(train['iterations'], ',')} | {train['seconds']:.0f} s | {train['tasks_per_s']:.1f}"
+        trained, hw = _train_cells(row, "—", "")
         out.append(
             f"| {protocol} | {algo} | {FAST[protocol] if algo == 'maml' else '—'} | {_acc(t)} | "
             f"{'—' if algo == 'centroid' else _acc(n)} | "
-            f"{trained if train.get('iterations') else '— | — | —'} | {hw} | {_commands(row)} |"
+            f"{trained} | {hw} | {_commands(row)} |"
         )
     return "\n".join(out)
 
