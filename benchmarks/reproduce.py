@@ -2,7 +2,7 @@
 
     python benchmarks/reproduce.py --list                     # every row and its exact commands
     python benchmarks/reproduce.py --tables multimodal        # rerun one table's rows, rewrite it
-    python benchmarks/reproduce.py                            # every CPU row of docs/results.md (~3.5 h on 2 cores)
+    python benchmarks/reproduce.py                            # every CPU row of docs/results.md (~4.7 h on 2 cores)
     python benchmarks/reproduce.py --report-only              # rewrite the tables from existing runs
 
 ``make reproduce-quick`` runs the last-but-one line. Each row's commands are exactly what produced its
