@@ -121,8 +121,8 @@ def _omniglot_rows() -> list[Row]:
     return rows
 
 
-# The fast recipes (benchmarks/configs/omniglot_<protocol>_fast.yaml) that have been run, and the paper's
-# number for each: MAML from Finn et al. 2017, Reptile from Nichol et al. 2018 (both Table 1).
+# The fast recipes (benchmarks/configs/omniglot_<protocol>_fast.yaml) that have been run, by (protocol,
+# algorithm), and the paper's number for each (MAML: Finn et al. 2017, Table 1).
 FAST = {
     ("5w1s", "maml"): "98.7 %",
     ("5w5s", "maml"): "99.9 %",
