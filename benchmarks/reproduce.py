@@ -62,6 +62,11 @@ class Row:
         return Path(first[first.index("--out") + 1])
 
 
+def _torchrun_meta_train(cfg: str) -> list[str]:
+    """meta-train on both cores as 2 torch.distributed ranks (docs/performance.md)."""
+    return ["torchrun", "--nproc_per_node", "2", "-m", "metafusion", "meta-train", "--config", cfg]
+
+
 def _omniglot_rows() -> list[Row]:
     """Omniglot 5-way 1-shot, 20 minutes of meta-training: one process with 2 threads (``run``), or
     torch.distributed over the two cores (``torchrun``, then ``meta-test``; docs/performance.md)."""
@@ -79,14 +84,7 @@ def _omniglot_rows() -> list[Row]:
         if launcher == "torchrun":
             cmds = [
                 [
-                    "torchrun",
-                    "--nproc_per_node",
-                    "2",
-                    "-m",
-                    "metafusion",
-                    "meta-train",
-                    "--config",
-                    cfg,
+                    *_torchrun_meta_train(cfg),
                     "--algo",
                     algo,
                     "--budget",
@@ -143,9 +141,8 @@ def _fast_rows() -> list[Row]:
         episodes = ["--episodes", str(subset)] if subset else []
         for algo in (a for p, a in FAST if p == protocol):
             out = str(RUNS / f"omniglot_{protocol}_fast_{algo}_cpu20")
-            train = ["torchrun", "--nproc_per_node", "2", "-m", "metafusion", "meta-train", "--config", cfg]
             cmds = [
-                [*train, "--algo", algo, "--budget", "20", "--out", out],
+                [*_torchrun_meta_train(cfg), "--algo", algo, "--budget", "20", "--out", out],
                 ["metafusion", "meta-test", "--run", out],
                 ["metafusion", "meta-test", "--run", out, "--non-transductive", *episodes],
             ]
