@@ -120,15 +120,19 @@ def _omniglot_rows() -> list[Row]:
 
 
 # The fast recipes (benchmarks/configs/omniglot_<protocol>_fast.yaml) that have been run, by (protocol,
-# algorithm), and the paper's number for each (MAML: Finn et al. 2017, Table 1).
+# algorithm), and the paper's number for each (MAML: Finn et al. 2017, Table 1; Reptile: Nichol
+# et al. 2018, Table 1, transductive / non-transductive).
 FAST = {
     ("5w1s", "maml"): "98.7 %",
+    ("5w1s", "reptile"): "97.68 % / 95.39 % non-transd.",
     ("5w5s", "maml"): "99.9 %",
     ("20w1s", "maml"): "95.8 %",
+    ("20w5s", "maml"): "98.9 %",
 }
 # Non-transductive evaluation classifies each query alone: on 20-way episodes 600 of them take longer
-# than the 20-minute run itself, so those rows report the first 100 of the same fixed episodes.
-FAST_NONTRANSDUCTIVE_EPISODES = {"20w1s": 100}
+# than the 20-minute run itself, so those rows report the first episodes of the same fixed 600 (20-way
+# 5-shot: five times the support images in each of those passes, so fewer episodes).
+FAST_NONTRANSDUCTIVE_EPISODES = {"20w1s": 100, "20w5s": 50}
 
 
 def _fast_rows() -> list[Row]:
@@ -672,8 +676,10 @@ def rewrite_tables(path: Path, tables: list[str]) -> None:
     path.write_text(text)
 
 
-def copy_curves(rows: list[Row]) -> None:
-    """The learning curve of each headline (Omniglot) row, into docs/img/."""
+def keep_artifacts(rows: list[Row]) -> None:
+    """The learning curve of each headline (Omniglot) row, into docs/img/; for each fast-recipe row also
+    its raw numbers (commands, train.json, both meta-test results, the validation curve), into
+    benchmarks/results/, since the run folders themselves are not committed."""
     import shutil
 
     for row in rows:
@@ -681,6 +687,20 @@ def copy_curves(rows: list[Row]) -> None:
         trained = "centroid" not in row.name  # the baseline has no learning curve worth a picture
         if row.table in ("omniglot-cpu", "omniglot-fast") and trained and src.exists():
             shutil.copyfile(src, REPO / "docs" / "img" / f"{row.name}.png")
+        if row.table == "omniglot-fast" and trained and (REPO / row.out / "train.json").exists():
+            metrics = (REPO / row.out / "metrics.jsonl").read_text().splitlines()
+            raw = {
+                "commands": [shown(c) for c in row.commands],
+                "train": _load(row, "train"),
+                "transductive": _load(row),
+                "nontransductive": _load(row, "results_nontransductive"),
+                "validation": [
+                    {k: r[k] for k in ("step", "elapsed_s", "val_accuracy")}
+                    for r in map(json.loads, metrics)
+                    if "val_accuracy" in r
+                ],
+            }
+            (REPO / "benchmarks" / "results" / f"{row.name}.json").write_text(json.dumps(raw, indent=2) + "\n")
 
 
 def main() -> None:
@@ -710,7 +730,7 @@ def main() -> None:
             run_row(r)
         with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
             list(pool.map(run_row, [r for r in rows if not r.exclusive]))
-    copy_curves(rows)
+    keep_artifacts(rows)
     rewrite_tables(RESULTS_MD, tables)
     print(f"rewrote {', '.join(tables)} in {RESULTS_MD.relative_to(REPO)}")
 
