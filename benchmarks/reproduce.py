@@ -688,7 +688,8 @@ def keep_artifacts(rows: list[Row]) -> None:
         if row.table in ("omniglot-cpu", "omniglot-fast") and trained and src.exists():
             shutil.copyfile(src, REPO / "docs" / "img" / f"{row.name}.png")
         if row.table == "omniglot-fast" and trained and (REPO / row.out / "train.json").exists():
-            metrics = (REPO / row.out / "metrics.jsonl").read_text().splitlines()
+            from metafusion.engine.report import read_metrics
+
             raw = {
                 "commands": [shown(c) for c in row.commands],
                 "train": _load(row, "train"),
@@ -696,7 +697,7 @@ def keep_artifacts(rows: list[Row]) -> None:
                 "nontransductive": _load(row, "results_nontransductive"),
                 "validation": [
                     {k: r[k] for k in ("step", "elapsed_s", "val_accuracy")}
-                    for r in map(json.loads, metrics)
+                    for r in read_metrics(REPO / row.out)
                     if "val_accuracy" in r
                 ],
             }
