@@ -102,6 +102,25 @@ def test_every_reproduce_row_is_a_valid_command_with_a_table_in_results_md():
     assert len({r.name for r in reproduce.ROWS}) == len(reproduce.ROWS)
 
 
+def test_report_keeps_a_table_whose_runs_are_not_here(tmp_path, monkeypatch, capsys):
+    """Rewriting results.md from run folders that exist only on another machine must not blank the
+    committed numbers; a table whose run folders are all here is rewritten."""
+    reproduce = _script("reproduce")
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    md = tmp_path / "results.md"
+    md.write_text(
+        "<!-- BEGIN omniglot-cpu -->\n96.71 %\n<!-- END omniglot-cpu -->\n"
+        "<!-- BEGIN omniglot-fast -->\nold\n<!-- END omniglot-fast -->\n"
+    )
+    for row in reproduce.ROWS:
+        if row.table == "omniglot-fast":
+            (tmp_path / row.out).mkdir(parents=True)
+    assert reproduce.rewrite_tables(md, ["omniglot-cpu", "omniglot-fast"]) == ["omniglot-fast"]
+    text = md.read_text()
+    assert "96.71 %" in text and "old" not in text and "| 5w1s | maml |" in text
+    assert "kept omniglot-cpu as it was: no run folder for omniglot_" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variant", ["maml-1", "fomaml-5", "reptile-5", "protonet", "meta-test"])
 def test_throughput_benchmark_compares_equal_gradients(variant):
     """The benchmark times nothing unless metafusion's meta-gradient equals the reference loop's."""
