@@ -80,6 +80,9 @@ class AlgoConfig:
     inner_batch: int | None = None  # reptile: inner mini-batch size
     inner_optimizer: str | None = None  # reptile: adam | sgd
     first_order: bool | None = None
+    # maml/anil: the first fraction of the run (by iterations or budget, whichever is further along)
+    # meta-trains first-order, the rest second-order: FOMAML's speed early, MAML's gradient at the end.
+    first_order_warmup: float = 0.0
     learn_inner_lr: bool = False  # maml/fomaml/anil: meta-learn one inner learning rate per layer
     task_batched: bool = False  # maml/fomaml/anil: all tasks of a meta-batch in one vmapped network (GPUs)
     transductive: bool = True  # evaluation: query batch statistics together (True) or one query at a time

@@ -68,6 +68,27 @@ def test_fomaml_is_the_gradient_at_the_adapted_parameters():
     assert (so_grad - fo_grad).norm() > 1e-3 * so_grad.norm()
 
 
+def test_first_order_warmup_gives_fomamls_gradient_then_mamls():
+    torch.manual_seed(0)
+    model, episode = tiny_tabular_model(), tiny_episode()
+    grads = {}
+    for name, algo_class, kwargs in [("fo", FOMAML, {}), ("so", MAML, {}), ("warm", MAML, {"first_order_warmup": 0.4})]:
+        algo = algo_class(copy.deepcopy(model), **kwargs, **COMMON)
+        for progress in (0.0, 0.39, 0.4, 1.0):
+            algo.model.zero_grad(set_to_none=True)
+            algo.set_progress(progress)
+            algo.meta_backward([episode])
+            grads[name, progress] = _flat([p.grad for p in algo.model.parameters()])
+    for progress in (0.0, 0.39, 0.4, 1.0):
+        expected = grads["fo" if progress < 0.4 else "so", progress]
+        assert torch.allclose(grads["warm", progress], expected, atol=1e-12)
+    assert not torch.allclose(grads["fo", 0.0], grads["so", 0.0])
+    with pytest.raises(ValueError, match=r"algo.first_order_warmup applies to anil and maml, not fomaml"):
+        load_config(None, {"algo.name": "fomaml", "algo.first_order_warmup": 0.5})
+    with pytest.raises(ValueError, match=r"fraction of the run in \[0, 1\)"):
+        load_config(None, {"algo.name": "maml", "algo.first_order_warmup": 1.0})
+
+
 def _sgd_reptile(model, episodes, lr, steps):
     kwargs = dict(COMMON, inner_lr=lr, inner_steps=steps)
     return Reptile(model, inner_batch=100, inner_optimizer="sgd", **kwargs)

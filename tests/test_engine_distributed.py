@@ -37,7 +37,7 @@ def _meta_gradient(algo: str, rank: distributed.Rank) -> list[torch.Tensor]:
     params = list(exp.algorithm.parameters())
     mine = rank.shard(tasks)
     metrics = exp.algorithm.meta_backward(mine)
-    distributed.all_reduce_meta_batch(params, len(mine), len(tasks), metrics, False)
+    distributed.all_reduce_meta_batch(params, len(mine), len(tasks), metrics, False, 0.0)
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]  # None: unused here
 
 
@@ -64,6 +64,28 @@ def test_two_ranks_give_the_one_process_meta_gradient(algo, tmp_path):
     assert len(split) == len(single)
     for a, b in zip(split, single):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (a - b).abs().max()
+
+
+def _clock_worker(rank: int, world: int, port: int, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    r = distributed.init("cpu")
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.full((3,), float(rank))
+    # Rank 1's own clock runs ahead (it also counts rank 0's validations); rank 0 asks to stop.
+    got = distributed.all_reduce_meta_batch([param], 1, 2, {"loss": 1.0 + rank}, r.main, 1199.25 + 100 * rank)
+    torch.save((got[0]["loss"], got[1], got[2], param.grad.tolist()), f"{path}.{rank}")
+    distributed.shutdown()
+
+
+def test_every_rank_takes_rank_0s_clock_and_stop_request(tmp_path):
+    """So a linear meta-lr (Reptile's epsilon) or a first-order warm-up changes at the same iteration on
+    every rank, and the ranks' weights never drift apart."""
+    path = str(tmp_path / "reduced")
+    mp.spawn(_clock_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    for rank in (0, 1):
+        loss, stop, clock, grad = torch.load(f"{path}.{rank}")
+        assert (loss, stop, grad) == (1.5, True, [0.5, 0.5, 0.5])
+        assert abs(clock - 1199.25) < 1e-3
 
 
 def test_torchrun_meta_train_matches_one_process(tmp_path):

@@ -1,4 +1,5 @@
-"""The meta-train loop's own behaviour: automatic validation that stays a small share of the run."""
+"""The meta-train loop's own behaviour: automatic validation that stays a small share of the run, the
+run's progress handed to the algorithm."""
 
 import json
 
@@ -47,3 +48,19 @@ def test_a_run_with_automatic_validation_validates_at_its_end(tmp_path, small_sy
     validated = [r["step"] for r in records if "val_accuracy" in r]
     assert validated[-1] == 7 and all(s % plan.interval == 0 or s == 7 for s in validated)
     assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
+
+
+def test_maml_meta_trains_first_order_for_the_warmup_share_of_the_run(tmp_path, small_synthetic):
+    settings = {"algo.name": "maml", "algo.first_order_warmup": 0.5, "model.width": 8, "model.hidden": 8}
+    cfg = load_config(None, {**settings, "data.queries": 2, "train.iterations": 4, "train.val_interval": 4})
+    exp = build_experiment(cfg, small_synthetic.select_modalities(["tabular", "text"]))
+    algo, first_order = exp.algorithm, []
+    backward = algo.meta_backward
+
+    def spy(tasks):
+        first_order.append(algo.first_order_now)
+        return backward(tasks)
+
+    algo.meta_backward = spy
+    meta_train(exp, tmp_path, quiet=True)
+    assert first_order == [True, True, False, False]  # progress 0, 1/4 | 2/4, 3/4

@@ -20,7 +20,8 @@ from .batched import State, evaluate_batched, functional, predict_alone
 
 ALGORITHMS: Registry = Registry("algorithm")
 BATCHED_EVAL = ("auto", "on", "off")  # adapt evaluation episodes together: where it pays | always | never
-OPTIONS = ("learn_inner_lr", "task_batched", "proto_init", "metric")  # algo.* switches only some algorithms take
+# algo.* switches only some algorithms take
+OPTIONS = ("learn_inner_lr", "task_batched", "proto_init", "metric", "first_order_warmup")
 
 
 class MetaAlgorithm:
@@ -117,6 +118,9 @@ class MetaAlgorithm:
 
     def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:
         raise NotImplementedError
+
+    def set_progress(self, fraction: float) -> None:
+        """How far the run is (0 to 1) before each meta-batch, for algorithms with a schedule of their own."""
 
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         raise NotImplementedError

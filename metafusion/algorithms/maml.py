@@ -42,7 +42,7 @@ class MAML(MetaAlgorithm):
 
     name = "maml"
     defaults = MAML_DEFAULTS
-    options = ("learn_inner_lr", "task_batched", "proto_init")
+    options = ("learn_inner_lr", "task_batched", "proto_init", "first_order_warmup")
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -51,6 +51,11 @@ class MAML(MetaAlgorithm):
         if a.first_order is not None and a.first_order != fixed:
             other = "fomaml for first-order" if fixed is False else "maml for second-order"
             raise ConfigError(f"algo.first_order={str(a.first_order).lower()} with {cls.name}: use --algo {other} MAML")
+        if not 0 <= a.first_order_warmup < 1:
+            raise ConfigError(
+                f"algo.first_order_warmup={a.first_order_warmup} is a fraction of the run in [0, 1) "
+                f"(for first-order throughout use --algo fomaml)"
+            )
         if a.proto_init and cfg.model.fusion == "late":
             raise ConfigError(
                 "algo.proto_init needs one linear head on a fused feature; 'late' fusion has one head "
@@ -64,6 +69,7 @@ class MAML(MetaAlgorithm):
         a = cfg.algo
         return dict(
             first_order=a.first_order,
+            first_order_warmup=a.first_order_warmup,
             learn_inner_lr=a.learn_inner_lr,
             task_batched=a.task_batched,
             proto_init=a.proto_init,
@@ -74,13 +80,15 @@ class MAML(MetaAlgorithm):
         model: FusionModel,
         *,
         first_order: bool = False,
+        first_order_warmup: float = 0.0,
         learn_inner_lr: bool = False,
         task_batched: bool = False,
         proto_init: bool = False,
         **kwargs,
     ):
         super().__init__(model, **kwargs)
-        self.first_order = first_order
+        self.first_order, self.first_order_warmup = first_order, first_order_warmup
+        self.first_order_now = first_order or first_order_warmup > 0  # set_progress moves it on
         self.task_batched = task_batched
         self.proto_init = proto_init
         if proto_init and (task_batched or not isinstance(model.head, LinearHead)):
@@ -122,6 +130,9 @@ class MAML(MetaAlgorithm):
     def module(self) -> nn.Module:
         return self._module
 
+    def set_progress(self, fraction: float) -> None:
+        self.first_order_now = self.first_order or fraction < self.first_order_warmup
+
     def _step(self, learner: nn.Module, batch: Batch, lr: float, create_graph: bool) -> None:
         loss = cross_entropy(learner, batch)
         params = [p for p, a in zip(learner.module.parameters(), self._adapted) if a]
@@ -150,7 +161,7 @@ class MAML(MetaAlgorithm):
             return self._meta_backward_task_batched(tasks)
         tally = TaskTally()
         for task in tasks:
-            learner = self._adapt(task.support, self.inner_steps, self.inner_lr, not self.first_order)
+            learner = self._adapt(task.support, self.inner_steps, self.inner_lr, not self.first_order_now)
             logits = learner(task.query)
             loss = torch.nn.functional.cross_entropy(logits, task.query.labels)
             (loss / len(tasks)).backward()
@@ -222,7 +233,7 @@ class MAML(MetaAlgorithm):
         def task_loss(p, s_inputs, s_labels, q_inputs, q_labels):
             for _ in range(self.inner_steps):
                 g = torch.func.grad(lambda q: loss(q, s_inputs, s_labels, first.support.mask)[0])(p)
-                g = {n: g[n].detach() if self.first_order else g[n] for n in adapted}
+                g = {n: g[n].detach() if self.first_order_now else g[n] for n in adapted}
                 p = {n: v - self.inner_lr * g[n] if n in adapted else v for n, v in p.items()}
             return loss(p, q_inputs, q_labels, first.query.mask)
 
@@ -260,6 +271,7 @@ class FOMAML(MAML):
 
     name = "fomaml"
     defaults = {**MAML_DEFAULTS, "first_order": True}
+    options = tuple(o for o in MAML.options if o != "first_order_warmup")  # first-order throughout
 
     def __init__(self, model: FusionModel, **kwargs):
         kwargs["first_order"] = True

@@ -6,7 +6,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,6 +71,7 @@ class _Session:
     rank: distributed.Rank
     stop: dict  # stop_requests()'s record of a signal
     stop_at: int | None
+    progress: Callable[[int], float]  # how far the run is after that many iterations, 0 to 1
 
 
 def plan_validation(exp: Experiment, step_seconds: float) -> tuple[ValidationPlan, float]:
@@ -201,7 +202,7 @@ def meta_train(
     )
     with PeakMemory() as memory, stop_requests() as stop:
         try:
-            _loop(exp, state, _Session(opt, sched, params, run_dir, log, bar, rank, stop, stop_at))
+            _loop(exp, state, _Session(opt, sched, params, run_dir, log, bar, rank, stop, stop_at, progress))
         finally:
             bar.close()
             if log:
@@ -235,9 +236,14 @@ def _loop(exp: Experiment, state: TrainState, session: _Session) -> None:
         tasks = [exp.train_sampler.sample() for _ in range(cfg.meta_batch)]
         mine = [t.to(cfg.device) for t in rank.shard(tasks)]
         opt.zero_grad(set_to_none=True)
+        algo.set_progress(session.progress(state.step))
         metrics = algo.meta_backward(mine)
-        out_of_time = rank.main and cfg.budget_minutes is not None and clock() >= 60 * cfg.budget_minutes
-        metrics, out_of_time = distributed.all_reduce_meta_batch(params, len(mine), len(tasks), metrics, out_of_time)
+        now = clock()
+        out_of_time = rank.main and cfg.budget_minutes is not None and now >= 60 * cfg.budget_minutes
+        # Every rank takes rank 0's clock, which the schedules (``progress``) read through state.elapsed.
+        metrics, out_of_time, now = distributed.all_reduce_meta_batch(
+            params, len(mine), len(tasks), metrics, out_of_time, now
+        )
         state.step = step = state.step + 1
         if not _finite(metrics, params):
             if cfg.on_nan == "stop":
@@ -252,7 +258,7 @@ def _loop(exp: Experiment, state: TrainState, session: _Session) -> None:
             if cfg.clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
-        state.elapsed = elapsed = clock()
+        state.elapsed = elapsed = now
         record = {
             "step": step,
             "lr": opt.param_groups[0]["lr"],
