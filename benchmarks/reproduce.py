@@ -127,6 +127,7 @@ FAST = {
     ("5w1s", "fomaml"): "98.3 %",
     ("5w1s", "reptile"): "97.68 % / 95.39 % non-transd.",
     ("5w5s", "maml"): "99.9 %",
+    ("5w5s", "fomaml"): "99.2 %",
     ("5w5s", "reptile"): "99.48 % / 98.90 % non-transd.",
     ("20w1s", "maml"): "95.8 %",
     ("20w5s", "maml"): "98.9 %",
