@@ -1,7 +1,7 @@
 # metafusion: two commands do everything on a fresh machine that has Python 3.11 and pip.
 #   make demo   -- create the environment if needed, then compare MAML and Reptile on synthetic data
 #   make test   -- create the environment if needed, then lint (ruff) and run the test suite
-#   make reproduce-quick -- rerun the CPU rows of docs/results.md and rewrite its tables (~8.6 h)
+#   make reproduce-quick -- rerun the CPU rows of docs/results.md and rewrite its tables (~10.2 h)
 #   make throughput      -- metafusion vs learn2learn-example loops, side by side (docs/performance.md)
 PYTHON ?= python3.11
 VENV   ?= .venv
