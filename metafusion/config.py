@@ -79,6 +79,9 @@ class AlgoConfig:
     inner_steps_test: int | None = None
     inner_batch: int | None = None  # reptile: inner mini-batch size
     inner_optimizer: str | None = None  # reptile: adam | sgd
+    # reptile: the test-time inner Adam starts from the moments (and step count) that meta-training's inner
+    # loop left, as the Reptile paper's code evaluates, instead of from a fresh optimizer
+    warm_test_optimizer: bool = False
     first_order: bool | None = None
     # maml/anil: the first fraction of the run (by iterations or budget, whichever is further along)
     # meta-trains first-order, the rest second-order: FOMAML's speed early, MAML's gradient at the end.

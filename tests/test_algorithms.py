@@ -1,6 +1,7 @@
 """Each algorithm proven against a reference (float64, tiny models), and shown to learn."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -280,6 +281,38 @@ def test_task_batched_refuses_what_it_cannot_batch():
         MAML(model, task_batched=True, **COMMON).meta_backward([a, b])
 
 
+def test_reptile_warm_test_optimizer_steps_from_the_training_adams_moments():
+    """``warm_test_optimizer``: test-time Adam (beta1 = 0) continues from the second moments and step count that
+    meta-training's inner loop left, as the Reptile paper's evaluation does; by default it starts fresh, whose
+    first step moves every weight by the learning rate (g / sqrt(g^2)). Neither disturbs the training state."""
+    torch.manual_seed(0)
+    model, episode = tiny_tabular_model(), tiny_episode(seed=4)
+    kwargs = dict(inner_lr=1e-3, inner_steps=3, inner_lr_test=0.01, inner_steps_test=1)
+    algo = Reptile(model, inner_batch=100, warm_test_optimizer=True, **kwargs)
+    algo.meta_backward([tiny_episode(seed=5), tiny_episode(seed=6)])  # 2 tasks x 3 inner Adam steps
+    trained = [algo.inner_opt.state[p] for p in algo.fast.parameters()]
+    v0 = [s["exp_avg_sq"].clone() for s in trained]
+    assert all(float(s["step"]) == 6 for s in trained)
+    model.zero_grad()
+    F.cross_entropy(model(episode.support), episode.support.labels).backward()
+    beta2, t = 0.999, 7
+    for warm in (True, False):
+        algo.warm_test_optimizer = warm
+        learner = algo.adapt(episode.support)
+        for p, q, v in zip(model.parameters(), learner.parameters(), v0):
+            g = p.grad
+            if warm:
+                step = g / ((beta2 * v + (1 - beta2) * g * g).sqrt() / math.sqrt(1 - beta2**t) + 1e-8)
+            else:
+                step = g / (g.abs() + 1e-8)
+            assert torch.allclose(q, p - 0.01 * step, atol=1e-10)
+    assert all(torch.equal(s["exp_avg_sq"], v) and float(s["step"]) == 6 for s, v in zip(trained, v0))
+    with pytest.raises(ValueError, match="warm_test_optimizer needs algo.inner_optimizer=adam"):
+        load_config(None, {"algo.name": "reptile", "algo.inner_optimizer": "sgd", "algo.warm_test_optimizer": True})
+    with pytest.raises(ValueError, match="algo.warm_test_optimizer applies to reptile, not maml"):
+        load_config(None, {"algo.name": "maml", "algo.warm_test_optimizer": True})
+
+
 # Batched evaluation (every episode adapted at once under vmap) against the per-episode loop, float64.
 # Two-shot supports of 3 ways with inner_batch 4 make Reptile cycle through shuffled mini-batches.
 BATCHED_CASES = [
@@ -291,6 +324,7 @@ BATCHED_CASES = [
     ("reptile", {"algo.inner_batch": 4}),
     ("reptile", {"algo.inner_optimizer": "sgd"}),
     ("reptile", {"algo.transductive": False}),
+    ("reptile", {"algo.warm_test_optimizer": True, "algo.inner_batch": 4}),
     ("finetune", {}),
     ("protonet", {}),
     ("protonet", {"algo.metric": "cosine", "algo.transductive": False}),
@@ -320,6 +354,8 @@ def test_batched_evaluation_equals_the_per_episode_loop(name, settings, modaliti
         },
     )
     exp = build_experiment(cfg, ds)
+    if settings.get("algo.warm_test_optimizer"):  # moments for the test-time Adam to start from
+        exp.algorithm.meta_backward(exp.val_episodes[:2])
     exp.model.double()
     episodes = [e.to("cpu", torch.float64) for e in exp.val_episodes]
     torch.manual_seed(0)  # the fine-tune baseline draws each episode's fresh head from the global RNG

@@ -1,4 +1,5 @@
-"""Stages on a user's own data: it goes through the pipeline the model was meta-trained on."""
+"""Stages: a user's own data goes through the pipeline the model was meta-trained on, and a checkpoint
+carries what evaluation needs."""
 
 import numpy as np
 import pytest
@@ -7,9 +8,10 @@ import torch
 from metafusion.config import load_config
 from metafusion.data import DATASETS
 from metafusion.data.synthetic import decode_text
-from metafusion.engine import build_experiment
+from metafusion.engine import build_experiment, meta_test
 from metafusion.engine.build import TrainedModel
-from metafusion.engine.stages import user_task
+from metafusion.engine.checkpoint import load_checkpoint
+from metafusion.engine.stages import stage_meta_test, stage_meta_train, user_task
 
 TINY = {
     "data.num_classes": 30,
@@ -55,3 +57,20 @@ def test_a_users_text_is_embedded_by_the_frozen_encoder_the_model_was_trained_on
     assert support.is_floating_point() and support.shape == (3, 384)  # MiniLM features, not token ids
     expected = exp.dataset.data["text"][[rows[0] for rows in classes]]
     assert torch.allclose(support, expected, atol=1e-4)
+
+
+def test_meta_test_and_restore_take_reptiles_inner_optimizer_from_the_checkpoint(tmp_path):
+    """``algo.warm_test_optimizer`` evaluates from the training inner Adam's moments, so the checkpoint's
+    algorithm state must reach meta-test and a restored model: both then score what the trained model does."""
+    settings = {**TINY, "data.modalities": ["tabular"], "data.test_episodes": 4, "train.iterations": 6}
+    cfg = load_config(None, {**settings, "algo.name": "reptile", "algo.warm_test_optimizer": True})
+    exp, _, run = stage_meta_train(cfg, tmp_path / "run", quiet=True)
+    state = load_checkpoint(run / "last.pt")
+    restored = TrainedModel.restore(state).algorithm
+    trained_v = [s["exp_avg_sq"] for s in exp.algorithm.inner_opt.state.values()]
+    assert trained_v and all(
+        torch.equal(s["exp_avg_sq"], v) for s, v in zip(restored.inner_opt.state.values(), trained_v)
+    )
+    tested = stage_meta_test(run, checkpoint=run / "last.pt", quiet=True)
+    in_memory = meta_test(exp.algorithm, exp.test_episodes())
+    assert tested["loss"] == pytest.approx(in_memory.loss, abs=1e-6)

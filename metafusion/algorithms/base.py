@@ -21,7 +21,7 @@ from .batched import State, evaluate_batched, functional, predict_alone
 ALGORITHMS: Registry = Registry("algorithm")
 BATCHED_EVAL = ("auto", "on", "off")  # adapt evaluation episodes together: where it pays | always | never
 # algo.* switches only some algorithms take
-OPTIONS = ("learn_inner_lr", "task_batched", "proto_init", "metric", "first_order_warmup")
+OPTIONS = ("learn_inner_lr", "task_batched", "proto_init", "metric", "first_order_warmup", "warm_test_optimizer")
 
 
 class MetaAlgorithm:

@@ -8,7 +8,9 @@ with lr = eps gives the paper's update; the paper anneals eps linearly to 0: ``t
 One working copy of the model is made once and reloaded from theta for every task (no per-task deep
 copies or optimizer rebuilds). As in the paper's code, the inner Adam (beta1 = 0) keeps its moment
 estimates across tasks; they are part of ``state_dict()`` and so of every checkpoint. Evaluation
-adapts a separate copy with a fresh inner optimizer, so it never disturbs training state.
+adapts a separate copy with its own inner optimizer, so it never disturbs training state: a fresh one, or
+(``algo.warm_test_optimizer``) one that starts from the training inner optimizer's moments, as the paper's
+code evaluates (its evaluation steps the training Adam, then restores its state).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> to
 @ALGORITHMS.register("reptile")
 class Reptile(MetaAlgorithm):
     name = "reptile"
+    options = ("warm_test_optimizer",)
     # Nichol et al. 2018: inner Adam (beta1 = 0) lr 1e-3, inner batch 10, 5 steps (50 at test); outer SGD
     # step 1.0 annealed linearly to 0, meta-batch 5.
     defaults = dict(
@@ -72,18 +75,33 @@ class Reptile(MetaAlgorithm):
                 f"algo.inner_optimizer={cfg.algo.inner_optimizer!r} is not valid; choose one of: "
                 f"{', '.join(INNER_OPTIMIZERS)}"
             )
+        if cfg.algo.warm_test_optimizer and cfg.algo.inner_optimizer == "sgd":
+            raise ConfigError("algo.warm_test_optimizer needs algo.inner_optimizer=adam (plain SGD keeps no state)")
 
     @classmethod
     def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
         a = cfg.algo
-        return dict(inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer, seed=cfg.train.seed)
+        return dict(
+            inner_batch=a.inner_batch,
+            inner_optimizer=a.inner_optimizer,
+            warm_test_optimizer=a.warm_test_optimizer,
+            seed=cfg.train.seed,
+        )
 
     def __init__(
-        self, model: FusionModel, *, inner_batch: int = 10, inner_optimizer: str = "adam", seed: int = 0, **kwargs
+        self,
+        model: FusionModel,
+        *,
+        inner_batch: int = 10,
+        inner_optimizer: str = "adam",
+        warm_test_optimizer: bool = False,
+        seed: int = 0,
+        **kwargs,
     ):
         super().__init__(model, **kwargs)
         self.inner_batch = inner_batch
         self.inner_optimizer = inner_optimizer
+        self.warm_test_optimizer = warm_test_optimizer
         scope = model.adapted(self.adapt_scope)
         self._adapted = [n in scope for n, _ in model.named_parameters()]  # in parameters() order
         self.fast = copy.deepcopy(model)
@@ -92,6 +110,21 @@ class Reptile(MetaAlgorithm):
 
     def _scoped(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p, a in zip(model.parameters(), self._adapted) if a]
+
+    def _trained_moments(self) -> list[dict[str, torch.Tensor]]:
+        """Per adapted parameter (in ``_scoped`` order), the training inner Adam's state to start a test-time
+        adaptation from: empty where it keeps none, or none that fits (a head resized for another task)."""
+        if not self.warm_test_optimizer:
+            return [{} for _ in self._scoped(self.model)]
+        out = []
+        for fast, meta in zip(self._scoped(self.fast), self._scoped(self.model)):
+            state = self.inner_opt.state.get(fast, {})
+            fits = "exp_avg_sq" in state and state["exp_avg_sq"].shape == meta.shape
+            # copies (evaluation never steps the training state); Adam's ``step`` stays a float32 count, the
+            # moments follow the parameters' dtype
+            dtype = {k: v.dtype if k == "step" else meta.dtype for k, v in state.items()}
+            out.append({k: v.to(dtype[k], copy=True) for k, v in state.items()} if fits else {})
+        return out
 
     @torch.no_grad()
     def _load_meta_weights(self, target: nn.Module) -> None:
@@ -142,7 +175,11 @@ class Reptile(MetaAlgorithm):
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         steps = self.inner_steps_test if steps is None else steps
         learner = copy.deepcopy(self.model)
-        opt = make_inner_optimizer(self.inner_optimizer, self._scoped(learner), self.inner_lr_test)
+        params = self._scoped(learner)
+        opt = make_inner_optimizer(self.inner_optimizer, params, self.inner_lr_test)
+        for p, state in zip(params, self._trained_moments()):
+            if state:
+                opt.state[p] = state
         with torch.enable_grad():  # a fixed mini-batch order: evaluation is a function of the weights
             self._inner_loop(learner, opt, support, steps, torch.Generator().manual_seed(0))
         return learner
@@ -165,11 +202,15 @@ class Reptile(MetaAlgorithm):
                 if self.inner_optimizer == "adam" and not bool(mask.any(0).all()):
                     return None
         names = [n for (n, _), a in zip(self.model.named_parameters(), self._adapted) if a]
-        return {"model": model_parameters(self.model), "names": names, "batches": batches}, [{} for _ in episodes]
+        # Adam's v and step count to start from (beta1 = 0: m is the gradient): zero, or the trained ones
+        moments = {n: m for n, m in zip(names, self._trained_moments())}
+        start = {n: (m["exp_avg_sq"], float(m["step"])) if m else (None, 0.0) for n, m in moments.items()}
+        shared = {"model": model_parameters(self.model), "names": names, "batches": batches, "start": start}
+        return shared, [{} for _ in episodes]
 
     def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
         params, names, lr = dict(state["model"]), state["names"], self.inner_lr_test
-        second = {n: torch.zeros_like(params[n]) for n in names}  # Adam's v (beta1 = 0: m is the gradient)
+        second = {n: torch.zeros_like(params[n]) if v is None else v for n, (v, _) in state["start"].items()}
         for t, rows in enumerate(state["batches"][len(support)], 1):
             batch = support.index(rows.to(support.mask.device))
 
@@ -184,7 +225,7 @@ class Reptile(MetaAlgorithm):
                     params[n] = params[n] - lr * grads[n]
                     continue
                 second[n] = second[n] * ADAM_BETA2 + (1 - ADAM_BETA2) * grads[n] * grads[n]
-                denom = second[n].sqrt() / math.sqrt(1 - ADAM_BETA2**t) + ADAM_EPS
+                denom = second[n].sqrt() / math.sqrt(1 - ADAM_BETA2 ** (state["start"][n][1] + t)) + ADAM_EPS
                 params[n] = params[n] - lr * grads[n] / denom
         return {**state, "model": params}
 

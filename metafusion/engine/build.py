@@ -212,8 +212,16 @@ class TrainedModel:
             )
             if ways is not None:
                 trained.set_ways(ways)
-        algorithm.module.load_state_dict(state["module"])
+        load_trained(algorithm, state)
         return trained
+
+
+def load_trained(algorithm: MetaAlgorithm, state: dict[str, Any]) -> None:
+    """A checkpoint's meta-parameters into ``algorithm``, and the algorithm's own state where the checkpoint
+    holds it (Reptile's inner optimizer, which ``algo.warm_test_optimizer`` evaluates from)."""
+    algorithm.module.load_state_dict(state["module"])
+    if "algorithm" in state:
+        algorithm.load_state_dict(state["algorithm"])
 
 
 def model_args(exp: Experiment) -> dict[str, Any]:

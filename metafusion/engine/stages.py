@@ -20,7 +20,7 @@ from ..config import RunConfig, from_dict, resolve, to_dict
 from ..data import Episode, EpisodeSampler
 from ..errors import InputError
 from . import distributed
-from .build import Experiment, TrainedModel, build_experiment
+from .build import Experiment, TrainedModel, build_experiment, load_trained
 from .checkpoint import git_commit, hardware, library_versions, load_checkpoint
 from .evaluate import meta_test
 from .predictor import Predictor
@@ -147,7 +147,7 @@ def stage_meta_test(
     )
     state = load_checkpoint(ckpt_path)
     exp = experiment or build_experiment(from_dict(state["config"]))
-    exp.algorithm.module.load_state_dict(state["module"])
+    load_trained(exp.algorithm, state)
     if transductive is not None:
         exp.cfg.algo.transductive = exp.algorithm.transductive = transductive
     tests = exp.test_episodes(episodes)
@@ -180,7 +180,7 @@ def stage_fine_tune(
     query_ids = None
     if task == "heldout" or "model_args" not in state:  # checkpoints from before model_args rebuild from the data
         exp = build_experiment(from_dict(state["config"]))
-        exp.algorithm.module.load_state_dict(state["module"])
+        load_trained(exp.algorithm, state)
         trained = TrainedModel.of(exp)
     else:
         trained = TrainedModel.restore(state)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..errors import InputError
 from . import distributed
-from .build import Experiment, model_args
+from .build import Experiment, load_trained, model_args
 from .checkpoint import library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluate import meta_test
 from .report import MetricsLog, PeakMemory, peak_memory_mb
@@ -180,8 +180,7 @@ def meta_train(
     )
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
-        algo.module.load_state_dict(ckpt["module"])
-        algo.load_state_dict(ckpt["algorithm"])
+        load_trained(algo, ckpt)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         exp.train_sampler.load_state_dict(ckpt["sampler"])
