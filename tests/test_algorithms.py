@@ -293,19 +293,24 @@ def test_reptile_warm_test_optimizer_steps_from_the_training_adams_moments():
     trained = [algo.inner_opt.state[p] for p in algo.fast.parameters()]
     v0 = [s["exp_avg_sq"].clone() for s in trained]
     assert all(float(s["step"]) == 6 for s in trained)
-    model.zero_grad()
-    F.cross_entropy(model(episode.support), episode.support.labels).backward()
-    beta2, t = 0.999, 7
-    for warm in (True, False):
+
+    def check_one_step(episode, warm):
+        model.zero_grad()
+        F.cross_entropy(model(episode.support), episode.support.labels).backward()
         algo.warm_test_optimizer = warm
         learner = algo.adapt(episode.support)
         for p, q, v in zip(model.parameters(), learner.parameters(), v0):
-            g = p.grad
-            if warm:
+            g, beta2, t = p.grad, 0.999, 7
+            if warm and v.shape == p.shape:
                 step = g / ((beta2 * v + (1 - beta2) * g * g).sqrt() / math.sqrt(1 - beta2**t) + 1e-8)
             else:
                 step = g / (g.abs() + 1e-8)
             assert torch.allclose(q, p - 0.01 * step, atol=1e-10)
+
+    check_one_step(episode, warm=True)
+    check_one_step(episode, warm=False)
+    algo.reset_head(2)  # a user's task of another number of classes: the new head starts fresh, the rest warm
+    check_one_step(tiny_episode(ways=2, seed=7), warm=True)
     assert all(torch.equal(s["exp_avg_sq"], v) and float(s["step"]) == 6 for s, v in zip(trained, v0))
     with pytest.raises(ValueError, match="warm_test_optimizer needs algo.inner_optimizer=adam"):
         load_config(None, {"algo.name": "reptile", "algo.inner_optimizer": "sgd", "algo.warm_test_optimizer": True})

@@ -126,3 +126,32 @@ def test_throughput_benchmark_compares_equal_gradients(variant):
     """The benchmark times nothing unless metafusion's meta-gradient equals the reference loop's."""
     throughput = _script("throughput")
     assert throughput.gradient_check("conv4", variant, "cpu", 2) <= 1e-5
+
+
+def test_reptile_test_optimizer_benchmark_evaluates_one_checkpoint_fresh_and_warm(tmp_path, monkeypatch):
+    """Both evaluation modes, each with a fresh and a warm test-time Adam, on the same episodes; other
+    algorithms' runs are refused by name."""
+    import json
+    import sys
+
+    from metafusion.engine.stages import stage_meta_train
+
+    tiny = {"data.num_classes": 30, "data.samples_per_class": 10, "data.queries": 2, "data.val_episodes": 3}
+    tiny |= {"model.width": 8, "model.hidden": 8, "data.modalities": ["tabular"], "train.iterations": 4}
+    for algo in ("reptile", "maml"):
+        stage_meta_train(load_config(None, {**tiny, "algo.name": algo}), tmp_path / algo, quiet=True)
+    script = _script("reptile_test_optimizer")
+    out = tmp_path / "fresh_and_warm.json"
+    monkeypatch.setattr(sys, "argv", ["x", "--run", str(tmp_path / "reptile"), "--json", str(out)])
+    script.main()
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["warm_test_optimizer"]) for r in rows] == [
+        ("transductive", False),
+        ("transductive", True),
+        ("non-transductive", False),
+        ("non-transductive", True),
+    ]
+    assert len({r["fingerprint"] for r in rows}) == 1 and all(r["episodes"] == 3 for r in rows)
+    monkeypatch.setattr(sys, "argv", ["x", "--run", str(tmp_path / "maml")])
+    with pytest.raises(SystemExit, match="is a maml run; the test-time Adam is Reptile's"):
+        script.main()
