@@ -3,6 +3,7 @@ episodes: the measurement behind recipe R5 in docs/results.md.
 
     python benchmarks/reptile_test_optimizer.py --run RUN                        # validation episodes, both modes
     python benchmarks/reptile_test_optimizer.py --run RUN --split test --warm off --json OUT.json
+    python benchmarks/reptile_test_optimizer.py --run RUN --shots 5            # a 1-shot run on 5-shot episodes
 
 Meta-training's inner Adam (beta1 = 0) keeps its second moments across tasks; a fresh one takes a first step of
 the full learning rate on every weight. ``warm`` starts each test-time adaptation from the trained moments
@@ -27,12 +28,20 @@ def main() -> None:
     ap.add_argument("--split", choices=("val", "test"), default="val", help="the run's fixed episodes of this split")
     ap.add_argument("--modes", default="transductive,non-transductive", help="evaluation modes, comma-separated")
     ap.add_argument("--warm", default="off,on", help="test-time Adam: off (fresh), on (trained moments), or both")
+    ap.add_argument(
+        "--shots",
+        type=int,
+        help="evaluate on episodes of this many shots instead of the run's (Reptile meta-trains on data.train_shots "
+        "whatever the test shots, so a 1-shot run's checkpoint serves the 5-shot protocol too)",
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
     run = Path(args.run)
     state = load_checkpoint(run / "best.pt" if (run / "best.pt").exists() else run / "last.pt")
-    exp = build_experiment(from_dict(state["config"]))
+    cfg = from_dict(state["config"])
+    cfg.data.shots = args.shots or cfg.data.shots
+    exp = build_experiment(cfg)
     if exp.cfg.algo.name != "reptile":
         raise SystemExit(f"{run} is a {exp.cfg.algo.name} run; the test-time Adam is Reptile's")
     load_trained(exp.algorithm, state)
@@ -51,8 +60,8 @@ def main() -> None:
                 flush=True,
             )
     if args.json:
-        out = {"run": str(run), "split": args.split, "hardware": hardware("cpu"), "results": rows}
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        out = {"run": str(run), "split": args.split, "shots": cfg.data.shots, "hardware": hardware("cpu")}
+        Path(args.json).write_text(json.dumps({**out, "results": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
