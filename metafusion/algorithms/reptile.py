@@ -122,8 +122,9 @@ class Reptile(MetaAlgorithm):
             fits = "exp_avg_sq" in state and state["exp_avg_sq"].shape == meta.shape
             # copies (evaluation never steps the training state); Adam's ``step`` stays a float32 count, the
             # moments follow the parameters' dtype
-            dtype = {k: v.dtype if k == "step" else meta.dtype for k, v in state.items()}
-            out.append({k: v.to(dtype[k], copy=True) for k, v in state.items()} if fits else {})
+            out.append(
+                {k: v.to(v.dtype if k == "step" else meta.dtype, copy=True) for k, v in state.items()} if fits else {}
+            )
         return out
 
     @torch.no_grad()
@@ -202,15 +203,17 @@ class Reptile(MetaAlgorithm):
                 if self.inner_optimizer == "adam" and not bool(mask.any(0).all()):
                     return None
         names = [n for (n, _), a in zip(self.model.named_parameters(), self._adapted) if a]
-        # Adam's v and step count to start from (beta1 = 0: m is the gradient): zero, or the trained ones
-        moments = {n: m for n, m in zip(names, self._trained_moments())}
-        start = {n: (m["exp_avg_sq"], float(m["step"])) if m else (None, 0.0) for n, m in moments.items()}
-        shared = {"model": model_parameters(self.model), "names": names, "batches": batches, "start": start}
-        return shared, [{} for _ in episodes]
+        params = model_parameters(self.model)
+        # Adam's v and step count to start from (beta1 = 0: m is the gradient): zeros, or the trained ones
+        start = {
+            n: (m["exp_avg_sq"], float(m["step"])) if m else (torch.zeros_like(params[n]), 0.0)
+            for n, m in zip(names, self._trained_moments())
+        }
+        return {"model": params, "names": names, "batches": batches, "start": start}, [{} for _ in episodes]
 
     def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
         params, names, lr = dict(state["model"]), state["names"], self.inner_lr_test
-        second = {n: torch.zeros_like(params[n]) if v is None else v for n, (v, _) in state["start"].items()}
+        second = {n: v for n, (v, _) in state["start"].items()}
         for t, rows in enumerate(state["batches"][len(support)], 1):
             batch = support.index(rows.to(support.mask.device))
 
