@@ -4,6 +4,7 @@ episodes: the measurement behind recipe R5 in docs/results.md.
     python benchmarks/reptile_test_optimizer.py --run RUN                        # validation episodes, both modes
     python benchmarks/reptile_test_optimizer.py --run RUN --split test --warm off --json OUT.json
     python benchmarks/reptile_test_optimizer.py --run RUN --shots 5            # a 1-shot run on 5-shot episodes
+    python benchmarks/reptile_test_optimizer.py --run RUN --split test --episodes 100   # the first 100 test episodes
 
 Meta-training's inner Adam (beta1 = 0) keeps its second moments across tasks; a fresh one takes a first step of
 the full learning rate on every weight. ``warm`` starts each test-time adaptation from the trained moments
@@ -34,6 +35,7 @@ def main() -> None:
         help="evaluate on episodes of this many shots instead of the run's (Reptile meta-trains on data.train_shots "
         "whatever the test shots, so a 1-shot run's checkpoint serves the 5-shot protocol too)",
     )
+    ap.add_argument("--episodes", type=int, help="only the first N of the split's episodes (as meta-test --episodes)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -45,7 +47,7 @@ def main() -> None:
     if exp.cfg.algo.name != "reptile":
         raise SystemExit(f"{run} is a {exp.cfg.algo.name} run; the test-time Adam is Reptile's")
     load_trained(exp.algorithm, state)
-    episodes = exp.val_episodes if args.split == "val" else exp.test_episodes()
+    episodes = exp.val_episodes[: args.episodes] if args.split == "val" else exp.test_episodes(args.episodes)
     rows = []
     for mode in args.modes.split(","):
         exp.algorithm.transductive = {"transductive": True, "non-transductive": False}[mode]

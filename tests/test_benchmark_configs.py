@@ -118,7 +118,29 @@ def test_report_keeps_a_table_whose_runs_are_not_here(tmp_path, monkeypatch, cap
     assert reproduce.rewrite_tables(md, ["omniglot-cpu", "omniglot-fast"]) == ["omniglot-fast"]
     text = md.read_text()
     assert "96.71 %" in text and "old" not in text and "| 5w1s | maml |" in text
-    assert "kept omniglot-cpu as it was: no run folder for omniglot_" in capsys.readouterr().err
+    assert "kept omniglot-cpu as it was: no run folder or raw numbers for omniglot_" in capsys.readouterr().err
+
+
+def test_report_rewrites_the_fast_table_from_committed_raw_numbers(tmp_path, monkeypatch):
+    """A fast-recipe row whose run folder is not here is rendered from its benchmarks/results/<row>.json."""
+    import json
+
+    reproduce = _script("reproduce")
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    md = tmp_path / "results.md"
+    md.write_text("<!-- BEGIN omniglot-fast -->\nold\n<!-- END omniglot-fast -->\n")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    for i, row in enumerate(r for r in reproduce.ROWS if r.table == "omniglot-fast"):
+        result = {"accuracy_mean": 0.9, "accuracy_ci95": 0.01 * (i + 1), "episodes": 600, "fingerprint": "f"}
+        train = {"iterations": 1000 + i, "seconds": 1200.0, "tasks_per_s": 20.0, "hardware": "CPU X", "ranks": 2}
+        raw = {"train": train, "transductive": result, "nontransductive": None}
+        reproduce._raw_path(row).write_text(json.dumps(raw))
+    assert reproduce.rewrite_tables(md, ["omniglot-fast"]) == ["omniglot-fast"]
+    text = md.read_text()
+    assert (
+        "old" not in text
+        and "| 5w1s | maml | 98.7 % | 90.00 ± 1.00 % | not run | 1,000 | 1200 s | 20.0 | CPU X" in text
+    )
 
 
 @pytest.mark.parametrize("variant", ["maml-1", "fomaml-5", "reptile-5", "protonet", "meta-test"])
@@ -129,8 +151,8 @@ def test_throughput_benchmark_compares_equal_gradients(variant):
 
 
 def test_reptile_test_optimizer_benchmark_evaluates_one_checkpoint_fresh_and_warm(tmp_path, monkeypatch):
-    """Both evaluation modes, each with a fresh and a warm test-time Adam, on the same episodes; other
-    algorithms' runs are refused by name."""
+    """Both evaluation modes, each with a fresh and a warm test-time Adam, on the same episodes; --episodes takes
+    the first N; other algorithms' runs are refused by name."""
     import json
     import sys
 
@@ -152,6 +174,10 @@ def test_reptile_test_optimizer_benchmark_evaluates_one_checkpoint_fresh_and_war
         ("non-transductive", True),
     ]
     assert len({r["fingerprint"] for r in rows}) == 1 and all(r["episodes"] == 3 for r in rows)
+    first = ["--modes", "transductive", "--warm", "on", "--episodes", "2", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", ["x", "--run", str(tmp_path / "reptile"), *first])
+    script.main()
+    assert [r["episodes"] for r in json.loads(out.read_text())["results"]] == [2]
     monkeypatch.setattr(sys, "argv", ["x", "--run", str(tmp_path / "maml")])
     with pytest.raises(SystemExit, match="is a maml run; the test-time Adam is Reptile's"):
         script.main()
