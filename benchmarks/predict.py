@@ -5,8 +5,10 @@
 
 Meta-trains for a few iterations (prediction costs the same whatever the weights are), adapts to one
 held-out task with ``fine-tune``, loads the saved model as a user would (``metafusion.load``) and times
-``predict`` on ``--samples`` raw samples of the test classes: transductive (one batch) and
-non-transductive (each sample alone with the support set). Prints the CPU/GPU with the figures.
+``predict`` on ``--samples`` raw samples of the test classes under each protocol: ``support`` (the
+default: the support set's normalisation statistics, one batch), ``transductive`` (one batch normalised
+over itself) and ``alone`` (each sample in a batch of its own with the support set). Prints the CPU/GPU
+with the figures.
 """
 
 from __future__ import annotations
@@ -29,15 +31,7 @@ def raw_test_samples(cfg, count: int) -> MultimodalDataset:
     d = DATASETS.build(cfg.data.dataset, cfg.data)
     if cfg.data.modalities:
         d = d.select_modalities(cfg.data.modalities)
-    rows = d.rows_of_classes(d.splits["test"])[:count]
-    return MultimodalDataset(
-        {m: x[rows] for m, x in d.data.items()},
-        d.present[rows],
-        torch.full((len(rows),), -1),
-        d.modalities,
-        metadata={**d.metadata, "labelled": False, "texts": None, "ids": [str(i) for i in rows.tolist()]},
-        name=d.name,
-    )
+    return d.unlabelled(d.rows_of_classes(d.splits["test"])[:count])
 
 
 def main() -> None:
@@ -55,14 +49,11 @@ def main() -> None:
         data = raw_test_samples(model.trained.cfg, args.samples)
         where = f"{hardware('cpu')}, {torch.get_num_threads()} threads"
         print(f"{cfg.data.dataset} {args.algo}, {len(data)} samples; {where}")
-        for transductive in (True, False):
+        for protocol in ("support", "transductive", "alone"):
             start = time.perf_counter()
-            predictions = model.predict(data, transductive)
+            predictions = model.predict(data, protocol)
             seconds = time.perf_counter() - start
-            print(
-                f"  {'transductive' if transductive else 'non-transductive'}: {seconds:.2f} s "
-                f"({len(predictions) / seconds:.0f} samples/s)"
-            )
+            print(f"  {protocol}: {seconds:.2f} s ({len(predictions) / seconds:.0f} samples/s)")
 
 
 if __name__ == "__main__":

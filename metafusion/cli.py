@@ -75,6 +75,24 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_protocol_flags(p: argparse.ArgumentParser, default: str) -> None:
+    from .algorithms.base import PROTOCOLS
+
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        help=f"how query samples are classified: transductive (normalised together), alone (each in a batch of "
+        f"its own with the support set), support (with the support set's statistics); default: {default}",
+    )
+    p.add_argument("--non-transductive", action="store_true", help="the same as --protocol alone")
+
+
+def _protocol(args: argparse.Namespace) -> str | None:
+    if args.non_transductive and args.protocol not in (None, "alone"):
+        raise InputError(f"--non-transductive is --protocol alone; it contradicts --protocol {args.protocol}")
+    return "alone" if args.non_transductive else args.protocol
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metafusion",
@@ -94,11 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run folder written by meta-train")
     p.add_argument("--checkpoint", help="checkpoint to test (default: RUN/best.pt); results go beside it")
     p.add_argument("--episodes", type=int, help="number of test episodes (default: the run's config)")
-    p.add_argument(
-        "--non-transductive",
-        action="store_true",
-        help="classify each query sample alone with the support set (writes results_nontransductive.*)",
-    )
+    _add_protocol_flags(p, "the run's algo.transductive (transductive by default)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("fine-tune", help="adapt a meta-learned model to one new task and save it")
@@ -109,18 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="'heldout' (an N-way K-shot task from the test classes) or a folder/manifest path",
     )
     p.add_argument("--seed", type=int, default=0, help="which held-out task to draw")
-    p.add_argument("--steps", type=int, help="adaptation steps (default: algo.inner_steps_test)")
+    p.add_argument("--steps", type=int, help="adaptation steps, >= 1 (default: algo.inner_steps_test)")
+    p.add_argument("--out", help="folder for the adapted model (default: RUN/finetune)")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapted model already in --out")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("predict", help="label new samples with a fine-tuned model (class names, probabilities)")
     p.add_argument("--model", required=True, help="RUN/finetune/model.pt written by fine-tune (or its run folder)")
     p.add_argument("--data", required=True, help="folder or manifest of samples to label (labels optional)")
     p.add_argument("--out", help="predictions file, .csv or .jsonl (default: predictions.csv beside the model)")
-    p.add_argument(
-        "--non-transductive",
-        action="store_true",
-        help="classify each sample alone with the support set (default: the model's setting)",
-    )
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (never the model or the data)")
+    _add_protocol_flags(p, "support: each sample's prediction independent of the others")
     p.add_argument("--skip-unreadable", action="store_true", help="mask unreadable files instead of stopping")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
@@ -163,7 +176,7 @@ def _print_results(r: dict[str, Any]) -> None:
     print(
         f"\n{r['algorithm']} on {r['dataset']} ({', '.join(r['modalities'])}), {r['ways']}-way {r['shots']}-shot: "
         f"accuracy {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI, "
-        f"{r['episodes']} episodes, {'transductive' if r['transductive'] else 'non-transductive'}), "
+        f"{r['episodes']} episodes, {r.get('protocol', 'transductive')} protocol), "
         f"macro-F1 {r['macro_f1']:.3f}"
     )
     if r.get("episodes_diverged"):
@@ -184,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .engine import TrainingStopped
 
+    show_input_warnings(args.command)
     try:
         import_plugins()
         return _dispatch(args, extra)
@@ -199,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): nothing left to say
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (so the interpreter's final flush stays quiet)
         return 0
-    except Exception:  # not an input problem: a bug, shown with its traceback
-        import traceback
+    except Exception as e:
+        if isinstance(e, OSError) and e.filename is not None:  # the system refused a file: permissions, full disk
+            print(f"metafusion {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+            return 2
+        import traceback  # not an input problem: a bug, shown with its traceback
 
         traceback.print_exc()
         print(
@@ -211,6 +228,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def show_input_warnings(command: str) -> None:
+    """Print each InputWarning as one line on stderr (Python's default adds the source line)."""
+    import warnings
+
+    from .errors import InputWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, InputWarning):
+            print(f"metafusion {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", InputWarning)
+
+
 def import_plugins() -> None:
     """Import the modules named in $METAFUSION_PLUGINS (comma-separated), so that the datasets,
     encoders, fusions and algorithms they register are known to every command (docs/extending.md)."""
@@ -219,30 +254,29 @@ def import_plugins() -> None:
     for name in filter(None, (n.strip() for n in os.environ.get("METAFUSION_PLUGINS", "").split(","))):
         try:
             importlib.import_module(name)
-        except ImportError as e:
+        except ModuleNotFoundError as e:
             raise InputError(f"METAFUSION_PLUGINS names {name!r}, which cannot be imported: {e}") from None
+        except Exception as e:  # the plugin's own code failed: its bug, not metafusion's
+            raise InputError(
+                f"plugin {name!r} (METAFUSION_PLUGINS) failed while importing: {type(e).__name__}: {e}; fix the "
+                f"plugin or remove it from METAFUSION_PLUGINS"
+            ) from None
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .data.manifest import load_user_data
-    from .engine.predictor import Predictor
+    from .engine import stages
+    from .engine.predictor import PREDICT_PROTOCOL
     from .engine.report import plot_confusion
 
-    predictor = Predictor.load(args.model, args.device)
-    data = load_user_data(
-        args.data, predictor.modalities, like=predictor.trained.inputs, skip_errors=args.skip_unreadable, labelled=False
+    pred, out = stages.stage_predict(
+        args.model,
+        args.data,
+        args.out,
+        force=args.force,
+        protocol=_protocol(args) or PREDICT_PROTOCOL,
+        skip_unreadable=args.skip_unreadable,
+        device=args.device,
     )
-    for m in data.metadata["absent"]:
-        print(f"warning: {args.data} has no {m} data; the model sees {m} as missing for every sample")
-    for c in data.metadata["ignored"]:
-        print(f"warning: column {c!r} ignored: the model takes {', '.join(predictor.modalities)}")
-    if data.metadata["skipped"]:
-        print(f"warning: {data.metadata['skipped']} unreadable files skipped; those modalities are masked")
-    pred = predictor.predict(data, transductive=False if args.non_transductive else None)
-    out = Path(args.out) if args.out else Path(args.model).with_name("predictions.csv")
-    if Path(args.model).is_dir() and not args.out:
-        out = Path(args.model) / "predictions.csv"
-    pred.write(out)
     counts = {c: pred.predicted.count(c) for c in pred.classes}
     print(f"predicted {len(pred)} samples: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     if int(pred.diverged.sum()):
@@ -279,18 +313,24 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
             raise InputError("meta-test needs --run RUN or --checkpoint PATH")
         args.run = args.run or str(Path(args.checkpoint).parent)
         r = stages.stage_meta_test(
-            args.run,
-            checkpoint=args.checkpoint,
-            episodes=args.episodes,
-            transductive=False if args.non_transductive else None,
-            quiet=args.quiet,
+            args.run, checkpoint=args.checkpoint, episodes=args.episodes, protocol=_protocol(args), quiet=args.quiet
         )
         _print_results(r)
-        stem = "results" if r["transductive"] else "results_nontransductive"
+        stem = stages.RESULTS_STEM[r["protocol"]]
         print(f"results written to {args.run}/{stem}.json and {stem}.md")
         return 0
     if args.command == "fine-tune":
-        r = stages.stage_fine_tune(args.run, seed=args.seed, steps=args.steps, task=args.task, quiet=args.quiet)
+        if args.steps is not None and args.steps < 1:
+            raise InputError(f"--steps must be >= 1 (adaptation steps), got {args.steps}")
+        r = stages.stage_fine_tune(
+            args.run,
+            seed=args.seed,
+            steps=args.steps,
+            task=args.task,
+            quiet=args.quiet,
+            out=args.out,
+            overwrite=args.overwrite,
+        )
         print(
             f"fine-tuned on {r['ways']}-way {r['shots']}-shot task ({args.task}; classes: {', '.join(r['classes'])}): "
             f"query accuracy {100 * r['query_accuracy']:.2f} % on {r['queries']} queries"

@@ -332,6 +332,7 @@ def validate(cfg: RunConfig) -> None:
     from .algorithms.protonet import METRICS
     from .data import DATASETS
     from .models import ADAPT_SCOPES, FUSIONS
+    from .models.encoders import encoder_for
 
     _choice("data.dataset", cfg.data.dataset, DATASETS.names())
     _choice("algo.name", cfg.algo.name, ALGORITHMS.names())
@@ -339,6 +340,8 @@ def validate(cfg: RunConfig) -> None:
     for name, section in cfg.per_algorithm.items():
         _choice("per_algorithm key", name, ALGORITHMS.names())
         _apply(copy.deepcopy(cfg), {k: v for k, v in (section or {}).items()})  # reject unknown keys now
+    for modality, name in cfg.model.encoders.items():
+        encoder_for(modality, name)
     _choice("model.fusion", cfg.model.fusion, FUSIONS.names())
     _choice("model.attention", cfg.model.attention, ("vector", "scalar"))
     _choice("model.adapt", cfg.model.adapt, ADAPT_SCOPES)
@@ -367,6 +370,8 @@ def validate(cfg: RunConfig) -> None:
     _positive("train.val_interval", cfg.train.val_interval, minimum=0)
     _positive("train.log_interval", cfg.train.log_interval)
     _positive("train.threads", cfg.train.threads)
+    if cfg.train.threads and cfg.train.threads > (os.cpu_count() or 1):
+        raise ConfigError(f"train.threads={cfg.train.threads}, but this machine has {os.cpu_count()} cores")
     _greater("train.budget_minutes", cfg.train.budget_minutes)
     _greater("train.val_fraction", cfg.train.val_fraction)
     _greater("train.clip", cfg.train.clip)
@@ -383,11 +388,12 @@ def validate(cfg: RunConfig) -> None:
     _positive("data.train_shots", cfg.data.train_shots)
     _positive("data.train_ways", cfg.data.train_ways, minimum=2)
     _positive("data.train_queries", cfg.data.train_queries, minimum=0)
-    _positive("train.iterations", cfg.train.iterations, minimum=0)
+    # nothing to meta-train (centroid): 0 iterations are fine; else a run of none would leave no checkpoint
+    _positive("train.iterations", cfg.train.iterations, minimum=1 if algorithm.meta_parameters else 0)
     _positive("train.meta_batch", cfg.train.meta_batch)
     _positive("model.width", cfg.model.width)
-    for key in ("inner_steps", "inner_steps_test"):
-        _positive(f"algo.{key}", getattr(cfg.algo, key), minimum=0)
+    for key in ("inner_steps", "inner_steps_test"):  # steps of an inner loop the algorithm runs: at least one
+        _positive(f"algo.{key}", getattr(cfg.algo, key), minimum=1 if key in algorithm.step_keys else 0)
     for key in ("missing_rate", "modality_dropout"):
         value = getattr(cfg.data, key)
         if not 0.0 <= value < 1.0:

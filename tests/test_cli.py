@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from metafusion.cli import main
+from metafusion.engine.checkpoint import load_checkpoint
 
 TINY = [
     "--set", "data.num_classes=30", "--set", "data.samples_per_class=10", "--queries", "2",
@@ -73,7 +74,7 @@ def test_meta_train_test_fine_tune_write_what_they_promise(tmp_path, capsys):
     assert any((run / "tensorboard").iterdir())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_accuracy" in r] == [3, 6]
-    ckpt = torch.load(run / "last.pt", weights_only=False)
+    ckpt = load_checkpoint(run / "last.pt")
     assert {"module", "optimizer", "config", "versions", "rng", "step", "sampler"} <= set(ckpt)
     assert yaml.safe_load((run / "config.yaml").read_text())["algo"]["inner_lr"] == 0.4  # resolved
 
@@ -161,8 +162,8 @@ def _cli(*args):
 def _resume_and_compare(interrupted: Path, full: Path, steps: int, env: dict) -> None:
     """Resume ``interrupted`` to its end: its weights must equal the uninterrupted run's."""
     subprocess.run(_cli("meta-train", "--resume", interrupted, "--quiet"), check=True, env=env, capture_output=True)
-    expected = torch.load(full / "last.pt", weights_only=False)
-    resumed = torch.load(interrupted / "last.pt", weights_only=False)
+    expected = load_checkpoint(full / "last.pt")
+    resumed = load_checkpoint(interrupted / "last.pt")
     assert resumed["step"] == expected["step"] == steps
     for k, v in expected["module"].items():
         assert torch.equal(v, resumed["module"][k]), k
@@ -182,7 +183,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if (killed / "last.pt").exists():
             try:
-                step = torch.load(killed / "last.pt", weights_only=False)["step"]
+                step = load_checkpoint(killed / "last.pt")["step"]
             except Exception:  # written atomically, so this only races with the very first write
                 step = 0
             if step >= 6:
@@ -190,7 +191,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step = torch.load(killed / "last.pt", weights_only=False)["step"]
+    step = load_checkpoint(killed / "last.pt")["step"]
     assert 0 < step < 24, f"the run was not interrupted mid-way (last checkpoint at step {step})"
 
     _resume_and_compare(killed, tmp_path / "full", 24, env)
@@ -240,7 +241,7 @@ def test_a_stop_signal_writes_last_pt_and_says_how_to_resume(tmp_path, signum):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
     assert "--resume" in err and "last.pt" in err
-    step = torch.load(stopped / "last.pt", weights_only=False)["step"]
+    step = load_checkpoint(stopped / "last.pt")["step"]
     assert 3 <= step < 50, f"last.pt should hold the step the signal ended (got step {step})"
 
     _resume_and_compare(stopped, tmp_path / "full", 60, env)
@@ -318,23 +319,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the no-GPU case, on any machine
     run = tmp_path / "run"
     run.mkdir()
-    (run / "keep.txt").write_text("an earlier run")
+    (run / ".metafusion-run").write_text("")  # an earlier run's folder, which --overwrite may replace
+    (run / "config.yaml").write_text("an earlier run")
     assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", run, "--overwrite", *case(tmp_path)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert [p.name for p in run.iterdir()] == ["keep.txt"]  # a failed command writes nothing into the folder
+    assert sorted(p.name for p in run.iterdir()) == [".metafusion-run", "config.yaml"]  # nothing written
+    assert (run / "config.yaml").read_text() == "an earlier run"
 
 
-def test_non_finite_files_can_be_masked_and_counted(tmp_path, capsys):
+def test_non_finite_files_can_be_masked_and_counted(tmp_path):
     from metafusion.config import DataConfig
     from metafusion.data import DATASETS
+    from metafusion.errors import InputWarning
 
-    ds = DATASETS.build(
-        "manifest", DataConfig(dataset="manifest", root=str(_manifest(tmp_path, _nan_tabular)), skip_unreadable=True)
-    )
+    root = str(_manifest(tmp_path, _nan_tabular))
+    with pytest.warns(InputWarning, match="skipped 1 unreadable files"):
+        ds = DATASETS.build("manifest", DataConfig(dataset="manifest", root=root, skip_unreadable=True))
     assert ds.metadata["skipped"] == 1 and not ds.present[0, ds.modalities.index("tabular")]
     assert torch.isfinite(ds.data["tabular"]).all()
-    assert "skipped 1 unreadable files" in capsys.readouterr().out
 
 
 def test_inline_text_longer_than_a_file_name_loads_as_text(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from metafusion.data import DataError, EpisodeSampler
 from metafusion.data.manifest import load_user_data
 from metafusion.data.omniglot import encode_strokes, omniglot, omniglot_strokes, parse_strokes
+from metafusion.errors import InputWarning
 
 HERE = Path(__file__).parent / "data"
 
@@ -111,9 +112,10 @@ def test_corrupt_file_is_named_or_skipped(tmp_path):
     (tmp_path / "a" / "x.txt").write_text("hello")
     (tmp_path / "a" / "y.txt").write_text("world")
     (tmp_path / "a" / "y.png").write_bytes((HERE / "tiny_folder" / "cat" / "cat0.png").read_bytes())
-    with pytest.raises(DataError, match=r"cannot read .*x\.png as image"):
+    with pytest.raises(DataError, match=r"cannot read .*x\.png as an image"):
         load_user_data(tmp_path)
-    ds = load_user_data(tmp_path, skip_errors=True)
+    with pytest.warns(InputWarning, match="skipped 1 unreadable files"):
+        ds = load_user_data(tmp_path, skip_errors=True)
     assert ds.metadata["skipped"] == 1 and not ds.present[0, 0]
 
 

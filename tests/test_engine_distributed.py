@@ -14,6 +14,7 @@ from test_cli import TINY
 
 from metafusion.config import from_dict
 from metafusion.engine import build_experiment, distributed
+from metafusion.engine.checkpoint import load_checkpoint
 
 CFG = {
     "data": {"num_classes": 30, "samples_per_class": 10, "queries": 2, "val_episodes": 2, "test_episodes": 2},
@@ -134,7 +135,7 @@ def test_torchrun_meta_train_matches_one_process(tmp_path):
     exp = build_experiment(load_run_config(tmp_path / "one"))
     logits = []
     for run in ("one", "two"):
-        state = torch.load(tmp_path / run / "last.pt", weights_only=False)
+        state = load_checkpoint(tmp_path / run / "last.pt")
         assert state["step"] == 4
         exp.algorithm.module.load_state_dict(state["module"])
         with torch.no_grad():

@@ -15,7 +15,7 @@ from metafusion.cli import main
 from metafusion.data.manifest import load_user_data
 from metafusion.engine.build import TrainedModel
 from metafusion.engine.checkpoint import load_checkpoint
-from metafusion.engine.predictor import Predictor
+from metafusion.engine.predictor import PREDICT_PROTOCOL, Predictor
 from metafusion.engine.stages import user_task
 from metafusion.errors import InputError
 
@@ -91,7 +91,7 @@ def test_a_saved_adapted_model_predicts_what_the_fine_tune_stage_computed(tmp_pa
     trained = TrainedModel.restore(load_checkpoint(run / "best.pt"))
     episode, classes, _ = user_task(str(DATA / "tiny_task.csv"), trained, shots=1)
     learner = trained.algorithm.adapt(episode.support)
-    expected = torch.softmax(trained.algorithm.predict(learner, episode), 1)
+    expected = torch.softmax(trained.algorithm.predict(learner, episode, PREDICT_PROTOCOL), 1)
     Predictor(trained, learner, episode.support, classes).save(tmp_path / "model.pt")
 
     torch.manual_seed(123)  # loading and predicting depend on no global random state
@@ -139,14 +139,15 @@ def test_predict_reports_accuracy_and_handles_mismatched_input(tmp_path, capsys)
             csv.DictReader((DATA / "tiny_unlabelled.csv").open())]  # fmt: skip
     partial = _write_manifest(tmp_path / "tabular_only.csv", rows)
     assert main(["predict", "--model", str(run), "--data", str(partial), "--out", str(tmp_path / "t.csv")]) == 0
-    out = capsys.readouterr().out
-    assert "has no image data" in out and "has no text data" in out and "column 'colour' ignored" in out
+    err = capsys.readouterr().err
+    assert "warning:" in err and "has no image data" in err and "has no text data" in err
+    assert "column 'colour' ignored" in err
     rows = list(csv.DictReader((tmp_path / "t.csv").open()))
     assert all(r["present_image"] == "0" and r["weight_image"] == "" and r["predicted"] for r in rows)
 
     # Bad input: one line naming the problem, exit 2.
     assert main(["predict", "--model", str(run / "best.pt"), "--data", str(partial)]) == 2
-    assert "not an adapted model" in capsys.readouterr().err
+    assert "a meta-training checkpoint, not an adapted model" in capsys.readouterr().err
     assert main(["predict", "--model", str(run), "--data", str(DATA / "tiny_manifest.csv")]) == 2
     assert "are not classes of this model (horse, mouse)" in capsys.readouterr().err
 
@@ -160,8 +161,8 @@ def test_the_manifest_split_column_is_honoured_and_checked(tmp_path):
         "test": ["horse", "mouse"],
     }
     rows = list(csv.DictReader((DATA / "tiny_manifest.csv").open()))
-    for r in rows:
-        r["image"], r["tabular"] = str(DATA / r["image"]), str(DATA / r["tabular"])
+    for r in rows:  # absolute paths; an empty cell (no image) stays empty
+        r["image"], r["tabular"] = (str(DATA / r[c]) if r[c] else "" for c in ("image", "tabular"))
     rows[1]["split"] = "test"  # the second cat
     with pytest.raises(InputError, match="class 'cat' is in both the 'train' and 'test' splits"):
         load_user_data(_write_manifest(tmp_path / "two.csv", rows))
@@ -201,3 +202,40 @@ def test_a_users_task_adapts_and_predicts_on_cuda(tmp_path, algo):
     cuda = metafusion.load(run, device="cuda")
     queries = _task_queries(tmp_path)
     assert cuda.predict_files(queries).predicted == model.predict_files(queries).predicted
+
+
+def _raw_samples(model, rows: torch.Tensor):
+    """Samples ``rows`` of the model's dataset, raw (before its pipeline), without labels, as a user's files."""
+    from metafusion.data import DATASETS
+
+    return DATASETS.build(model.trained.cfg.data.dataset, model.trained.cfg.data).unlabelled(rows)
+
+
+@pytest.fixture(scope="module")
+def synthetic_model(tmp_path_factory):
+    """A tiny synthetic MAML model (Conv4 image + mel-CNN audio: batch-statistics BatchNorm) adapted to a task."""
+    from test_cli import TINY
+
+    run = tmp_path_factory.mktemp("synthetic") / "run"
+    assert main(["meta-train", *map(str, TINY), "--iterations", "2", "--out", str(run)]) == 0
+    assert main(["fine-tune", "--run", str(run), "--quiet"]) == 0
+    return metafusion.load(run)
+
+
+@pytest.mark.parametrize("protocol", ["support", "alone"])
+def test_a_prediction_does_not_depend_on_the_samples_predicted_with_it(synthetic_model, protocol):
+    rows = torch.arange(51) * 3
+    alone = synthetic_model.predict(_raw_samples(synthetic_model, rows[:1]), protocol)
+    order = torch.randperm(51, generator=torch.Generator().manual_seed(0))
+    together = synthetic_model.predict(_raw_samples(synthetic_model, rows[order]), protocol)
+    where = int(torch.nonzero(order == 0))
+    torch.testing.assert_close(together.probabilities[where], alone.probabilities[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(together.weights[where], alone.weights[0], atol=1e-5, rtol=1e-4)
+
+
+def test_the_transductive_protocol_does_depend_on_the_batch(synthetic_model):
+    """The check above can fail: normalising over the batch moves a sample's probabilities."""
+    rows = torch.arange(51) * 3
+    alone = synthetic_model.predict(_raw_samples(synthetic_model, rows[:1]), "transductive")
+    together = synthetic_model.predict(_raw_samples(synthetic_model, rows), "transductive")
+    assert (together.probabilities[0] - alone.probabilities[0]).abs().max() > 1e-3

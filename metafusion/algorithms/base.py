@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -13,12 +14,14 @@ from torch import Tensor, nn
 from ..config import ConfigError, RunConfig
 from ..data.batch import Batch, Episode
 from ..errors import InputError
-from ..models.execution import episodes_vmap_pays
+from ..models.execution import episodes_vmap_pays, support_statistics
 from ..models.model import FusionModel, ModelSpec
 from ..registry import Registry
 from .batched import State, evaluate_batched, functional, predict_alone
 
 ALGORITHMS: Registry = Registry("algorithm")
+# How query samples are classified after adaptation (``MetaAlgorithm.predict_with_weights``).
+PROTOCOLS = ("transductive", "alone", "support")
 BATCHED_EVAL = ("auto", "on", "off")  # adapt evaluation episodes together: where it pays | always | never
 # algo.* switches only some algorithms take
 OPTIONS = ("learn_inner_lr", "task_batched", "proto_init", "metric", "first_order_warmup", "warm_test_optimizer")
@@ -40,6 +43,7 @@ class MetaAlgorithm:
     defaults: dict[str, Any] = {}  # published hyperparameters (algo.* and train.* keys) where the config says None
     options: tuple[str, ...] = ()  # which of OPTIONS it takes
     inner_loop = True  # False: no gradient steps at test time (an inner learning rate of 0 is then fine)
+    step_keys: tuple[str, ...] = ()  # the algo.* keys that count steps it takes (so they must be >= 1)
     scoped_adaptation = True  # False: it adapts no model parameter, so model.adapt means nothing to it
     meta_parameters = True  # False: nothing to meta-train (no meta learning rate)
     trains_on_more_ways = False  # True: may meta-train on more ways than it is tested on (no classifier head)
@@ -104,7 +108,7 @@ class MetaAlgorithm:
         self.batched_eval = batched_eval
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
         self.inner_lr_test, self.inner_steps_test = inner_lr_test, inner_steps_test
-        self.transductive = transductive
+        self.evaluation_protocol = "transductive" if transductive else "alone"  # one of PROTOCOLS
         self.adapt_scope = adapt_scope
 
     # -- what the training loop sees ----------------------------------------------------------
@@ -138,23 +142,53 @@ class MetaAlgorithm:
         pass
 
     # -- shared evaluation ----------------------------------------------------------------------
-    def predict(self, learner: nn.Module, episode: Episode, transductive: bool | None = None) -> Tensor:
-        """Query logits. Transductive (``transductive``, by default ``self.transductive``): the query set
-        is one batch (normalisation sees all of it). Non-transductive: each query sample is classified
-        alone, together with the support set (Nichol et al. 2018), so no query sample can inform another.
-        On a GPU those per-query batches run together under vmap; on a CPU one forward per query is
-        faster than the vmapped form (docs/performance.md has both measurements)."""
+    @property
+    def transductive(self) -> bool:
+        return self.evaluation_protocol == "transductive"
+
+    @transductive.setter
+    def transductive(self, value: bool) -> None:
+        self.evaluation_protocol = "transductive" if value else "alone"
+
+    def protocol(self, protocol: str | None = None) -> str:
+        """``protocol``, or the one evaluation uses (``evaluation_protocol``, from ``algo.transductive``)."""
+        protocol = protocol or self.evaluation_protocol
+        if protocol not in PROTOCOLS:
+            raise InputError(f"unknown prediction protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
+        return protocol
+
+    def predict(self, learner: nn.Module, episode: Episode, protocol: str | None = None) -> Tensor:
+        """Query logits under ``protocol`` (default: the configured one; see ``PROTOCOLS``)."""
+        return self.predict_with_weights(learner, episode, protocol)[0]
+
+    def predict_with_weights(
+        self, learner: nn.Module, episode: Episode, protocol: str | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Query logits and per-query modality weights (None for fusions without them) under ``protocol``:
+
+        - ``transductive``: the query set is one batch (normalisation sees all of it);
+        - ``alone``: each query sample is classified alone, together with the support set (Nichol et al.
+          2018), so no query sample can inform another. On a GPU those per-query batches run together
+          under vmap; on a CPU one forward per query is faster (docs/performance.md has both);
+        - ``support``: normalisation layers use the support set's statistics, and the query batch is one
+          forward pass: no query sample informs another, at the transductive protocol's speed."""
+        protocol = self.protocol(protocol)
+        inner = fused_model(learner)
+        inner = inner if isinstance(inner, FusionModel) else None
         with torch.no_grad():
-            if self.transductive if transductive is None else transductive:
-                return learner(episode.query)
-            alone = predict_each_alone if episode.query.labels.is_cuda else predict_each_alone_loop
-            return alone(learner, episode.support, episode.query)
+            if protocol == "alone":
+                alone = predict_each_alone if episode.query.labels.is_cuda else predict_each_alone_loop
+                logits = alone(learner, episode.support, episode.query)
+                # the weights take a second pass per query: skipped where they cannot vary (one modality)
+                weighted = inner is not None and inner.fusion.weighted and len(inner.modalities) > 1
+                weights = alone(inner.modality_weights, episode.support, episode.query) if weighted else None
+                return logits, weights
+            with support_statistics(inner, episode.support) if protocol == "support" else nullcontext():
+                return learner(episode.query), None if inner is None else inner.modality_weights(episode.query)
 
     def evaluate(self, episode: Episode) -> dict[str, float]:
         learner = self.adapt(episode.support)
-        logits = self.predict(learner, episode)
-        inner = fused_model(learner)
-        weights = inner.modality_weights(episode.query) if isinstance(inner, FusionModel) else None
+        logits, weights = self.predict_with_weights(learner, episode)
         return self._metrics(logits, weights, episode)
 
     def _metrics(self, logits: Tensor, weights: Tensor | None, episode: Episode) -> dict[str, float]:
@@ -172,6 +206,7 @@ class MetaAlgorithm:
             batched = (
                 self.batched_eval == "on" or self.batched_eval == "auto" and episodes_vmap_pays(self.model, device)
             )
+        batched = batched and self.evaluation_protocol != "support"  # recorded statistics are module state
         results = evaluate_batched(self, episodes) if batched and episodes else None
         if results is None:
             return [self.evaluate(e) for e in episodes]

@@ -109,6 +109,8 @@ def evaluate_batched(algorithm, episodes: list[Episode]) -> list[tuple[Tensor, T
     if form is None:
         return None
     shared, per_episode = form  # per_episode: a list with one state per episode, in episode order
+    model = algorithm.model
+    weights_vary = model.fusion.weighted and len(model.modalities) > 1
     out: list = [None] * len(episodes)
     for idx in episode_groups(episodes):
         group = [episodes[i] for i in idx]
@@ -120,8 +122,13 @@ def evaluate_batched(algorithm, episodes: list[Episode]) -> list[tuple[Tensor, T
             support, query = Batch(s_inputs, s_mask, s_labels, mods), Batch(q_inputs, q_mask, q_labels, mods)
             state = algorithm.functional_adapt({**shared, **own}, support, first.ways)
             logits_fn = lambda batch: algorithm.functional_logits(state, batch)  # noqa: E731
-            logits = logits_fn(query) if algorithm.transductive else predict_alone(logits_fn, support, query)
-            weights = algorithm.functional_weights(state, query)
+            weights_fn = lambda batch: algorithm.functional_weights(state, batch)  # noqa: E731
+            if algorithm.transductive:
+                logits, weights = logits_fn(query), weights_fn(query)
+            else:  # as the loop: weights per query alone, where they can vary
+                logits, weights = predict_alone(logits_fn, support, query), None
+                if weights_vary and weights_fn(query) is not None:
+                    weights = predict_alone(weights_fn, support, query)
             return logits, (weights if weights is not None else logits.new_empty(0))
 
         with torch.no_grad(), warnings.catch_warnings():  # ops without a batching rule loop inside vmap

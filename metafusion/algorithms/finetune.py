@@ -49,6 +49,7 @@ class FineTuneBaseline(MetaAlgorithm):
         schedule="constant",
     )
     scoped_adaptation = False
+    step_keys = ("inner_steps_test",)  # the head fit; pre-training has no inner loop
 
     @classmethod
     def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:

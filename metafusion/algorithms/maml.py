@@ -42,6 +42,7 @@ class MAML(MetaAlgorithm):
 
     name = "maml"
     defaults = MAML_DEFAULTS
+    step_keys = ("inner_steps", "inner_steps_test")
     options = ("learn_inner_lr", "task_batched", "proto_init", "first_order_warmup")
 
     @classmethod

@@ -47,6 +47,7 @@ def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> to
 class Reptile(MetaAlgorithm):
     name = "reptile"
     options = ("warm_test_optimizer",)
+    step_keys = ("inner_steps", "inner_steps_test")
     # Nichol et al. 2018: inner Adam (beta1 = 0) lr 1e-3, inner batch 10, 5 steps (50 at test); outer SGD
     # step 1.0 annealed linearly to 0, meta-batch 5.
     defaults = dict(

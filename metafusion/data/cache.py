@@ -34,7 +34,10 @@ def cached(relative: str, build: Callable[[], Any]) -> Any:
     """``build()``'s result, loaded from ``cache_root()/relative`` when present, else built and saved."""
     path = cache_root() / relative
     if path.exists():
-        return torch.load(path, weights_only=True)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a truncated or foreign entry (a killed write, a disk fault): built again below
+            path.unlink(missing_ok=True)
     value = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

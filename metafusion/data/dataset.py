@@ -127,6 +127,18 @@ class MultimodalDataset(Dataset):
             data, self.present, self.targets, self.modalities, self.splits, self.metadata, self.name
         )
 
+    def unlabelled(self, rows: Tensor) -> MultimodalDataset:
+        """Rows ``rows`` as a user's unlabelled files load (``predict``'s input; ids are the row numbers)."""
+        metadata = {**self.metadata, "labelled": False, "texts": None, "ids": [str(i) for i in rows.tolist()]}
+        return MultimodalDataset(
+            {m: x[rows] for m, x in self.data.items()},
+            self.present[rows],
+            torch.full((len(rows),), -1),
+            self.modalities,
+            metadata=metadata,
+            name=self.name,
+        )
+
     def rows_of_classes(self, classes: list[int]) -> Tensor:
         wanted = torch.zeros(int(self.targets.max()) + 1, dtype=torch.bool)
         wanted[torch.tensor(classes, dtype=torch.long)] = True

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import random
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -160,14 +161,48 @@ def drop_modalities(batch: Batch, rate: float, generator: torch.Generator) -> Ba
     return Batch(inputs, mask, batch.labels, batch.modalities)
 
 
+class FixedEpisodes(Sequence[Episode]):
+    """``count`` evaluation episodes fixed by ``seed``: identical in every run and for every algorithm.
+    They are drawn again on each pass (drawing only indexes tensors), never all held at once, so the
+    memory of an evaluation does not grow with its number of episodes. A prefix slice (``[:n]``) is the
+    first ``n`` of them."""
+
+    def __init__(
+        self, dataset: MultimodalDataset, split: str, ways: int, shots: int, queries: int, count: int, seed: int = 0
+    ):
+        self._args = (dataset, split, ways, shots, queries)
+        self.count, self.seed = count, seed
+        EpisodeSampler(dataset, split, ways, shots, queries, seed=seed)  # a split that cannot serve them fails now
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Episode]:
+        sampler = EpisodeSampler(*self._args, seed=self.seed)
+        return (sampler.sample() for _ in range(self.count))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.count)
+            if start == 0 and step == 1:
+                return FixedEpisodes(*self._args, count=stop, seed=self.seed)
+            return list(itertools.islice(self, start, stop, step))
+        index = range(self.count)[index]  # negative indices; IndexError past the end
+        return next(itertools.islice(self, index, None))
+
+
 def fixed_episodes(
     dataset: MultimodalDataset, split: str, ways: int, shots: int, queries: int, count: int, seed: int = 0
-) -> list[Episode]:
-    """``count`` evaluation episodes fixed by ``seed``: identical in every run and for every algorithm."""
-    sampler = EpisodeSampler(dataset, split, ways, shots, queries, seed=seed)
-    return [sampler.sample() for _ in range(count)]
+) -> FixedEpisodes:
+    """``count`` evaluation episodes fixed by ``seed`` (``FixedEpisodes``)."""
+    return FixedEpisodes(dataset, split, ways, shots, queries, count, seed)
 
 
-def episodes_fingerprint(episodes: list[Episode]) -> str:
+def episodes_fingerprint(episodes: Iterable[Episode]) -> str:
     """One hash over a list of episodes (e.g. to prove two algorithms saw the same test tasks)."""
-    return hashlib.sha1("".join(e.fingerprint() for e in episodes).encode()).hexdigest()[:16]
+    return fingerprint_of(e.fingerprint() for e in episodes)
+
+
+def fingerprint_of(fingerprints: Iterable[str]) -> str:
+    """``episodes_fingerprint`` from the episodes' own fingerprints."""
+    return hashlib.sha1("".join(fingerprints).encode()).hexdigest()[:16]

@@ -35,14 +35,17 @@ def find_recordings(root: str | Path) -> Path:
     raise DataError(f"no FSDD recordings under {root}: expected {root}/fsdd/recordings/<digit>_<speaker>_<n>.wav")
 
 
-def read_wav(path: Path, length: int) -> np.ndarray:
+def read_wav(path: Path, length: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A mono recording at ``sample_rate``, trimmed or zero-padded (centred) to ``length`` samples."""
     try:
         wave, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    if rate != SAMPLE_RATE:
-        raise DataError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE}")
     wave = wave.mean(1)
+    if rate != sample_rate:  # a recording at another rate, brought to the model's (band-limited resampling)
+        import torchaudio
+
+        wave = torchaudio.functional.resample(torch.from_numpy(wave), rate, sample_rate).numpy()
     if len(wave) >= length:
         start = (len(wave) - length) // 2
         return wave[start : start + length]

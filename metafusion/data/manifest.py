@@ -16,6 +16,7 @@ See docs/datasets.md for the format and tests/data/tiny_manifest.csv for an exam
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -23,11 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ..errors import warn
 from .dataset import DataError, MultimodalDataset, split_classes
 from .fsdd import read_wav
+from .images import read_image
 from .input_format import TEXT_LENGTH, InputFormat
 
 EXTENSIONS = {
@@ -74,30 +76,51 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any], column: str | None = None) -> Any:
-    """One cell -> a numpy array (or text). Raises DataError naming the file (and the manifest column)
-    on failure, non-finite values (NaN, inf) included."""
-    if modality == "text":
-        path = base / str(value)
-        if str(value).endswith(".txt") or _is_file(path):
-            return path.read_text(encoding="utf-8")
-        return str(value)  # inline text
-    path = base / str(value)
-    if not _is_file(path):
-        raise FileNotFoundError(path)
-    what = column or modality
+def _why_not_a_file(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return "a broken link or a link loop"
+    if path.is_dir():
+        return "a folder"
+    return "does not exist"
+
+
+class _NotAFile(Exception):
+    """A cell names a file that is not there (the sample then lacks that modality)."""
+
+
+def _read_text(path: Path) -> str:
     try:
-        if modality == "image":
-            size, rgb = opts["image_size"], opts["image_channels"] == 3
-            img = Image.open(path).convert("RGB" if rgb else "L").resize((size, size), resample=Image.LANCZOS)
-            array = np.asarray(img, dtype=np.float32) / 255.0
-            array = array.transpose(2, 0, 1) if rgb else array[None]
-        elif modality == "audio":
-            array = read_wav(path, opts["audio_length"])[None]
-        else:
-            array = np.asarray(_read_array(path), dtype=np.float32)
-    except (OSError, ValueError, UnidentifiedImageError, DataError) as e:
-        raise DataError(f"cannot read {path} as {what}: {e}") from None
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any], column: str | None = None) -> Any:
+    """One cell -> a numpy array (or text). Raises ``_NotAFile`` where the cell names no file, and
+    DataError naming the file (and the manifest column) where it cannot be read, non-finite values (NaN,
+    inf) included."""
+    path = base / str(value)
+    if modality == "text":
+        if _is_file(path):
+            return _read_text(path)
+        if str(value).endswith(".txt"):
+            raise _NotAFile(path)
+        return str(value)  # inline text
+    if not _is_file(path):
+        raise _NotAFile(path)
+    what = column or modality
+    if modality == "image":
+        array = read_image(path, opts["image_channels"], opts["image_size"])
+    else:
+        try:
+            if modality == "audio":
+                array = read_wav(path, opts["audio_length"], opts["sample_rate"])[None]
+            else:
+                array = np.asarray(_read_array(path), dtype=np.float32)
+        except (OSError, ValueError, DataError) as e:
+            raise DataError(f"cannot read {path} as {what}: {e}") from None
     bad = int(array.size - np.isfinite(array).sum())
     if bad:
         raise DataError(
@@ -108,17 +131,29 @@ def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any], co
 
 
 def _rows_from_manifest(path: Path, labelled: bool) -> list[dict[str, str]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's UTF-8 CSV) is not a column name
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); save the manifest as UTF-8") from None
     if path.suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{i}: expected a JSON object (column -> value), got {type(row).__name__}")
+                rows.append({str(k): "" if v is None else str(v) for k, v in row.items()})
     elif path.suffix == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise DataError(f"{path}: not a valid CSV file ({e})") from None
+        short = next((i for i, r in enumerate(rows, 2) if None in r.values() or None in r), None)
+        if short is not None:
+            raise DataError(f"{path}:{short}: the row has another number of cells than the header")
     else:
         raise DataError(f"{path}: a manifest must be .csv or .jsonl")
     if not rows:
@@ -203,7 +238,8 @@ def load_user_data(
         raise DataError(f"{path}: sample {i + 1} ({_sample_id(rows[i], i)}) has no label; label every sample or none")
     ignored = [c for c in found if fmt is not None and modalities and c not in modalities and c != "array"]
     columns = [c for c in found if c not in ignored]
-    opts = {"image_size": image_size, "image_channels": 1, "audio_length": int(seconds * sample_rate)}
+    rate = fmt.sample_rate if fmt is not None else sample_rate
+    opts = {"image_size": image_size, "image_channels": 1, "audio_length": int(seconds * rate), "sample_rate": rate}
     if fmt is not None:
         if "image" in fmt.shapes:
             opts["image_channels"], opts["image_size"] = fmt.shapes["image"][0], fmt.shapes["image"][-1]
@@ -211,7 +247,8 @@ def load_user_data(
             opts["audio_length"] = fmt.shapes["audio"][-1]
     raw: dict[str, list[Any]] = {c: [] for c in columns}
     skipped = 0
-    for row in rows:
+    not_files: dict[str, list[tuple[int, Path]]] = {c: [] for c in columns}  # cells naming no file
+    for i, row in enumerate(rows):
         for c in columns:
             value = row.get(c)
             reader = c if c in ("image", "audio", "text") else "array"
@@ -220,13 +257,18 @@ def load_user_data(
                 continue
             try:
                 raw[c].append(_read(reader, value, base, opts, column=c))
-            except FileNotFoundError:
-                raw[c].append(None)  # a missing file masks that modality for that sample
+            except _NotAFile as e:
+                raw[c].append(None)
+                not_files[c].append((i, e.args[0]))
             except DataError:
                 if not skip_errors:
                     raise
                 skipped += 1
                 raw[c].append(None)
+    _check_paths(path, rows, not_files)
+    if skipped:
+        warn(f"{path}: skipped {skipped} unreadable files (skip_unreadable); those samples lack that modality")
+    _warn_duplicates(path, rows, columns)
     # Folder layout: arrays become "sequence" (2-D) or "tabular" (1-D).
     if "array" in raw:
         arrays = raw.pop("array")
@@ -244,16 +286,22 @@ def load_user_data(
     if missing and fmt is None:
         raise DataError(f"{path} has no {', '.join(missing)} data (it has: {', '.join(raw) or 'no modality'})")
     for m in missing:  # matching a model's format: a modality the files lack is masked everywhere
+        warn(f"{path} has no {m} data; the model sees {m} as missing for every sample")
         raw[m] = [None] * len(rows)
     metadata = {
         "class_names": names,
         "skipped": skipped,
-        "sample_rate": fmt.sample_rate if fmt is not None else sample_rate,
+        "sample_rate": rate,
         "ids": [_sample_id(r, i) for i, r in enumerate(rows)],
         "labelled": labelled_rows,
         "absent": missing,
         "ignored": [c for c in ignored + [c for c in raw if c not in wanted] if c != "array"],
+        "files": sorted(
+            {str((base / r[c]).resolve()) for r in rows for c in columns if r.get(c) and _is_file(base / r[c])}
+        ),
     }
+    for c in metadata["ignored"]:
+        warn(f"{path}: column {c!r} ignored: the model takes {', '.join(wanted)}")
     data, present = {}, []
     for m in wanted:
         values = raw[m]
@@ -277,6 +325,42 @@ def load_user_data(
     if splits is None:
         splits = split_classes(list(range(len(names))), (0.6, 0.2, 0.2), seed) if len(names) >= 5 else {}
     return MultimodalDataset(data, present_t, targets, tuple(wanted), splits, metadata, path.name)
+
+
+def _check_paths(path: Path, rows: list[dict[str, str]], not_files: dict[str, list[tuple[int, Path]]]) -> None:
+    """A column whose every path names no file is an error (a wrong column or base folder, not missing
+    data); a few such paths are a warning with the count and the first one."""
+    for column, bad in not_files.items():
+        if not bad:
+            continue
+        given = sum(1 for r in rows if r.get(column) not in (None, ""))
+        i, first = bad[0]
+        example = f"first: {first}, {_why_not_a_file(first)} (sample {_sample_id(rows[i], i)})"
+        if len(bad) == given:
+            raise DataError(
+                f"{path}: none of the {given} {column!r} paths is a file ({example}); paths are relative to "
+                f"{path if path.is_dir() else path.parent}"
+            )
+        warn(f"{path}: {len(bad)} of {given} {column!r} paths are not files ({example}); those samples lack {column}")
+
+
+def _warn_duplicates(path: Path, rows: list[dict[str, str]], columns: list[str]) -> None:
+    """Rows with the same files and text as an earlier row: one sample counted twice (it can land in a
+    task's support and query set at once, which inflates accuracy)."""
+    seen: dict[tuple, int] = {}
+    duplicates = []
+    for i, row in enumerate(rows):
+        key = tuple(row.get(c) or "" for c in columns)
+        if any(key):
+            if key in seen:
+                duplicates.append((i, seen[key]))
+            seen.setdefault(key, i)
+    if duplicates:
+        i, j = duplicates[0]
+        warn(
+            f"{path}: {len(duplicates)} samples repeat an earlier one's files and text (first: "
+            f"{_sample_id(rows[i], i)} = {_sample_id(rows[j], j)}); a repeat can be support and query of one task"
+        )
 
 
 def _sample_id(row: dict[str, str], i: int) -> str:

@@ -138,11 +138,6 @@ def manifest(cfg: DataConfig) -> MultimodalDataset:
     ds = load_user_data(
         require_root(cfg, ""), image_size=cfg.image_size, skip_errors=cfg.skip_unreadable, seed=cfg.data_seed
     )
-    if ds.metadata["skipped"]:
-        print(
-            f"{cfg.root}: skipped {ds.metadata['skipped']} unreadable files (data.skip_unreadable=true); "
-            f"those modalities are masked"
-        )
     if not ds.splits:
         raise DataError(f"{cfg.root}: meta-training needs at least 5 classes to split into train/val/test")
     return ds

@@ -3,7 +3,8 @@
 from .build import Experiment, build_experiment, load_dataset
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import EvalResult, confidence_interval, meta_test
-from .stages import RunFolderError, stage_compare, stage_fine_tune, stage_meta_test, stage_meta_train, stage_run
+from .run_folder import RunFolderError
+from .stages import stage_compare, stage_fine_tune, stage_meta_test, stage_meta_train, stage_run
 from .train import NonFiniteLossError, TrainingStopped, meta_train
 
 __all__ = [

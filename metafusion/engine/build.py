@@ -11,8 +11,9 @@ import torch
 
 from ..algorithms import ALGORITHMS, MetaAlgorithm
 from ..config import RunConfig, from_dict, resolve
-from ..data import DATASETS, Episode, EpisodeSampler, MultimodalDataset, Standardizer, fixed_episodes
+from ..data import DATASETS, EpisodeSampler, MultimodalDataset, Standardizer, fixed_episodes
 from ..data.cache import cached
+from ..data.episodes import FixedEpisodes
 from ..data.input_format import InputFormat
 from ..data.synthetic import decode_text
 from ..errors import InputError
@@ -104,12 +105,12 @@ class Experiment:
     train_sampler: EpisodeSampler
 
     @cached_property
-    def val_episodes(self) -> list[Episode]:
+    def val_episodes(self) -> FixedEpisodes:
         """The fixed validation episodes, drawn when first needed (meta-test and fine-tune never need them)."""
         d = self.cfg.data
         return fixed_episodes(self.dataset, "val", d.ways, d.shots, d.queries, d.val_episodes, seed=d.episode_seed + 1)
 
-    def test_episodes(self, count: int | None = None, split: str = "test") -> list[Episode]:
+    def test_episodes(self, count: int | None = None, split: str = "test") -> FixedEpisodes:
         """The fixed evaluation episodes: a function of the data config and episode_seed only."""
         d = self.cfg.data
         return fixed_episodes(
@@ -151,6 +152,7 @@ class TrainedModel:
     train_classes: list[int]  # the meta-train classes (the fine-tune baseline's pre-training head)
     inputs: InputFormat  # how to read files into the shapes the model takes
     standardizer: Standardizer | None  # the meta-train split's statistics
+    train_class_names: list[str] | None = None  # the meta-train classes' names, where the data names them
 
     @property
     def model(self) -> FusionModel:
@@ -159,13 +161,16 @@ class TrainedModel:
     @staticmethod
     def of(exp: Experiment) -> TrainedModel:
         d = exp.dataset
+        train = list(d.splits.get("train", []))
+        names = d.metadata.get("class_names")
         return TrainedModel(
             exp.cfg,
             exp.algorithm,
             model_spec(d),
-            list(d.splits.get("train", [])),
+            train,
             InputFormat.of(d),
             d.metadata.get("standardizer"),
+            [str(names[c]) for c in train] if names is not None and len(names) else None,
         )
 
     def model_args(self) -> dict[str, Any]:
@@ -176,6 +181,7 @@ class TrainedModel:
             "train_classes": self.train_classes,
             "inputs": self.inputs.to_dict(),
             "standardizer": self.standardizer.stats if self.standardizer is not None else None,
+            "train_class_names": self.train_class_names,
         }
 
     def set_ways(self, ways: int) -> None:
@@ -209,6 +215,7 @@ class TrainedModel:
                 list(args["train_classes"]),
                 InputFormat.from_dict(args["inputs"]),
                 Standardizer(args["standardizer"]) if args["standardizer"] else None,
+                args.get("train_class_names"),
             )
             if ways is not None:
                 trained.set_ways(ways)

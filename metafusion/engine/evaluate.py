@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
 from ..algorithms import MetaAlgorithm
-from ..data import Episode, episodes_fingerprint
+from ..data import Episode
+from ..data.episodes import fingerprint_of
 
 # Episodes handed to ``evaluate_many`` at once: enough to fill a vmap, few enough to bound its memory
 # (the stacked weights and activations of every episode in the call) and to keep the bar moving.
@@ -47,15 +50,20 @@ def confidence_interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def meta_test(
-    algorithm: MetaAlgorithm, episodes: list[Episode], quiet: bool = True, desc: str = "meta-test", device: str = "cpu"
+    algorithm: MetaAlgorithm,
+    episodes: Sequence[Episode],
+    quiet: bool = True,
+    desc: str = "meta-test",
+    device: str = "cpu",
 ) -> EvalResult:
     """Adapt on each episode's support set and score its query set; ``EPISODES_PER_CALL`` episodes at a
     time go to ``algorithm.evaluate_many`` (adapted together where that is faster)."""
     start = time.perf_counter()
-    accs, f1s, losses, weights, diverged = [], [], [], [], 0
+    accs, f1s, losses, weights, diverged, fingerprints = [], [], [], [], 0, []
     bar = tqdm(total=len(episodes), desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
-    for first in range(0, len(episodes), EPISODES_PER_CALL):
-        chunk = [e.to(device) for e in episodes[first : first + EPISODES_PER_CALL]]
+    stream = iter(episodes)  # drawn chunk by chunk: memory does not grow with the number of episodes
+    while chunk := [e.to(device) for e in itertools.islice(stream, EPISODES_PER_CALL)]:
+        fingerprints += [e.fingerprint() for e in chunk]
         for m in algorithm.evaluate_many(chunk):
             accs.append(m["accuracy"])
             f1s.append(m["macro_f1"])
@@ -83,7 +91,7 @@ def meta_test(
         sum(f1s) / len(f1s),
         loss,
         len(episodes),
-        episodes_fingerprint(episodes),
+        fingerprint_of(fingerprints),
         time.perf_counter() - start,
         mw,
         diverged,

@@ -19,15 +19,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..algorithms.base import fused_model
 from ..config import to_dict
 from ..data import Batch, Episode, MultimodalDataset
 from ..errors import InputError
-from ..models import FusionModel
 from .build import TrainedModel
-from .checkpoint import library_versions, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_FORMAT, check_format, file_format, library_versions, read_file, save_checkpoint
 
 FORMAT = "metafusion.adapted-model/1"
+# How an adapted model classifies new samples unless told otherwise: with the support set's normalisation
+# statistics, so a sample's prediction never depends on the others predicted with it (docs/commands/predict.md).
+PREDICT_PROTOCOL = "support"
+# Spreadsheets run a cell that starts with one of these as a formula: such text cells get a leading quote.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass
@@ -89,30 +92,51 @@ class Predictions:
             out.append(row)
         return out
 
-    def write(self, path: str | Path) -> Path:
-        """CSV, or JSON lines where ``path`` ends in ``.jsonl``."""
+    def write(self, path: str | Path, overwrite: bool = False) -> Path:
+        """CSV (``.csv``) or JSON lines (``.jsonl``), by the file's extension; an existing file is replaced
+        only with ``overwrite``. Written to a temporary file first, so a failure leaves no half file."""
         path = Path(path)
+        if path.suffix not in (".csv", ".jsonl"):
+            kind = path.suffix or "no extension"
+            raise InputError(f"{path}: predictions are written as .csv or .jsonl, not {kind!r}")
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; name the predictions file (.csv or .jsonl)")
+        if path.exists() and not overwrite:
+            raise InputError(
+                f"{path} already exists; pass --force (overwrite=True) to replace it or choose another file"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
+        tmp = path.with_name(f".{path.name}.tmp")
         if path.suffix == ".jsonl":
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         else:
-            with path.open("w", newline="") as f:
+            with tmp.open("w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id", "predicted"])
                 writer.writeheader()
-                writer.writerows(rows)
+                writer.writerows([{k: _spreadsheet_safe(v) for k, v in r.items()} for r in rows])
+        tmp.replace(path)
         return path
+
+
+def _spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula, quoted (OWASP's advice for CSV injection)."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 class Predictor:
     """``Predictor.load(path).predict_files(folder_or_manifest)`` -> ``Predictions``.
 
-    A transductive model (BatchNorm with batch statistics, the default protocol) normalises over the
-    samples predicted together, as the fine-tune stage did over its queries: predict a set of samples,
-    not one at a time, or use ``transductive=False`` (each sample alone with the support set)."""
+    By default (``PREDICT_PROTOCOL``) normalisation layers use the support set's statistics, so each
+    sample gets the same prediction whatever else is predicted with it; ``protocol="transductive"``
+    normalises over the samples predicted together (as meta-test does), ``"alone"`` classifies each
+    sample in a batch of its own with the support set (slowest)."""
 
-    def __init__(self, trained: TrainedModel, learner: nn.Module, support: Batch, classes: list[str]):
+    def __init__(
+        self, trained: TrainedModel, learner: nn.Module, support: Batch, classes: list[str], path: Path | None = None
+    ):
         self.trained, self.learner, self.support, self.classes = trained, learner, support, list(classes)
+        self.path = path  # the file it was loaded from
 
     @property
     def algorithm(self):
@@ -151,22 +175,23 @@ class Predictor:
         path = Path(path)
         if path.is_dir():  # a run folder, or its finetune/ folder
             path = path / "model.pt" if (path / "model.pt").is_file() else path / "finetune" / "model.pt"
-        state = load_checkpoint(path)
-        if state.get("format") != FORMAT:
+        state = read_file(path, "model")
+        if file_format(state) == CHECKPOINT_FORMAT:
             raise InputError(
-                f"{path} is not an adapted model (a meta-training checkpoint?): adapt it to your task first with "
+                f"{path} is a meta-training checkpoint, not an adapted model: adapt it to your task first with "
                 f"'metafusion fine-tune --run RUN --task YOUR_LABELLED_FILES', then use RUN/finetune/model.pt"
             )
+        check_format(state, path, FORMAT, "adapted model (RUN/finetune/model.pt)")
         trained = TrainedModel.restore(state, device, ways=len(state["classes"]))
         s = state["support"]
         support = Batch(s["inputs"], s["mask"], s["labels"], tuple(s["modalities"])).to(device)
         with torch.random.fork_rng(devices=[]):  # structure only: the adapted state is loaded below
             learner = trained.algorithm.adapt(support, 0)
         learner.load_state_dict(state["learner"])
-        return Predictor(trained, learner, support, state["classes"])
+        return Predictor(trained, learner, support, state["classes"], path)
 
     # -- prediction ----------------------------------------------------------------------------
-    def predict(self, data: MultimodalDataset, transductive: bool | None = None) -> Predictions:
+    def predict(self, data: MultimodalDataset, protocol: str = PREDICT_PROTOCOL) -> Predictions:
         """Predictions for every sample of ``data`` (as ``load_user_data`` reads it: the raw format,
         before the model's pipeline)."""
         labels = None
@@ -184,9 +209,7 @@ class Predictor:
         query = data.batch(torch.arange(len(data))).to(self.trained.cfg.train.device)
         query.labels.fill_(0)  # the class ids of the user's labels mean nothing to the model
         episode = Episode(self.support, query, len(self.classes), 0, len(query), tuple(range(len(self.classes))))
-        logits = self.algorithm.predict(self.learner, episode, transductive)
-        inner = fused_model(self.learner)
-        weights = inner.modality_weights(query) if isinstance(inner, FusionModel) else None
+        logits, weights = self.algorithm.predict_with_weights(self.learner, episode, protocol)
         columns = [data.modalities.index(m) for m in self.trained.model.modalities]
         return Predictions(
             list(ids),
@@ -199,13 +222,13 @@ class Predictor:
         )
 
     def predict_files(
-        self, path: str | Path, transductive: bool | None = None, skip_errors: bool = False
+        self, path: str | Path, protocol: str = PREDICT_PROTOCOL, skip_errors: bool = False
     ) -> Predictions:
         """Predictions for a folder or manifest (labels optional; see docs/datasets.md)."""
         from ..data.manifest import load_user_data
 
         data = load_user_data(path, self.modalities, like=self.trained.inputs, skip_errors=skip_errors, labelled=False)
-        return self.predict(data, transductive)
+        return self.predict(data, protocol)
 
 
 def load(path: str | Path, device: str = "cpu") -> Predictor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,40 +20,30 @@ import yaml
 from ..algorithms.base import classification_metrics
 from ..config import RunConfig, from_dict, resolve, to_dict
 from ..data import Episode, EpisodeSampler
-from ..errors import InputError
+from ..errors import InputError, warn
 from . import distributed
 from .build import Experiment, TrainedModel, build_experiment, load_trained
 from .checkpoint import git_commit, hardware, library_versions, load_checkpoint
 from .evaluate import meta_test
-from .predictor import Predictor
+from .predictor import PREDICT_PROTOCOL, Predictions, Predictor
 from .report import peak_memory_mb, plot_run, write_compare, write_results
-from .train import meta_train
+from .run_folder import RunFolderError, check_out, is_run_folder, locked, new_run_folder
+from .train import meta_train, stop_requests
+
+# Where meta-test writes each protocol's results (the names of the published protocols' files stay).
+RESULTS_STEM = {"transductive": "results", "alone": "results_nontransductive", "support": "results_support"}
 
 
-class RunFolderError(InputError, FileExistsError):
-    """A run folder would be overwritten, or is missing what a stage needs."""
-
-
-def check_run_dir(out: str | Path, overwrite: bool = False) -> None:
-    """Refuse a taken run folder unless ``overwrite``; writes nothing."""
-    run_dir = Path(out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunFolderError(f"--out {run_dir} is a file, not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise RunFolderError(f"run folder {run_dir} already exists; pass --overwrite or choose another --out")
-
-
-def prepare_run_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    run_dir = Path(out)
-    if resume:
-        if not (run_dir / "last.pt").is_file():
-            raise RunFolderError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
-        return run_dir
-    check_run_dir(run_dir, overwrite)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def require_checkpoint(run_dir: Path) -> Path:
+    """``run_dir/last.pt``, or a RunFolderError saying why the run cannot be continued."""
+    if not (run_dir / "last.pt").is_file():
+        if not run_dir.is_dir():
+            raise RunFolderError(f"cannot resume: run folder {run_dir} does not exist")
+        raise RunFolderError(
+            f"cannot resume: {run_dir / 'last.pt'} does not exist (the run stopped before its first checkpoint); "
+            f"start it again with --overwrite"
+        )
+    return run_dir / "last.pt"
 
 
 def save_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -77,7 +69,8 @@ def _summary(exp: Experiment, result, train: dict[str, Any] | None, run_dir: Pat
         "shots": cfg.data.shots,
         "queries": cfg.data.queries,
         **result.to_dict(),
-        "transductive": cfg.algo.transductive,
+        "transductive": exp.algorithm.transductive,
+        "protocol": exp.algorithm.evaluation_protocol,
         "iterations": (train or {}).get("iterations"),
         "train_seconds": (train or {}).get("seconds", 0.0),
         "tasks_per_s": (train or {}).get("tasks_per_s", 0.0),
@@ -101,29 +94,51 @@ def stage_meta_train(
     stop_at: int | None = None,
     experiment: Experiment | None = None,
 ) -> tuple[Experiment, dict[str, Any], Path]:
-    """Meta-train into ``out``. Launched by torchrun, every rank runs this; rank 0 owns the folder."""
+    """Meta-train into ``out``. Launched by torchrun, every rank runs this; rank 0 owns the folder.
+
+    Data and model are built before the folder is touched, so bad input leaves an existing folder as it
+    was. From the moment the folder is made, SIGINT/SIGTERM end the run after its next step with
+    ``last.pt`` written (resumable); a run that fails before its first checkpoint removes what it wrote."""
+    run_dir = Path(out)
     if resume:
-        run_dir = prepare_run_dir(out, resume=True)  # only checks that last.pt exists
+        require_checkpoint(run_dir)
         cfg = load_run_config(run_dir)
     cfg = cfg if cfg is not None else experiment.cfg
     rank = distributed.init(cfg.train.device)
     if rank.main and not resume:
-        check_run_dir(out, overwrite)  # before the data loads: a taken folder fails in a second
+        check_out(run_dir, overwrite)  # before the data loads: a taken folder fails in a second
     cfg.train.device = distributed.device_for(cfg.train.device)
-    # Data and model come first: a command that fails on bad input leaves an existing run folder untouched.
     exp = experiment or build_experiment(cfg)
-    if rank.main and not resume:
-        prepare_run_dir(out, overwrite)
-    distributed.barrier()
-    run_dir = Path(out)
-    if rank.main:
-        save_config(exp.cfg, run_dir)
-    train = meta_train(exp, run_dir, resume=resume, quiet=quiet, stop_at=stop_at)
-    train["ranks"] = rank.world
-    train["hardware"] = hardware(cfg.train.device)
-    if rank.main:
-        (run_dir / "train.json").write_text(json.dumps(train, indent=2) + "\n")
+    created = not run_dir.exists()
+    if not rank.main:
+        folder = nullcontext()
+    else:
+        folder = locked(run_dir) if resume else new_run_folder(run_dir, overwrite)
+    with stop_requests(), folder:
+        distributed.barrier()
+        if rank.main and not resume:
+            save_config(exp.cfg, run_dir)
+        try:
+            train = meta_train(exp, run_dir, resume=resume, quiet=quiet, stop_at=stop_at)
+        except BaseException:
+            if rank.main and not resume and not (run_dir / "last.pt").exists():
+                _remove_unfinished(run_dir, created)
+            raise
+        train["ranks"] = rank.world
+        train["hardware"] = hardware(cfg.train.device)
+        if rank.main:
+            (run_dir / "train.json").write_text(json.dumps(train, indent=2) + "\n")
     return exp, train, run_dir
+
+
+def _remove_unfinished(run_dir: Path, created: bool) -> None:
+    """What a run that failed before its first checkpoint wrote: nothing in it can be resumed."""
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:  # the user's (empty) folder, or one --overwrite emptied: left empty
+        for entry in run_dir.iterdir():
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    print(f"metafusion: removed {run_dir}: the run stopped before its first checkpoint", file=sys.stderr)
 
 
 def stage_meta_test(
@@ -131,14 +146,15 @@ def stage_meta_test(
     *,
     checkpoint: str | Path | None = None,
     episodes: int | None = None,
-    transductive: bool | None = None,
+    protocol: str | None = None,
     quiet: bool = False,
     experiment: Experiment | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's best checkpoint (or ``checkpoint``) on the fixed test episodes.
 
-    ``transductive=False`` classifies each query sample alone with the support set; its results are
-    written as ``results_nontransductive.json/.md`` beside the run's default results."""
+    ``protocol`` (default: the run's ``algo.transductive``) says how queries are classified
+    (``MetaAlgorithm.predict_with_weights``); each protocol's results have their own files
+    (``RESULTS_STEM``: ``results.json`` for the transductive one)."""
     run_dir = Path(run_dir)
     ckpt_path = (
         Path(checkpoint)
@@ -148,25 +164,37 @@ def stage_meta_test(
     state = load_checkpoint(ckpt_path)
     exp = experiment or build_experiment(from_dict(state["config"]))
     load_trained(exp.algorithm, state)
-    if transductive is not None:
-        exp.cfg.algo.transductive = exp.algorithm.transductive = transductive
-    tests = exp.test_episodes(episodes)
-    result = meta_test(exp.algorithm, tests, quiet=quiet, device=exp.cfg.train.device)
-    train_path = run_dir / "train.json"
-    train = json.loads(train_path.read_text()) if train_path.exists() else None
-    summary = _summary(exp, result, train, run_dir)
-    summary["checkpoint"] = str(ckpt_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_results(run_dir, summary, "results" if exp.algorithm.transductive else "results_nontransductive")
-    plot_run(run_dir, summary)
+    exp.algorithm.evaluation_protocol = exp.algorithm.protocol(protocol)
+    if not is_run_folder(run_dir):  # results are written beside the checkpoint: only into a run folder
+        raise RunFolderError(
+            f"meta-test writes its results into {run_dir}, which is not a run folder; copy the checkpoint into a "
+            f"folder of its own and test it there"
+        )
+    with locked(run_dir):
+        tests = exp.test_episodes(episodes)
+        result = meta_test(exp.algorithm, tests, quiet=quiet, device=exp.cfg.train.device)
+        train_path = run_dir / "train.json"
+        train = json.loads(train_path.read_text()) if train_path.exists() else None
+        summary = _summary(exp, result, train, run_dir)
+        summary["checkpoint"] = str(ckpt_path)
+        write_results(run_dir, summary, RESULTS_STEM[exp.algorithm.evaluation_protocol])
+        plot_run(run_dir, summary)
     return summary
 
 
 def stage_fine_tune(
-    run_dir: str | Path, *, seed: int = 0, steps: int | None = None, task: str = "heldout", quiet: bool = False
+    run_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    task: str = "heldout",
+    quiet: bool = False,
+    out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Adapt the meta-learned model to one new task and save it as a self-describing adapted model
-    (``finetune/model.pt``, read by ``metafusion predict`` and ``metafusion.load``).
+    (``out/model.pt``, by default ``RUN/finetune/model.pt``, read by ``metafusion predict`` and
+    ``metafusion.load``). An earlier adapted model in ``out`` is kept unless ``overwrite``.
 
     ``task="heldout"``: one N-way K-shot task drawn (with ``seed``) from the test classes.
     Otherwise ``task`` is a path to a user's folder or manifest (see docs/datasets.md); each of its
@@ -175,7 +203,11 @@ def stage_fine_tune(
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunFolderError(f"run folder {run_dir} does not exist")
+        raise RunFolderError(f"run folder {run_dir} {'is a file' if run_dir.exists() else 'does not exist'}")
+    out = Path(out) if out is not None else run_dir / "finetune"
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise RunFolderError(f"--out {out} would hold the run folder {run_dir}; choose a folder of its own")
+    check_out(out, overwrite)  # before the work: an earlier adapted model is kept unless --overwrite
     state = load_checkpoint(run_dir / ("best.pt" if (run_dir / "best.pt").exists() else "last.pt"))
     query_ids = None
     if task == "heldout" or "model_args" not in state:  # checkpoints from before model_args rebuild from the data
@@ -193,30 +225,62 @@ def stage_fine_tune(
         episode, classes, query_ids = user_task(task, trained, d.shots)
     episode = episode.to(trained.cfg.train.device)
     learner = trained.algorithm.adapt(episode.support, steps)
-    logits = trained.algorithm.predict(learner, episode)
+    logits = trained.algorithm.predict(learner, episode, PREDICT_PROTOCOL)  # as the saved model will predict
     metrics = classification_metrics(logits, episode.query.labels, episode.ways)
     finite = torch.isfinite(logits).all(1).tolist()
-    out = run_dir / "finetune"
-    model_path = Predictor(trained, learner, episode.support, classes).save(
-        out / "model.pt", task=task, seed=seed, steps=steps
-    )
-    result = {
-        "task": task,
-        "seed": seed,
-        "ways": episode.ways,
-        "shots": episode.shots,
-        "queries": len(episode.query),
-        "classes": classes,
-        "query_accuracy": metrics["accuracy"],
-        "diverged": metrics["diverged"],
-        "query_ids": query_ids,
-        "query_predictions": [classes[i] if ok else None for i, ok in zip(logits.argmax(1).tolist(), finite)],
-        "steps": steps if steps is not None else trained.cfg.algo.inner_steps_test,
-        "model": str(model_path),
-        "predict": f"metafusion predict --model {model_path} --data YOUR_FILES --out {out / 'predictions.csv'}",
-    }
-    (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
+    inside = run_dir.resolve() in out.resolve().parents
+    with locked(run_dir) if inside else nullcontext(), new_run_folder(out, overwrite):
+        model_path = Predictor(trained, learner, episode.support, classes).save(
+            out / "model.pt", task=task, seed=seed, steps=steps
+        )
+        result = {
+            "task": task,
+            "seed": seed,
+            "ways": episode.ways,
+            "shots": episode.shots,
+            "queries": len(episode.query),
+            "classes": classes,
+            "query_accuracy": metrics["accuracy"],
+            "protocol": PREDICT_PROTOCOL,
+            "diverged": metrics["diverged"],
+            "query_ids": query_ids,
+            "query_predictions": [classes[i] if ok else None for i, ok in zip(logits.argmax(1).tolist(), finite)],
+            "steps": steps if steps is not None else trained.cfg.algo.inner_steps_test,
+            "model": str(model_path),
+            "predict": f"metafusion predict --model {model_path} --data YOUR_FILES --out {out / 'predictions.csv'}",
+        }
+        (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def stage_predict(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    protocol: str = PREDICT_PROTOCOL,
+    skip_unreadable: bool = False,
+    device: str = "cpu",
+) -> tuple[Predictions, Path]:
+    """Label the samples of ``data`` (a folder or manifest) with the adapted model ``model`` and write the
+    predictions to ``out`` (default: ``predictions.csv`` beside the model). ``out`` never replaces the
+    model or a file of the data, and replaces another existing file only with ``force``."""
+    from ..data.manifest import load_user_data
+
+    predictor = Predictor.load(model, device)
+    model_file = predictor.path
+    out = Path(out) if out else model_file.with_name("predictions.csv")
+    samples = load_user_data(
+        data, predictor.modalities, like=predictor.trained.inputs, skip_errors=skip_unreadable, labelled=False
+    )
+    target, data = out.resolve(), Path(data).resolve()
+    if target == model_file.resolve() or str(target) in samples.metadata["files"] or target == data:
+        raise InputError(f"--out {out} is the model or one of the files it predicts; choose another file")
+    if data.is_dir() and data in target.parents:
+        raise InputError(f"--out {out} is inside the data folder {data} (it would become part of the data)")
+    predictions = predictor.predict(samples, protocol)
+    return predictions, predictions.write(out, overwrite=force)
 
 
 def user_task(path: str, trained: TrainedModel, shots: int) -> tuple[Episode, list[str], list[str]]:
@@ -238,6 +302,13 @@ def user_task(path: str, trained: TrainedModel, shots: int) -> tuple[Episode, li
         support_rows.append(rows[:shots])
         query_rows.append(rows[shots:])
     s, q = torch.cat(support_rows), torch.cat(query_rows)
+    seen = sorted(set(names) & set(trained.train_class_names or []))
+    if seen:
+        warn(
+            f"{path}: classes {', '.join(map(repr, seen))} were meta-training classes of this model: its accuracy "
+            f"on them is not a few-shot result on new classes"
+        )
+    _warn_support_repeats(path, data, s, q)
     ways = len(support_rows)
     trained.set_ways(ways)  # the task's own number of classes
     support, query = data.batch(s), data.batch(q)
@@ -246,12 +317,31 @@ def user_task(path: str, trained: TrainedModel, shots: int) -> tuple[Episode, li
     return episode, list(names), [data.metadata["ids"][i] for i in q.tolist()]
 
 
+def _warn_support_repeats(path: str, data, support: torch.Tensor, query: torch.Tensor) -> None:
+    """Queries equal to a support sample (the same inputs): they are scored on what the model adapted to."""
+
+    def key(row: int) -> tuple:
+        return tuple(
+            data.data[m][row].numpy().tobytes() if present else None
+            for m, present in zip(data.modalities, data.present[row].tolist())
+        )
+
+    shown = {key(r) for r in support.tolist()}
+    repeats = [r for r in query.tolist() if key(r) in shown]
+    if repeats:
+        warn(
+            f"{path}: {len(repeats)} query samples equal a support sample (first: {data.metadata['ids'][repeats[0]]}); "
+            f"their accuracy says nothing of new samples"
+        )
+
+
 def stage_run(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
     """All three stages for one config."""
     exp, _, run_dir = stage_meta_train(cfg, out, overwrite=overwrite, quiet=quiet)
-    summary = stage_meta_test(run_dir, quiet=quiet, experiment=exp)
-    summary["finetune"] = stage_fine_tune(run_dir, quiet=quiet)
-    write_results(run_dir, summary)
+    with locked(run_dir):  # one writer from the first stage to the last
+        summary = stage_meta_test(run_dir, quiet=quiet, experiment=exp)
+        summary["finetune"] = stage_fine_tune(run_dir, quiet=quiet)
+        write_results(run_dir, summary)
     return summary
 
 
@@ -275,13 +365,13 @@ def stage_compare(
         c = copy.deepcopy(cfg)
         c.algo.name = name
         configs.append(resolve(c))
-    check_run_dir(out, overwrite)
+    out = check_out(out, overwrite)
     first = build_experiment(configs[0])  # bad data fails here, before the folder is touched
-    out = prepare_run_dir(out, overwrite)
-    rows = []
-    for i, c in enumerate(configs):
-        exp, _, run_dir = stage_meta_train(c, out / c.algo.name, quiet=quiet, experiment=first if i == 0 else None)
-        rows.append(stage_meta_test(run_dir, quiet=quiet, experiment=exp))
-    if len({r["fingerprint"] for r in rows}) != 1:  # internal invariant: the comparison would be unfair
-        raise AssertionError("algorithms were tested on different episodes")
-    return rows, write_compare(out, rows)
+    with new_run_folder(out, overwrite):
+        rows = []
+        for i, c in enumerate(configs):
+            exp, _, run_dir = stage_meta_train(c, out / c.algo.name, quiet=quiet, experiment=first if i == 0 else None)
+            rows.append(stage_meta_test(run_dir, quiet=quiet, experiment=exp))
+        if len({r["fingerprint"] for r in rows}) != 1:  # internal invariant: the comparison would be unfair
+            raise AssertionError("algorithms were tested on different episodes")
+        return rows, write_compare(out, rows)

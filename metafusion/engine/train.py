@@ -18,7 +18,7 @@ from ..config import to_dict
 from ..errors import InputError
 from . import distributed
 from .build import Experiment, load_trained, model_args
-from .checkpoint import library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT_FORMAT, library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluate import meta_test
 from .report import MetricsLog, PeakMemory, peak_memory_mb
 
@@ -100,11 +100,19 @@ def choose_validation(
     return ValidationPlan(max(1, math.ceil(iterations / count)), episodes, auto=True)
 
 
+_stop_record: dict | None = None  # the active stop_requests() block's record (blocks nest: the outer one counts)
+
+
 @contextmanager
 def stop_requests() -> Iterator[dict]:
     """While active, SIGINT and SIGTERM only record themselves (``requests["signum"]``) so the loop can
     finish its step and write ``last.pt``; a second signal acts as usual (e.g. Ctrl-C twice kills).
-    Outside the main thread signals cannot be caught, and nothing changes."""
+    A nested block shares the outer block's record. Outside the main thread signals cannot be caught,
+    and nothing changes."""
+    global _stop_record
+    if _stop_record is not None:
+        yield _stop_record
+        return
     requests: dict = {"signum": None}
     if threading.current_thread() is not threading.main_thread():
         yield requests
@@ -118,9 +126,11 @@ def stop_requests() -> Iterator[dict]:
 
     for s in previous:
         signal.signal(s, record)
+    _stop_record = requests
     try:
         yield requests
     finally:
+        _stop_record = None
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -330,6 +340,7 @@ def _without_meta_parameters(exp: Experiment, run_dir: Path | None) -> dict:
 
 def _payload(exp: Experiment, state: TrainState, opt=None, sched=None) -> dict:
     return {
+        "format": CHECKPOINT_FORMAT,
         "module": exp.algorithm.module.state_dict(),
         "algorithm": exp.algorithm.state_dict(),
         "optimizer": opt.state_dict() if opt else {},

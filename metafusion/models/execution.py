@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .batchnorm import BatchStatsNorm
+
 
 def to_memory_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     """``x`` with the same values in ``memory_format`` (channels_last for the 2-D CNNs: see ``Conv4``).
@@ -47,6 +49,29 @@ def memory_format(model: nn.Module, fmt: torch.memory_format):
 def decomposed_batchnorm(model: nn.Module):
     """BatchNorm written out as mean/var arithmetic inside ``model`` for this block (see batchnorm.py)."""
     return overriding(model, "decomposed", True)
+
+
+@contextmanager
+def support_statistics(model: nn.Module | None, support) -> Iterator[None]:
+    """For this block, the batch-statistics normalisation layers of ``model`` normalise every batch with
+    the statistics they see on ``support`` (``model.forward_features(support)`` is run once to record
+    them), so a prediction depends on the support set and the sample alone, not on the batch it came in.
+    ``model`` None: nothing to do."""
+    norms = [m for m in model.modules() if isinstance(m, BatchStatsNorm)] if model is not None else []
+    if not norms:
+        yield
+        return
+    for m in norms:
+        m.statistics_mode, m.recorded = "record", None
+    try:
+        with torch.no_grad():
+            model.forward_features(support)
+        for m in norms:
+            m.statistics_mode = "use"
+        yield
+    finally:
+        for m in norms:
+            m.statistics_mode, m.recorded = None, None
 
 
 def episodes_vmap_pays(model: nn.Module, device: torch.device | str) -> bool:

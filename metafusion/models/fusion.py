@@ -59,6 +59,7 @@ class Fusion(nn.Module):
     """Base class: ``forward(h, mask) -> (z, weights)``, ``out_dim``, ``make_head(ways)``."""
 
     out_dim: int
+    weighted = True  # False: ``weights`` is always None
 
     def make_head(self, ways: int) -> nn.Module:
         return LinearHead(self.out_dim, ways)
@@ -94,6 +95,8 @@ class AttentionFusion(Fusion):
 @FUSIONS.register("concat")
 class ConcatFusion(Fusion):
     """Feature fusion: concatenate all modality features (zeros where absent)."""
+
+    weighted = False
 
     def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
         super().__init__()

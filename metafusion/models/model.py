@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..errors import InputError
-from .encoders import ENCODERS, default_encoder
+from .encoders import default_encoder, encoder_for
 from .execution import decomposed_batchnorm, memory_format
 from .fusion import build_fusion
 
@@ -157,5 +157,5 @@ def build_model(
         )
     modules = {}
     for m in spec.input_shapes:
-        modules[m] = ENCODERS.get(chosen.get(m) or default_encoder(m)).from_spec(spec, m, width, hidden)
+        modules[m] = encoder_for(m, chosen.get(m) or default_encoder(m)).from_spec(spec, m, width, hidden)
     return FusionModel(modules, build_fusion(fusion, len(modules), width, mode=attention), ways)

@@ -27,6 +27,9 @@ class Encoder(nn.Module):
     """``f_i``: a modality's batch ``[B, ...]`` -> features ``[B, out_dim]``."""
 
     out_dim: int
+    # The modalities whose data this encoder reads (None: any array, e.g. an MLP on a feature vector);
+    # build_model refuses it for another, where it would run on the wrong kind of data.
+    modalities: tuple[str, ...] | None = None
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, modality: str, out_dim: int, hidden: int) -> Encoder:
@@ -71,6 +74,20 @@ DEFAULT_ENCODERS = {
 }
 
 
+def encoder_for(modality: str, name: str) -> type[Encoder]:
+    """The encoder class ``name``, checked to read ``modality``'s kind of data."""
+    encoder = ENCODERS.get(name)
+    if encoder.modalities is not None and modality not in encoder.modalities:
+        fits = [
+            n for n in ENCODERS.names() if ENCODERS.get(n).modalities is None or modality in ENCODERS.get(n).modalities
+        ]
+        raise InputError(
+            f"--encoder {modality}={name}: encoder {name!r} reads {' or '.join(encoder.modalities)}, not "
+            f"{modality}; encoders for {modality}: {', '.join(fits)}"
+        )
+    return encoder
+
+
 def default_encoder(modality: str) -> str:
     if modality not in DEFAULT_ENCODERS:
         raise InputError(
@@ -80,4 +97,4 @@ def default_encoder(modality: str) -> str:
     return DEFAULT_ENCODERS[modality]
 
 
-__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "Encoder", "default_encoder", "conv_blocks"]
+__all__ = ["ENCODERS", "DEFAULT_ENCODERS", "Encoder", "default_encoder", "encoder_for", "conv_blocks"]

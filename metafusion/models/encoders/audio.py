@@ -18,6 +18,7 @@ class MelCNN(Encoder):
     spectrogram enters the CNN in channels_last order, as in ``Conv4`` (and for the same reason).
     """
 
+    modalities = ("audio",)
     memory_format = torch.channels_last
     n_mels = 40
 

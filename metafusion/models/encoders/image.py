@@ -28,6 +28,7 @@ class Conv4(Encoder):
     one-channel input are several times faster in it (docs/performance.md).
     """
 
+    modalities = ("image",)
     stride = 1
     memory_format = torch.channels_last  # benchmarks/throughput.py's reference loop sets contiguous_format
 
@@ -62,6 +63,8 @@ class ResNet18(Encoder):
     BatchNorm uses batch statistics (no running stats) so inner-loop adaptation cannot leak
     statistics into the meta-model. Grey images are fed to a 1-channel first convolution.
     """
+
+    modalities = ("image",)
 
     def __init__(
         self,

@@ -12,6 +12,8 @@ from . import ENCODERS, Encoder, conv_blocks
 class Conv1dEncoder(Encoder):
     """3 x [conv1d k5 (hidden), BatchNorm (batch statistics), ReLU, maxpool 2] -> mean over time -> d."""
 
+    modalities = ("strokes", "sequence")
+
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (64, 3)):
         super().__init__()
         self.body = conv_blocks(1, input_shape[-1], hidden, depth=3, kernel=5)
@@ -30,6 +32,8 @@ class GRUEncoder(Encoder):
     ``update_module`` do not re-point, so adapted weights would be silently ignored. ``GRUCell``
     reads its parameters on every call, which makes cloning and second-order gradients exact.
     """
+
+    modalities = ("strokes", "sequence")
 
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (64, 3)):
         super().__init__()

@@ -16,6 +16,8 @@ from . import ENCODERS, Encoder
 class TokenEncoder(Encoder):
     """token ids ``[B, L]`` (0 = padding) -> embedding -> conv1d k3 -> ReLU -> masked mean -> d."""
 
+    modalities = ("text",)
+
     @classmethod
     def from_spec(cls, spec, modality: str, out_dim: int, hidden: int) -> TokenEncoder:
         return cls(out_dim, hidden, tuple(spec.input_shapes[modality]), vocab_size=spec.vocab_size)
@@ -94,6 +96,7 @@ class PretrainedTextProjection(Encoder):
     features (computed once per sample); see ``metafusion.engine.build``.
     """
 
+    modalities = ("text",)
     frozen_features = "minilm"
 
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (384,)):
