@@ -21,14 +21,15 @@ import torch
 
 import metafusion
 from metafusion.config import load_config
-from metafusion.data import DATASETS, MultimodalDataset
+from metafusion.data import MultimodalDataset
 from metafusion.engine import stage_fine_tune, stage_meta_train
+from metafusion.engine.build import raw_dataset
 from metafusion.engine.checkpoint import hardware
 
 
 def raw_test_samples(cfg, count: int) -> MultimodalDataset:
     """``count`` samples of the test classes, as a user's files would load (before the model's pipeline)."""
-    d = DATASETS.build(cfg.data.dataset, cfg.data)
+    d = raw_dataset(cfg)
     if cfg.data.modalities:
         d = d.select_modalities(cfg.data.modalities)
     return d.unlabelled(d.rows_of_classes(d.splits["test"])[:count])

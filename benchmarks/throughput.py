@@ -128,7 +128,7 @@ class Reference:
         self.model = reference_network(exp.model)
         if algo in ("maml", "fomaml"):
             self.maml = l2l.MAML(self.model, lr=self.lr, first_order=(algo == "fomaml"), allow_unused=True)
-        self.inner_optimizer = a.inner_optimizer
+        self.inner_optimizer = a.options.get("inner_optimizer")
 
     def parameters(self):
         return list(self.model.parameters())

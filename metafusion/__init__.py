@@ -1,6 +1,5 @@
-__version__ = "0.1.0"
-
-from .errors import InputError, MissingFileError  # noqa: E402  (the errors a caller may want to catch)
+from .errors import InputError, MissingFileError  # the errors a caller may want to catch
+from .version import __version__
 
 
 def load(path, device: str = "cpu"):

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Few-shot meta-learning (MAML, Reptile, ...) on multimodal data with attention fusion.",
         epilog="Run 'metafusion COMMAND --help' for a command's flags. Docs: docs/commands.md",
     )
-    from . import __version__
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"metafusion {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, extra: list[str]):
-    from .config import ConfigError, load_config
+    from .config import load_config
+    from .errors import ConfigError
 
     overrides: dict[str, Any] = {}
     for flag, key in FLAG_KEYS.items():

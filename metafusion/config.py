@@ -1,8 +1,19 @@
-"""Typed run configuration. Values flow one way: dataclass defaults <- YAML file <- CLI overrides.
+"""Run configuration: typed sections merged one way, dataclass defaults <- YAML file <- overrides (flags).
 
-Unknown keys are errors that list the valid ones. Hyperparameters left as ``None`` take the chosen
-algorithm's published defaults (the algorithm class's ``defaults``) when the config is resolved, and the resolved
-config is what every run folder stores.
+This module merges and coerces; it knows no component. A dataset, fusion, encoder or algorithm owns its
+options (an ``Options`` dataclass beside it): keys of the ``data``, ``model`` and ``algo`` sections that
+are not fields here are kept as given in the section's ``options`` and checked, coerced and completed by
+the component they belong to when the config is resolved (``metafusion.engine.resolve``). A component
+with a hyperparameter of its own is therefore one file and one registration; nothing here changes.
+
+    data.<key>             the dataset's options (``--set data.image_size=80``)
+    model.<key>            the fusion's options (``--set model.attention=scalar``)
+    model.<modality>.<key> that modality's encoder's options (``--set model.image.input_size=112``)
+    algo.<key>             the algorithm's options (``--set algo.metric=cosine``)
+
+Unknown keys are errors that list the valid ones (for component options, when the config is resolved).
+Hyperparameters left as ``None`` take the chosen algorithm's published defaults at resolution, and the
+resolved config is what every run folder stores (``config.yaml``), component options written out flat.
 """
 
 from __future__ import annotations
@@ -14,15 +25,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from .errors import InputError
-
-
-class ConfigError(InputError):
-    """A configuration value or key is invalid; the message names it and the valid choices."""
+from .errors import ConfigError
 
 
 @dataclass
@@ -36,31 +43,21 @@ class DataConfig:
     train_ways: int | None = None  # classes per meta-train episode (None -> ways); protonet only (no head)
     train_shots: int | None = None  # shots per class in meta-train episodes (None -> shots)
     train_queries: int | None = None  # queries per class in meta-train episodes (None -> queries)
-    # Class split. omniglot: protocol (1100/100/423) | background (Lake); clinc150: protocol (seeded
-    # 60/20/20 over intents) | cross-domain (seeded 6/2/2 over domains); others: seeded 60/20/20.
-    split: str = "protocol"
-    image_size: int = 28
-    rotations: bool = False  # omniglot: 90/180/270 degree rotations as new classes (MAML protocol)
-    stroke_length: int = 64  # omniglot strokes: resampled (dx, dy, pen_up) steps
-    num_classes: int = 300  # synthetic
-    samples_per_class: int = 20  # synthetic
-    noise: float = 1.0  # synthetic: scales every modality's noise
-    data_seed: int = 0  # synthetic: generates the dataset itself
+    data_seed: int = 0  # seeds the class split (and a generated dataset) and the draw of missing_rate
     missing_rate: float = 0.0  # probability that a modality is absent from a sample (dataset level)
     modality_dropout: float = 0.0  # train-time probability of masking a present modality
     standardize: bool = True  # per-modality standardisation, statistics from meta-train only
-    skip_unreadable: bool = False  # manifest: mask corrupt files (and count them) instead of failing
     val_episodes: int = 100
     test_episodes: int = 600
     episode_seed: int = 0  # fixes the val/test episodes, identical for every algorithm
+    options: dict[str, Any] = field(default_factory=dict)  # the dataset's own (see its Options)
 
 
 @dataclass
 class ModelConfig:
     width: int = 64  # common fusion width d; every encoder projects to it
     encoders: dict[str, str] = field(default_factory=dict)  # modality -> encoder (default per modality)
-    fusion: str = "attention"  # attention | concat | mean | late | transformer
-    attention: str = "vector"  # attention weights: vector (element-wise) | scalar (one per modality)
+    fusion: str = "attention"  # see FUSIONS
     adapt: str = "all"  # parameters the inner loop adapts: all | head | fusion+head | encoders+head
     hidden: int = 64  # channels / hidden units inside encoders
     # Modalities the model reads (None -> all the data provides). Unlike data.modalities, which drops
@@ -68,30 +65,19 @@ class ModelConfig:
     # are: a single-modality model is tested on exactly the fused model's episodes, and a sample with
     # none of its modalities gets z = 0 (the head's bias alone decides).
     modalities: list[str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the fusion's own; {modality: {...}} its encoder's
 
 
 @dataclass
 class AlgoConfig:
-    name: str = "maml"  # maml | fomaml | reptile | metasgd | anil | protonet | finetune | centroid
+    name: str = "maml"  # see ALGORITHMS
     inner_lr: float | None = None
     inner_lr_test: float | None = None  # None -> inner_lr
     inner_steps: int | None = None
     inner_steps_test: int | None = None
-    inner_batch: int | None = None  # reptile: inner mini-batch size
-    inner_optimizer: str | None = None  # reptile: adam | sgd
-    # reptile: the test-time inner Adam starts from the moments (and step count) that meta-training's inner
-    # loop left, as the Reptile paper's code evaluates, instead of from a fresh optimizer
-    warm_test_optimizer: bool = False
-    first_order: bool | None = None
-    # maml/anil: the first fraction of the run (by iterations or budget, whichever is further along)
-    # meta-trains first-order, the rest second-order: FOMAML's speed early, MAML's gradient at the end.
-    first_order_warmup: float = 0.0
-    learn_inner_lr: bool = False  # maml/fomaml/anil: meta-learn one inner learning rate per layer
-    task_batched: bool = False  # maml/fomaml/anil: all tasks of a meta-batch in one vmapped network (GPUs)
     transductive: bool = True  # evaluation: query batch statistics together (True) or one query at a time
-    batched_eval: str = "auto"  # adapt evaluation episodes together under vmap: auto (where faster) | on | off
-    metric: str | None = None  # centroid (default cosine) / protonet (default euclidean): cosine | euclidean
-    proto_init: bool = False  # maml/fomaml/anil: head initialised from support prototypes (Proto-MAML)
+    batched_eval: Literal["auto", "on", "off"] = "auto"  # adapt evaluation episodes together under vmap
+    options: dict[str, Any] = field(default_factory=dict)  # the algorithm's own (see its Options)
 
 
 @dataclass
@@ -99,13 +85,13 @@ class TrainConfig:
     iterations: int = 1000
     meta_batch: int | None = None
     meta_lr: float | None = None
-    optimizer: str | None = None  # adam | sgd
-    schedule: str | None = None  # constant | linear (linear anneals the meta lr to 0)
+    optimizer: str | None = None  # see engine.optimization.OPTIMIZERS
+    schedule: str | None = None  # see engine.optimization.SCHEDULES
     clip: float | None = None  # max meta-gradient norm
     val_interval: int = 0  # 0 -> automatic: validation takes at most val_fraction of the run
     val_fraction: float = 0.1  # automatic validation's share of the meta-training time
     log_interval: int = 10
-    on_nan: str = "stop"  # stop | skip
+    on_nan: Literal["stop", "skip"] = "stop"
     budget_minutes: float | None = None  # stop meta-training after this much wall time
     seed: int = 0
     device: str = "cpu"
@@ -122,6 +108,11 @@ class RunConfig:
     # lets one config hold each paper's recipe, so `compare` and `--algo` pick the right one.
     per_algorithm: dict[str, dict] = field(default_factory=dict)
     out: str = "runs/default"
+
+
+@dataclass
+class NoOptions:
+    """The options of a component that has none of its own."""
 
 
 def default_data_root() -> str | None:
@@ -147,6 +138,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is Literal:
+        value = _coerce(value, type(args[0]), key)
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, args))}")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -187,11 +183,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _merge(old: Any, new: Any) -> Any:
+    """``new`` over ``old``; mappings merge key by key (``model.image.a`` then ``model.image.b``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{k: _merge(old.get(k), v) for k, v in new.items()}}
+    return copy.deepcopy(new)
+
+
 def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
     types_ = _field_types(type(obj))
+    open_section = "options" in types_  # keys it does not know belong to one of its components
     for key, value in updates.items():
         full = f"{prefix}{key}"
+        if key == "options" and open_section:
+            raise ConfigError(f"{full}: write a component's options as {prefix}<key> directly")
         if key not in types_:
+            if open_section:
+                obj.options[key] = _merge(obj.options.get(key), value)
+                continue
             valid = ", ".join(f"{prefix}{k}" for k in types_)
             raise ConfigError(f"unknown config key {full!r}; valid keys: {valid}")
         current = getattr(obj, key)
@@ -203,13 +212,67 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, types_[key], full))
 
 
+def parse_options(
+    cls: type, values: dict[str, Any], prefix: str, owner: str, common: list[str], others: dict[str, type] | None = None
+) -> Any:
+    """``values`` (as the YAML file or the flags gave them) as an instance of the options dataclass ``cls``
+    of component ``owner``: coerced to its field types, checked by its ``__post_init__``. An unknown key is
+    an error listing the section's valid keys (``common`` and the component's) and the components of its
+    kind (``others``: name -> Options) that take it; one of metafusion 0.1's global keys given at that
+    version's default (as old run folders' config files do) says nothing and is dropped."""
+    types_ = _field_types(cls)
+    section = prefix.rstrip(".").split(".")[0]
+    known = {}
+    for key, value in values.items():
+        if key in types_:
+            known[key] = _coerce(value, types_[key], f"{prefix}{key}")
+        elif value is not None and V01_DEFAULTS.get(section, {}).get(key, _MISSING) != value:
+            takers = [n for n, o in (others or {}).items() if key in _field_types(o)]
+            taken = f" ({prefix}{key} is an option of {' and '.join(takers)})" if takers else ""
+            valid = ", ".join(f"{prefix}{k}" for k in [*common, *types_])
+            raise ConfigError(f"unknown config key '{prefix}{key}' for {owner}{taken}; valid keys: {valid}")
+    return cls(**known)
+
+
+def options_dict(options: Any) -> dict[str, Any]:
+    """An options dataclass instance as the plain values a config stores."""
+    return dataclasses.asdict(options)
+
+
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as nested plain values, each section's component options written flat into it."""
+    out = dataclasses.asdict(cfg)
+    for section in ("data", "model", "algo"):
+        out[section] = {**{k: v for k, v in out[section].items() if k != "options"}, **out[section]["options"]}
+    return out
 
 
+_MISSING = object()
 # Keys that older versions wrote into run folders' config.yaml and checkpoints but that no longer mean
 # anything; dropped when such a config is read, so old runs still load.
-RETIRED_KEYS = {"data": ("text_encoder_features",)}
+RETIRED_KEYS = {"data": ("text_encoder_features",), "algo": ("first_order",)}
+# metafusion 0.1's keys that are now a component's own option, with their 0.1 defaults: its config files
+# give every one of them, for every component (see parse_options).
+V01_DEFAULTS = {
+    "data": {
+        "split": "protocol",
+        "image_size": 28,
+        "rotations": False,
+        "stroke_length": 64,
+        "num_classes": 300,
+        "samples_per_class": 20,
+        "noise": 1.0,
+        "skip_unreadable": False,
+    },
+    "model": {"attention": "vector"},
+    "algo": {
+        "learn_inner_lr": False,
+        "task_batched": False,
+        "proto_init": False,
+        "first_order_warmup": 0.0,
+        "warm_test_optimizer": False,
+    },
+}
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:
@@ -223,7 +286,7 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides (``{"train.iterations": 50, ...}``), validated."""
+    """Defaults <- YAML file <- overrides (``{"train.iterations": 50, ...}``), values checked."""
     cfg = RunConfig()
     if path is not None:
         path = Path(path)
@@ -247,8 +310,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         _apply(cfg, nested)
         for section in cfg.per_algorithm.values():  # a flag beats the file, its per-algorithm sections too
             _forget(section, dotted.split("."))
-    validate(cfg)
+    check_values(cfg)
     return cfg
+
+
+def apply(cfg: RunConfig, values: dict[str, Any]) -> None:
+    """Merge nested ``values`` (a YAML section's shape) into ``cfg``, coerced (a per-algorithm section)."""
+    _apply(cfg, values)
 
 
 def _forget(values: dict[str, Any], path: list[str]) -> None:
@@ -264,139 +332,38 @@ def _forget(values: dict[str, Any], path: list[str]) -> None:
         del values[head]
 
 
-def algorithm_defaults(name: str) -> dict[str, Any]:
-    """Algorithm ``name``'s published hyperparameters (its class owns them)."""
-    from .algorithms import ALGORITHMS
-
-    return ALGORITHMS.get(name).defaults
-
-
-def resolve(cfg: RunConfig) -> RunConfig:
-    """Return a copy with every None hyperparameter filled from the algorithm's defaults."""
-    cfg = copy.deepcopy(cfg)
-    specific = cfg.per_algorithm.get(cfg.algo.name)
-    if specific:
-        _apply(cfg, {k: v for k, v in specific.items() if k != "per_algorithm"})
-    defaults = algorithm_defaults(cfg.algo.name)
-    for section in (cfg.algo, cfg.train):
-        for key, value in defaults.items():
-            if hasattr(section, key) and getattr(section, key) is None:
-                setattr(section, key, value)
-    if cfg.algo.inner_lr_test is None:
-        cfg.algo.inner_lr_test = cfg.algo.inner_lr
-    if cfg.data.train_ways is None:
-        cfg.data.train_ways = cfg.data.ways
-    if cfg.data.train_shots is None:
-        cfg.data.train_shots = cfg.data.shots
-    if cfg.data.train_queries is None:
-        cfg.data.train_queries = cfg.data.queries
-    if cfg.data.root is None:
-        cfg.data.root = default_data_root()
-    validate(cfg)
-    return cfg
-
-
-def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value is not None and value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
-
-
-def _positive(key: str, value: Any, minimum: int = 1) -> None:
+def at_least(key: str, value: Any, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
 
 
-def _greater(key: str, value: Any, bound: float = 0.0) -> None:
+def above(key: str, value: Any, bound: float = 0.0) -> None:
     if value is not None and not value > bound:  # `not >` also rejects NaN
         raise ConfigError(f"{key} must be > {bound:g}, got {value}")
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"train.device={device!r} is not a device; use cpu or cuda (cuda:N)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device!r}, but no CUDA device is available on this machine; use --device cpu")
-    if kind not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device={device!r}: metafusion runs on cpu or cuda")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Reject incompatible settings at configuration time, never mid-training. Names are checked against
-    the registries and the modules that own them (imported here: they import this module's dataclasses)."""
-    from .algorithms import ALGORITHMS
-    from .algorithms.base import BATCHED_EVAL
-    from .algorithms.protonet import METRICS
-    from .data import DATASETS
-    from .models import ADAPT_SCOPES, FUSIONS
-    from .models.encoders import encoder_for
-
-    _choice("data.dataset", cfg.data.dataset, DATASETS.names())
-    _choice("algo.name", cfg.algo.name, ALGORITHMS.names())
-    algorithm = ALGORITHMS.get(cfg.algo.name)
-    for name, section in cfg.per_algorithm.items():
-        _choice("per_algorithm key", name, ALGORITHMS.names())
-        _apply(copy.deepcopy(cfg), {k: v for k, v in (section or {}).items()})  # reject unknown keys now
-    for modality, name in cfg.model.encoders.items():
-        encoder_for(modality, name)
-    _choice("model.fusion", cfg.model.fusion, FUSIONS.names())
-    _choice("model.attention", cfg.model.attention, ("vector", "scalar"))
-    _choice("model.adapt", cfg.model.adapt, ADAPT_SCOPES)
-    _choice("train.optimizer", cfg.train.optimizer, ("adam", "sgd"))
-    _choice("train.schedule", cfg.train.schedule, ("constant", "linear"))
-    _choice("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
-    _choice("algo.batched_eval", cfg.algo.batched_eval, BATCHED_EVAL)
-    _choice("data.split", cfg.data.split, ("protocol", "background", "cross-domain"))
-    for key in (
-        "shots",
-        "queries",
-        "val_episodes",
-        "test_episodes",
-        "image_size",
-        "stroke_length",
-        "samples_per_class",
-    ):
-        _positive(f"data.{key}", getattr(cfg.data, key))
-    _positive("data.ways", cfg.data.ways, minimum=2)
-    if cfg.data.dataset == "synthetic":
-        _positive("data.num_classes", cfg.data.num_classes, minimum=cfg.data.ways)
-    if not cfg.data.noise >= 0:
-        raise ConfigError(f"data.noise must be >= 0, got {cfg.data.noise}")
-    _positive("model.hidden", cfg.model.hidden)
-    _positive("algo.inner_batch", cfg.algo.inner_batch)
-    _positive("train.val_interval", cfg.train.val_interval, minimum=0)
-    _positive("train.log_interval", cfg.train.log_interval)
-    _positive("train.threads", cfg.train.threads)
-    if cfg.train.threads and cfg.train.threads > (os.cpu_count() or 1):
-        raise ConfigError(f"train.threads={cfg.train.threads}, but this machine has {os.cpu_count()} cores")
-    _greater("train.budget_minutes", cfg.train.budget_minutes)
-    _greater("train.val_fraction", cfg.train.val_fraction)
-    _greater("train.clip", cfg.train.clip)
-    if algorithm.meta_parameters:
-        _greater("train.meta_lr", cfg.train.meta_lr)
-    for key in ("inner_lr", "inner_lr_test"):
-        value = getattr(cfg.algo, key)
-        if not algorithm.inner_loop:
-            if value is not None and not value >= 0:
-                raise ConfigError(f"algo.{key} must be >= 0, got {value}")
-        else:
-            _greater(f"algo.{key}", value)
-    _check_device(cfg.train.device)
-    _positive("data.train_shots", cfg.data.train_shots)
-    _positive("data.train_ways", cfg.data.train_ways, minimum=2)
-    _positive("data.train_queries", cfg.data.train_queries, minimum=0)
-    # nothing to meta-train (centroid): 0 iterations are fine; else a run of none would leave no checkpoint
-    _positive("train.iterations", cfg.train.iterations, minimum=1 if algorithm.meta_parameters else 0)
-    _positive("train.meta_batch", cfg.train.meta_batch)
-    _positive("model.width", cfg.model.width)
-    for key in ("inner_steps", "inner_steps_test"):  # steps of an inner loop the algorithm runs: at least one
-        _positive(f"algo.{key}", getattr(cfg.algo, key), minimum=1 if key in algorithm.step_keys else 0)
+def check_values(cfg: RunConfig) -> None:
+    """The ranges of this module's own fields (what depends on a component is checked when resolving)."""
+    d, t = cfg.data, cfg.train
+    for key in ("shots", "queries", "val_episodes", "test_episodes", "train_shots"):
+        at_least(f"data.{key}", getattr(d, key))
+    at_least("data.ways", d.ways, minimum=2)
+    at_least("data.train_ways", d.train_ways, minimum=2)
+    at_least("data.train_queries", d.train_queries, minimum=0)
     for key in ("missing_rate", "modality_dropout"):
-        value = getattr(cfg.data, key)
+        value = getattr(d, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"data.{key} must be in [0, 1), got {value}")
-    _choice("algo.metric", cfg.algo.metric, METRICS)
-    algorithm.check_config(cfg)  # what only this algorithm knows: its options and incompatibilities
+    at_least("model.width", cfg.model.width)
+    at_least("model.hidden", cfg.model.hidden)
+    at_least("train.iterations", t.iterations, minimum=0)
+    at_least("train.meta_batch", t.meta_batch)
+    at_least("train.val_interval", t.val_interval, minimum=0)
+    at_least("train.log_interval", t.log_interval)
+    at_least("train.threads", t.threads)
+    if t.threads and t.threads > (os.cpu_count() or 1):
+        raise ConfigError(f"train.threads={t.threads}, but this machine has {os.cpu_count()} cores")
+    for key in ("budget_minutes", "val_fraction", "clip"):
+        above(f"train.{key}", getattr(t, key))
+    for key in ("inner_steps", "inner_steps_test"):
+        at_least(f"algo.{key}", getattr(cfg.algo, key), minimum=0)

@@ -9,6 +9,10 @@ class InputError(ValueError):
     and, where there are choices, the valid ones."""
 
 
+class ConfigError(InputError):
+    """A configuration value or key is invalid; the message names it and the valid choices."""
+
+
 class MissingFileError(InputError, FileNotFoundError):
     """A file or folder the user pointed to (or a stage needs) does not exist."""
 

@@ -11,6 +11,7 @@ from conftest import tiny_episode, tiny_tabular_model
 from metafusion.algorithms import ALGORITHMS, FOMAML, MAML, Centroid, MetaSGD, ProtoNet, Reptile
 from metafusion.config import load_config
 from metafusion.engine import build_experiment, meta_test, meta_train
+from metafusion.engine.resolve import resolve
 
 COMMON = dict(inner_lr=0.3, inner_steps=2, inner_lr_test=0.3, inner_steps_test=2)
 
@@ -84,10 +85,10 @@ def test_first_order_warmup_gives_fomamls_gradient_then_mamls():
         expected = grads["fo" if progress < 0.4 else "so", progress]
         assert torch.allclose(grads["warm", progress], expected, atol=1e-12)
     assert not torch.allclose(grads["fo", 0.0], grads["so", 0.0])
-    with pytest.raises(ValueError, match=r"algo.first_order_warmup applies to anil and maml, not fomaml"):
-        load_config(None, {"algo.name": "fomaml", "algo.first_order_warmup": 0.5})
+    with pytest.raises(ValueError, match=r"algo.first_order_warmup is an option of anil and maml"):
+        resolve(load_config(None, {"algo.name": "fomaml", "algo.first_order_warmup": 0.5}))
     with pytest.raises(ValueError, match=r"fraction of the run in \[0, 1\)"):
-        load_config(None, {"algo.name": "maml", "algo.first_order_warmup": 1.0})
+        resolve(load_config(None, {"algo.name": "maml", "algo.first_order_warmup": 1.0}))
 
 
 def _sgd_reptile(model, episodes, lr, steps):
@@ -271,8 +272,8 @@ def test_task_batched_meta_gradient_equals_the_per_task_loop(name, steps, scope)
 
 
 def test_task_batched_refuses_what_it_cannot_batch():
-    with pytest.raises(ValueError, match="algo.task_batched applies to anil, fomaml and maml, not reptile"):
-        load_config(None, {"algo.name": "reptile", "algo.task_batched": True})
+    with pytest.raises(ValueError, match="algo.task_batched is an option of anil and fomaml and maml"):
+        resolve(load_config(None, {"algo.name": "reptile", "algo.task_batched": True}))
     with pytest.raises(ValueError, match="learned inner learning rates"):
         MetaSGD(tiny_tabular_model(), task_batched=True, **COMMON)
     model, a, b = tiny_tabular_model(), tiny_episode(seed=0), tiny_episode(seed=1)
@@ -313,9 +314,11 @@ def test_reptile_warm_test_optimizer_steps_from_the_training_adams_moments():
     check_one_step(tiny_episode(ways=2, seed=7), warm=True)
     assert all(torch.equal(s["exp_avg_sq"], v) and float(s["step"]) == 6 for s, v in zip(trained, v0))
     with pytest.raises(ValueError, match="warm_test_optimizer needs algo.inner_optimizer=adam"):
-        load_config(None, {"algo.name": "reptile", "algo.inner_optimizer": "sgd", "algo.warm_test_optimizer": True})
-    with pytest.raises(ValueError, match="algo.warm_test_optimizer applies to reptile, not maml"):
-        load_config(None, {"algo.name": "maml", "algo.warm_test_optimizer": True})
+        resolve(
+            load_config(None, {"algo.name": "reptile", "algo.inner_optimizer": "sgd", "algo.warm_test_optimizer": True})
+        )
+    with pytest.raises(ValueError, match="algo.warm_test_optimizer is an option of reptile"):
+        resolve(load_config(None, {"algo.name": "maml", "algo.warm_test_optimizer": True}))
 
 
 # Batched evaluation (every episode adapted at once under vmap) against the per-episode loop, float64.
@@ -384,8 +387,8 @@ def test_batched_evaluation_is_used_where_it_pays(small_synthetic):
     conv = build_experiment(load_config(None, settings), small_synthetic.select_modalities(["image"])).model
     assert episodes_vmap_pays(mlp, "cpu") and not episodes_vmap_pays(conv, "cpu")
     assert episodes_vmap_pays(conv, "cuda")
-    with pytest.raises(ValueError, match="batched_eval"):
-        MAML(tiny_tabular_model(), batched_eval="sometimes", **COMMON)
+    with pytest.raises(ValueError, match="algo.batched_eval='sometimes' is not valid; choose one of: auto, on, off"):
+        load_config(None, {"algo.batched_eval": "sometimes"})
 
 
 def test_metasgd_resizes_its_head_rates_with_the_head():

@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from metafusion.algorithms import ALGORITHMS
-from metafusion.config import load_config, resolve
-from metafusion.data import DATASETS
+from metafusion.config import load_config
+from metafusion.engine.build import raw_dataset
+from metafusion.engine.resolve import resolve
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*.yaml"))
 
@@ -30,7 +31,7 @@ def test_omniglot_protocol_recipes(ways, shots, lr, steps, batch):
     assert (maml.train.meta_batch, maml.train.iterations, maml.data.train_queries) == (batch, 60000, shots)
     reptile = resolve(load_config(path, {"algo.name": "reptile"}))
     assert (reptile.data.train_shots, reptile.train.meta_batch, reptile.train.schedule) == (10, 5, "linear")
-    assert reptile.algo.inner_steps_test == 50 and reptile.algo.inner_optimizer == "adam"
+    assert reptile.algo.inner_steps_test == 50 and reptile.algo.options["inner_optimizer"] == "adam"
     assert maml.data.test_episodes == reptile.data.test_episodes == 600
 
 
@@ -48,25 +49,15 @@ def test_fast_recipes_keep_the_papers_protocol(path, algo):
     steps at test as the protocol config, for every algorithm the recipe tunes."""
     protocol = path.with_name(path.name.replace("_fast", ""))
     fast, paper = (resolve(load_config(p, {"algo.name": algo})) for p in (path, protocol))
-    for key in (
-        "dataset",
-        "split",
-        "rotations",
-        "image_size",
-        "ways",
-        "shots",
-        "queries",
-        "test_episodes",
-        "episode_seed",
-    ):
-        assert getattr(fast.data, key) == getattr(paper.data, key), key
+    for key in ("dataset", "ways", "shots", "queries", "test_episodes", "episode_seed", "options"):
+        assert getattr(fast.data, key) == getattr(paper.data, key), key  # options: split, rotations, image size
     assert fast.algo.inner_steps_test == paper.algo.inner_steps_test
 
 
 @pytest.mark.data
 def test_omniglot_protocol_config_builds_the_published_splits(data_root):
     cfg = resolve(load_config(CONFIGS[0].parent / "omniglot_5w1s.yaml", {"data.root": str(data_root)}))
-    ds = DATASETS.build("omniglot", cfg.data)
+    ds = raw_dataset(cfg)
     # 1100 / 100 / 423 characters, each with its three rotations as further classes.
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 4400, "val": 400, "test": 1692}
 

@@ -16,11 +16,24 @@ import yaml
 from metafusion.cli import main
 from metafusion.engine.checkpoint import load_checkpoint
 
-TINY = [
-    "--set", "data.num_classes=30", "--set", "data.samples_per_class=10", "--queries", "2",
-    "--set", "data.val_episodes=2", "--episodes", "6", "--set", "model.width=8", "--set", "model.hidden=8",
-    "--meta-batch", "2", "--set", "train.val_interval=3", "--quiet",
-]  # fmt: skip
+TINY_RUN = [
+    "--queries",
+    "2",
+    "--set",
+    "data.val_episodes=2",
+    "--episodes",
+    "6",
+    "--set",
+    "model.width=8",
+    "--set",
+    "model.hidden=8",
+    "--meta-batch",
+    "2",
+    "--set",
+    "train.val_interval=3",
+    "--quiet",
+]  # fmt: skip   (any dataset)
+TINY = ["--set", "data.num_classes=30", "--set", "data.samples_per_class=10", *TINY_RUN]  # a small synthetic set
 
 
 def run_cli(*args) -> int:
@@ -53,16 +66,17 @@ def test_bad_usage_exits_non_zero_with_usage(argv, capsys):
         (["--dataset", "omniglot", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),
         (["--fusion", "sum"], "attention, concat, late, mean, transformer"),
         (["--set", "data.train_ways=10"], "only protonet (no classifier head) can train on more ways"),
-        (["--set", "algo.metric=cosine"], "algo.metric applies to centroid and protonet, not maml"),
+        (["--set", "algo.metric=cosine"], "unknown config key 'algo.metric' for algorithm maml (algo.metric is an opt"),
         (
             ["--algo", "reptile", "--set", "algo.proto_init=true"],
-            "algo.proto_init applies to anil, fomaml and maml, not reptile",
+            "algo.proto_init is an option of anil and fomaml and maml",
         ),
-        (["--set", "algo.proto_init=true", "--fusion", "late"], "'late' fusion has one head per modality"),
+        (["--set", "algo.proto_init=true", "--fusion", "late"], "one linear head on the fused feature (not 'late'"),
     ],
 )
 def test_bad_values_give_clear_errors(tmp_path, capsys, args, message):
-    assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", tmp_path / "r", *args) == 2
+    tiny = TINY_RUN if "--dataset" in args else TINY
+    assert run_cli("meta-train", *tiny, "--iterations", 1, "--out", tmp_path / "r", *args) == 2
     assert message in capsys.readouterr().err
 
 
@@ -321,7 +335,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case, m
     run.mkdir()
     (run / ".metafusion-run").write_text("")  # an earlier run's folder, which --overwrite may replace
     (run / "config.yaml").write_text("an earlier run")
-    assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", run, "--overwrite", *case(tmp_path)) == 2
+    args = case(tmp_path)
+    tiny = TINY_RUN if "--dataset" in args else TINY
+    assert run_cli("meta-train", *tiny, "--iterations", 1, "--out", run, "--overwrite", *args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in run.iterdir()) == [".metafusion-run", "config.yaml"]  # nothing written
@@ -329,13 +345,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case, m
 
 
 def test_non_finite_files_can_be_masked_and_counted(tmp_path):
-    from metafusion.config import DataConfig
-    from metafusion.data import DATASETS
+    from metafusion.config import load_config
+    from metafusion.engine.build import raw_dataset
+    from metafusion.engine.resolve import resolve
     from metafusion.errors import InputWarning
 
     root = str(_manifest(tmp_path, _nan_tabular))
+    cfg = resolve(load_config(None, {"data.dataset": "manifest", "data.root": root, "data.skip_unreadable": True}))
     with pytest.warns(InputWarning, match="skipped 1 unreadable files"):
-        ds = DATASETS.build("manifest", DataConfig(dataset="manifest", root=root, skip_unreadable=True))
+        ds = raw_dataset(cfg)
     assert ds.metadata["skipped"] == 1 and not ds.present[0, ds.modalities.index("tabular")]
     assert torch.isfinite(ds.data["tabular"]).all()
 

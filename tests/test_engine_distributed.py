@@ -32,7 +32,8 @@ def _free_port() -> int:
 def _meta_gradient(algo: str, rank: distributed.Rank) -> list[torch.Tensor]:
     """This rank's view of the meta-gradient of one meta-batch (float64), after the all-reduce."""
     torch.set_default_dtype(torch.float64)
-    exp = build_experiment(from_dict({**CFG, "algo": {"name": algo, "inner_optimizer": "sgd"}}))
+    own = {"inner_optimizer": "sgd"} if algo == "reptile" else {}  # Reptile: SGD, so ranks keep no Adam state
+    exp = build_experiment(from_dict({**CFG, "algo": {"name": algo, **own}}))
     # the synthetic data is float32; make the whole computation float64
     tasks = [exp.train_sampler.sample().to("cpu", torch.float64) for _ in range(exp.cfg.train.meta_batch)]
     params = list(exp.algorithm.parameters())

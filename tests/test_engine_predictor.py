@@ -206,9 +206,9 @@ def test_a_users_task_adapts_and_predicts_on_cuda(tmp_path, algo):
 
 def _raw_samples(model, rows: torch.Tensor):
     """Samples ``rows`` of the model's dataset, raw (before its pipeline), without labels, as a user's files."""
-    from metafusion.data import DATASETS
+    from metafusion.engine.build import raw_dataset
 
-    return DATASETS.build(model.trained.cfg.data.dataset, model.trained.cfg.data).unlabelled(rows)
+    return raw_dataset(model.trained.cfg).unlabelled(rows)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from metafusion.config import load_config
-from metafusion.data import DATASETS
 from metafusion.data.synthetic import decode_text
 from metafusion.engine import build_experiment, meta_test
-from metafusion.engine.build import TrainedModel
+from metafusion.engine.build import TrainedModel, raw_dataset
 from metafusion.engine.checkpoint import load_checkpoint
 from metafusion.engine.stages import stage_meta_test, stage_meta_train, user_task
 
@@ -31,7 +30,7 @@ def _test_rows(exp, per_class: int = 3) -> list[list[int]]:
 def test_a_users_data_is_standardised_with_the_meta_train_statistics(tmp_path):
     cfg = load_config(None, {**TINY, "data.modalities": ["tabular"]})
     exp = build_experiment(cfg)
-    raw = DATASETS.build("synthetic", exp.cfg.data).select_modalities(["tabular"]).data["tabular"]
+    raw = raw_dataset(exp.cfg).select_modalities(["tabular"]).data["tabular"]
     classes = _test_rows(exp)
     for k, rows in enumerate(classes):  # the user's folder holds the raw vectors of these rows
         (tmp_path / f"c{k}").mkdir()
@@ -48,7 +47,7 @@ def test_a_users_text_is_embedded_by_the_frozen_encoder_the_model_was_trained_on
     cfg = load_config(None, {**TINY, "data.modalities": ["text"], "model.encoders": {"text": "minilm"}})
     exp = build_experiment(cfg)
     vocab = exp.dataset.metadata["vocabulary"]
-    ids = DATASETS.build("synthetic", exp.cfg.data).select_modalities(["text"]).data["text"]
+    ids = raw_dataset(exp.cfg).select_modalities(["text"]).data["text"]
     classes = _test_rows(exp, per_class=2)
     lines = ["label,text"] + [f"c{k},{decode_text(ids[r], vocab)}" for k, rows in enumerate(classes) for r in rows]
     (tmp_path / "task.csv").write_text("\n".join(lines) + "\n")

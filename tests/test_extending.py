@@ -1,12 +1,15 @@
 """docs/extending.md's promise: a new dataset, encoder, fusion or algorithm is one definition plus its
-registration line. Here all four are defined in this file alone and go through every stage."""
+registration line, options of its own included. Here all four are defined in this file alone, take
+options from the command line and go through every stage."""
 
 import copy
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 import metafusion
@@ -28,16 +31,26 @@ def registries(monkeypatch):
         monkeypatch.setattr(registry, "_info", dict(registry._info))
 
 
+@dataclass
+class ToySignalsOptions:
+    per_class: int = 10  # samples per class
+
+
+@dataclass
+class ZeroStepOptions:
+    test_momentum: float = 0.0  # momentum of the test-time SGD
+
+
 def register_toys() -> None:
-    @DATASETS.register("toy-signals", expects="(generated; no files)")
-    def toy_signals(cfg: DataConfig) -> MultimodalDataset:
-        """12 classes of 10 samples: a 6-number 'signal' and a 16-number 'tabular' vector per sample."""
-        g = torch.Generator().manual_seed(cfg.data_seed)
-        targets = torch.arange(12).repeat_interleave(10)
-        signal = torch.randn(12, 6, generator=g)[targets] + 0.3 * torch.randn(120, 6, generator=g)
-        tabular = torch.randn(12, 16, generator=g)[targets] + 0.3 * torch.randn(120, 16, generator=g)
+    @DATASETS.register("toy-signals", options=ToySignalsOptions, expects="(generated; no files)")
+    def toy_signals(cfg: DataConfig, opts: ToySignalsOptions) -> MultimodalDataset:
+        """12 classes of ``per_class`` samples: a 6-number 'signal' and a 16-number 'tabular' vector each."""
+        g, n = torch.Generator().manual_seed(cfg.data_seed), 12 * opts.per_class
+        targets = torch.arange(12).repeat_interleave(opts.per_class)
+        signal = torch.randn(12, 6, generator=g)[targets] + 0.3 * torch.randn(n, 6, generator=g)
+        tabular = torch.randn(12, 16, generator=g)[targets] + 0.3 * torch.randn(n, 16, generator=g)
         splits = split_classes(list(range(12)), (0.5, 0.25, 0.25), cfg.data_seed)
-        present = torch.ones(120, 2, dtype=torch.bool)
+        present = torch.ones(n, 2, dtype=torch.bool)
         return MultimodalDataset(
             {"signal": signal, "tabular": tabular}, present, targets, ("signal", "tabular"), splits
         )
@@ -55,7 +68,7 @@ def register_toys() -> None:
     class MaxFusion(Fusion):
         """Element-wise maximum over the present modalities (no weights)."""
 
-        def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
+        def __init__(self, num_modalities: int, dim: int):
             super().__init__()
             self.out_dim = dim
 
@@ -69,6 +82,11 @@ def register_toys() -> None:
         name = "toy-zero-step"
         defaults = dict(inner_lr=0.1, inner_steps=0, inner_steps_test=5, meta_batch=4, meta_lr=1e-2)
         defaults.update(optimizer="adam", schedule="constant")
+        Options = ZeroStepOptions
+
+        def __init__(self, model, *, test_momentum: float = 0.0, **kwargs):
+            super().__init__(model, **kwargs)
+            self.test_momentum = test_momentum
 
         def meta_backward(self, tasks):
             tally = TaskTally()
@@ -81,7 +99,7 @@ def register_toys() -> None:
 
         def adapt(self, support, steps=None):
             learner = copy.deepcopy(self.model)
-            opt = torch.optim.SGD(learner.parameters(), lr=self.inner_lr_test)
+            opt = torch.optim.SGD(learner.parameters(), lr=self.inner_lr_test, momentum=self.test_momentum)
             with torch.enable_grad():
                 for _ in range(self.inner_steps_test if steps is None else steps):
                     opt.zero_grad()
@@ -95,7 +113,11 @@ def test_a_dataset_encoder_fusion_and_algorithm_defined_in_one_file_run_every_st
     run = tmp_path / "run"
     common = ["--dataset", "toy-signals", "--encoder", "signal=toy-linear", "--fusion", "toy-max", "--ways", "3"]
     args = [*common, "--algo", "toy-zero-step", "--iterations", "30", "--queries", "3", "--quiet"]
-    assert main(["meta-train", *args, "--set", "data.val_episodes=5", "--episodes", "20", "--out", str(run)]) == 0
+    options = ["--set", "data.per_class=14", "--set", "algo.test_momentum=0.5"]  # each component's own
+    assert (
+        main(["meta-train", *args, *options, "--set", "data.val_episodes=5", "--episodes", "20", "--out", str(run)])
+        == 0
+    )
     assert main(["meta-test", "--run", str(run), "--quiet"]) == 0
     assert main(["fine-tune", "--run", str(run)]) == 0
     assert main(["datasets"]) == 0 and "toy-signals" in capsys.readouterr().out
@@ -106,6 +128,27 @@ def test_a_dataset_encoder_fusion_and_algorithm_defined_in_one_file_run_every_st
     model = metafusion.load(run)  # the adapted model rebuilds from the registered names alone
     assert isinstance(model.trained.model.fusion, FUSIONS.get("toy-max"))
     assert type(model.trained.model.encoders["signal"]).__name__ == "ToyLinear"
+    assert model.algorithm.test_momentum == 0.5  # the option reached the algorithm, and travels with the model
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["per_class"] == 14 and saved["algo"]["test_momentum"] == 0.5
+    assert len(exp_dataset(saved)) == 12 * 14
+
+
+def exp_dataset(saved: dict):
+    from metafusion.config import from_dict
+    from metafusion.engine.build import raw_dataset
+
+    return raw_dataset(from_dict(saved))
+
+
+def test_a_components_unknown_option_lists_the_valid_ones(tmp_path, registries, capsys):
+    register_toys()
+    args = ["--dataset", "toy-signals", "--encoder", "signal=toy-linear", "--algo", "toy-zero-step"]
+    assert main(["meta-train", *args, "--set", "algo.test_momentun=0.5", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'algo.test_momentun' for algorithm toy-zero-step" in err and "algo.test_momentum" in err
+    assert main(["meta-train", *args, "--set", "data.per_class=many", "--out", str(tmp_path / "r")]) == 2
+    assert "data.per_class: expected an integer, got 'many'" in capsys.readouterr().err
 
 
 def test_an_algorithm_rejects_arguments_it_does_not_take():

@@ -51,7 +51,13 @@ def test_every_encoder_and_fusion_gives_finite_logits(encoder, fusion):
 def _three_modality_model(fusion, mode="vector"):
     spec = ModelSpec({"a": (4,), "b": (4,), "c": (4,)})
     return build_model(
-        spec, ways=3, width=8, hidden=8, fusion=fusion, attention=mode, encoders={"a": "mlp", "b": "mlp", "c": "mlp"}
+        spec,
+        ways=3,
+        width=8,
+        hidden=8,
+        fusion=fusion,
+        encoders={"a": "mlp", "b": "mlp", "c": "mlp"},
+        fusion_options={"attention": mode} if fusion == "attention" else {},
     )
 
 
@@ -90,7 +96,7 @@ def test_absent_modality_has_exactly_zero_influence(fusion):
 
 def test_attention_matches_hand_computation():
     torch.manual_seed(0)
-    fusion = AttentionFusion(num_modalities=3, dim=4, mode="vector").double()
+    fusion = AttentionFusion(num_modalities=3, dim=4, attention="vector").double()
     h = torch.randn(2, 3, 4, dtype=torch.float64)
     mask = torch.tensor([[True, True, True], [True, False, True]])
     z, w = fusion(h, mask)

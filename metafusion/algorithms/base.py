@@ -11,20 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, RunConfig
+from ..config import NoOptions, RunConfig
 from ..data.batch import Batch, Episode
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..models.execution import episodes_vmap_pays, support_statistics
-from ..models.model import FusionModel, ModelSpec
+from ..models.model import FusionModel
+from ..models.spec import ModelSpec
 from ..registry import Registry
 from .batched import State, evaluate_batched, functional, predict_alone
 
 ALGORITHMS: Registry = Registry("algorithm")
 # How query samples are classified after adaptation (``MetaAlgorithm.predict_with_weights``).
 PROTOCOLS = ("transductive", "alone", "support")
-BATCHED_EVAL = ("auto", "on", "off")  # adapt evaluation episodes together: where it pays | always | never
-# algo.* switches only some algorithms take
-OPTIONS = ("learn_inner_lr", "task_batched", "proto_init", "metric", "first_order_warmup", "warm_test_optimizer")
 
 
 class MetaAlgorithm:
@@ -39,9 +37,9 @@ class MetaAlgorithm:
     """
 
     name = "base"
-    # What the class knows of its configuration: config.validate and resolve ask it, nothing else holds it.
+    # What the class knows of its configuration: engine.resolve asks it, nothing else holds it.
     defaults: dict[str, Any] = {}  # published hyperparameters (algo.* and train.* keys) where the config says None
-    options: tuple[str, ...] = ()  # which of OPTIONS it takes
+    Options: type = NoOptions  # its own algo.* keys (a dataclass; each field is an __init__ keyword)
     inner_loop = True  # False: no gradient steps at test time (an inner learning rate of 0 is then fine)
     step_keys: tuple[str, ...] = ()  # the algo.* keys that count steps it takes (so they must be >= 1)
     scoped_adaptation = True  # False: it adapts no model parameter, so model.adapt means nothing to it
@@ -50,11 +48,8 @@ class MetaAlgorithm:
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
-        """Reject settings this algorithm cannot honour, naming them (``config.validate`` calls it)."""
-        for option in OPTIONS:
-            if getattr(cfg.algo, option) not in (None, False) and option not in cls.options:
-                takers = [n for n in ALGORITHMS.names() if option in ALGORITHMS.get(n).options]
-                raise ConfigError(f"algo.{option} applies to {listing(takers)}, not {cls.name}")
+        """Reject settings of the rest of the config this algorithm cannot honour, naming them (``resolve``
+        calls it, after its own options have passed their ``Options`` checks)."""
         if not cls.scoped_adaptation and cfg.model.adapt != "all":
             raise ConfigError(f"model.adapt={cfg.model.adapt!r} has no meaning for {cls.name} (it has no inner loop)")
         if cfg.data.train_ways not in (None, cfg.data.ways) and not cls.trains_on_more_ways:
@@ -80,12 +75,13 @@ class MetaAlgorithm:
             transductive=a.transductive,
             adapt_scope=cfg.model.adapt,
             batched_eval=a.batched_eval,
+            **a.options,
             **cls.config_kwargs(cfg, spec, train_classes),
         )
 
     @classmethod
     def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict[str, Any]:
-        """Constructor arguments of this algorithm beyond the common ones, from the config."""
+        """Constructor arguments of this algorithm beyond the common ones and its options, from the config."""
         return {}
 
     def __init__(
@@ -100,10 +96,6 @@ class MetaAlgorithm:
         adapt_scope: str = "all",
         batched_eval: str = "auto",
     ):
-        if batched_eval not in BATCHED_EVAL:
-            raise InputError(
-                f"algo.batched_eval={batched_eval!r} is not valid; choose one of: {', '.join(BATCHED_EVAL)}"
-            )
         self.model = model
         self.batched_eval = batched_eval
         self.inner_lr, self.inner_steps = inner_lr, inner_steps

@@ -12,6 +12,7 @@ the centring), or negative squared Euclidean distance (``algo.metric=euclidean``
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +20,10 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.batch import Batch, Episode
-from ..errors import InputError
-from ..models.model import FusionModel, ModelSpec
+from ..models.model import FusionModel
+from ..models.spec import ModelSpec
 from .base import ALGORITHMS, MetaAlgorithm
-from .protonet import METRICS, proto_logits, prototypes
+from .protonet import Metric, proto_logits, prototypes
 
 COSINE_SCALE = 10.0  # turns cosine similarities into logits; it changes the loss, never the prediction
 
@@ -56,6 +57,11 @@ class CentroidClassifier(nn.Module):
         return proto_logits(z, self.protos, scale)
 
 
+@dataclass
+class CentroidOptions:
+    metric: Metric = "cosine"  # SimpleShot's nearest mean on centred, L2-normalised features
+
+
 @ALGORITHMS.register("centroid")
 class Centroid(MetaAlgorithm):
     """Frozen features + nearest class mean (see the module docstring). ``meta_backward`` is never
@@ -66,24 +72,20 @@ class Centroid(MetaAlgorithm):
         inner_lr=0.0,
         inner_steps=0,
         inner_steps_test=0,
-        first_order=True,
-        metric="cosine",
         meta_batch=1,
         meta_lr=0.0,
         optimizer="sgd",
         schedule="constant",
     )
-    options = ("metric",)
+    Options = CentroidOptions
     inner_loop = scoped_adaptation = meta_parameters = False
 
     @classmethod
     def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
-        return dict(metric=cfg.algo.metric, vocab_size=spec.vocab_size)
+        return dict(vocab_size=spec.vocab_size)
 
-    def __init__(self, model: FusionModel, *, metric: str = "cosine", vocab_size: int = 0, **kwargs):
+    def __init__(self, model: FusionModel, *, metric: Metric = "cosine", vocab_size: int = 0, **kwargs):
         super().__init__(model, **kwargs)
-        if metric not in METRICS:
-            raise InputError(f"algo.metric={metric!r} is not valid; choose one of: {', '.join(METRICS)}")
         self.metric, self.vocab_size = metric, vocab_size
 
     def parameters(self) -> Iterator[nn.Parameter]:

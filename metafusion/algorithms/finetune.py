@@ -10,7 +10,8 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data.batch import Batch, Episode
-from ..models.model import FusionModel, ModelSpec
+from ..models.model import FusionModel
+from ..models.spec import ModelSpec
 from .base import ALGORITHMS, MetaAlgorithm
 from .batched import State, functional, model_parameters
 
@@ -42,7 +43,6 @@ class FineTuneBaseline(MetaAlgorithm):
         inner_lr=0.01,
         inner_steps=0,
         inner_steps_test=100,
-        first_order=True,
         meta_batch=4,
         meta_lr=1e-3,
         optimizer="adam",

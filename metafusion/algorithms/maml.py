@@ -4,6 +4,7 @@ all on learn2learn's ``MAML`` / ``MetaSGD`` wrappers (``clone()`` + differentiab
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +13,11 @@ from torch import nn
 from .._learn2learn import MAML as L2LMAML
 from .._learn2learn import MetaSGD as L2LMetaSGD
 from .._learn2learn import maml_update, meta_sgd_update
-from ..config import ConfigError, RunConfig
+from ..config import NoOptions, RunConfig
 from ..data.batch import Batch, Episode
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..models.fusion import LinearHead
-from ..models.model import FusionModel, ModelSpec
+from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
 from .batched import State, functional, model_parameters
 from .protonet import prototypes
@@ -26,12 +27,34 @@ MAML_DEFAULTS = dict(
     inner_lr=0.4,
     inner_steps=1,
     inner_steps_test=10,
-    first_order=False,
     meta_batch=32,
     meta_lr=1e-3,
     optimizer="adam",
     schedule="constant",
 )
+
+
+@dataclass
+class FirstOrderOptions:
+    """``algo.*`` keys of the MAML family."""
+
+    learn_inner_lr: bool = False  # meta-learn one inner learning rate per adapted tensor (replaces inner_lr)
+    task_batched: bool = False  # all tasks of a meta-batch in one vmapped network (pays on GPUs)
+    proto_init: bool = False  # the head starts each task at the support prototypes (Proto-MAML)
+
+
+@dataclass
+class MAMLOptions(FirstOrderOptions):
+    # The first fraction of the run (by iterations or budget, whichever is further along) meta-trains
+    # first-order, the rest second-order: FOMAML's speed early, MAML's gradient at the end.
+    first_order_warmup: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.first_order_warmup < 1:
+            raise ConfigError(
+                f"algo.first_order_warmup={self.first_order_warmup} is a fraction of the run in [0, 1) "
+                f"(for first-order throughout use --algo fomaml)"
+            )
 
 
 @ALGORITHMS.register("maml")
@@ -42,45 +65,15 @@ class MAML(MetaAlgorithm):
 
     name = "maml"
     defaults = MAML_DEFAULTS
+    Options = MAMLOptions
     step_keys = ("inner_steps", "inner_steps_test")
-    options = ("learn_inner_lr", "task_batched", "proto_init", "first_order_warmup")
-
-    @classmethod
-    def check_config(cls, cfg: RunConfig) -> None:
-        super().check_config(cfg)
-        a, fixed = cfg.algo, cls.defaults["first_order"]
-        if a.first_order is not None and a.first_order != fixed:
-            other = "fomaml for first-order" if fixed is False else "maml for second-order"
-            raise ConfigError(f"algo.first_order={str(a.first_order).lower()} with {cls.name}: use --algo {other} MAML")
-        if not 0 <= a.first_order_warmup < 1:
-            raise ConfigError(
-                f"algo.first_order_warmup={a.first_order_warmup} is a fraction of the run in [0, 1) "
-                f"(for first-order throughout use --algo fomaml)"
-            )
-        if a.proto_init and cfg.model.fusion == "late":
-            raise ConfigError(
-                "algo.proto_init needs one linear head on a fused feature; 'late' fusion has one head "
-                "per modality (use attention/concat/mean/transformer)"
-            )
-        if a.proto_init and a.task_batched:
-            raise ConfigError("algo.proto_init is not supported with algo.task_batched")
-
-    @classmethod
-    def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
-        a = cfg.algo
-        return dict(
-            first_order=a.first_order,
-            first_order_warmup=a.first_order_warmup,
-            learn_inner_lr=a.learn_inner_lr,
-            task_batched=a.task_batched,
-            proto_init=a.proto_init,
-        )
+    first_order = False  # FOMAML: True
 
     def __init__(
         self,
         model: FusionModel,
         *,
-        first_order: bool = False,
+        first_order: bool | None = None,
         first_order_warmup: float = 0.0,
         learn_inner_lr: bool = False,
         task_batched: bool = False,
@@ -88,8 +81,9 @@ class MAML(MetaAlgorithm):
         **kwargs,
     ):
         super().__init__(model, **kwargs)
-        self.first_order, self.first_order_warmup = first_order, first_order_warmup
-        self.first_order_now = first_order or first_order_warmup > 0  # set_progress moves it on
+        self.first_order = type(self).first_order if first_order is None else first_order
+        self.first_order_warmup = first_order_warmup
+        self.first_order_now = self.first_order or first_order_warmup > 0  # set_progress moves it on
         self.task_batched = task_batched
         self.proto_init = proto_init
         if proto_init and (task_batched or not isinstance(model.head, LinearHead)):
@@ -271,12 +265,8 @@ class FOMAML(MAML):
     """First-order MAML: the outer gradient is the query gradient at the adapted parameters."""
 
     name = "fomaml"
-    defaults = {**MAML_DEFAULTS, "first_order": True}
-    options = tuple(o for o in MAML.options if o != "first_order_warmup")  # first-order throughout
-
-    def __init__(self, model: FusionModel, **kwargs):
-        kwargs["first_order"] = True
-        super().__init__(model, **kwargs)
+    Options = FirstOrderOptions  # first-order throughout: no warm-up
+    first_order = True
 
 
 @ALGORITHMS.register("anil")
@@ -304,12 +294,10 @@ class MetaSGD(MAML):
 
     name = "metasgd"
     defaults = {**MAML_DEFAULTS, "inner_steps_test": 1}
-    options = ()
+    Options = NoOptions  # it always learns per-parameter rates
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
-        if cfg.algo.learn_inner_lr:
-            raise ConfigError("metasgd always learns per-parameter rates: algo.learn_inner_lr does not apply to it")
         super().check_config(cfg)
         if cfg.model.adapt != "all":
             raise ConfigError("metasgd learns a rate for every parameter; model.adapt must be 'all'")

@@ -6,15 +6,17 @@ Chen et al. 2019), which keeps the geometry of L2-normalised pretrained features
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from ..data.batch import Batch, Episode
-from ..errors import InputError
-from ..models.model import FusionModel, ModelSpec
+from ..errors import ConfigError
+from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally
 from .batched import State, functional, model_parameters
 
@@ -56,7 +58,12 @@ class PrototypeClassifier(nn.Module):
         return proto_logits(self.module.features(batch), self.protos, self.scale)
 
 
-METRICS = ("cosine", "euclidean")
+Metric = Literal["euclidean", "cosine"]
+
+
+@dataclass
+class ProtoNetOptions:
+    metric: Metric = "euclidean"  # Snell et al.; cosine keeps the geometry of L2-normalised pretrained features
 
 
 @ALGORITHMS.register("protonet")
@@ -66,14 +73,12 @@ class ProtoNet(MetaAlgorithm):
         inner_lr=0.0,
         inner_steps=0,
         inner_steps_test=0,
-        first_order=True,
-        metric="euclidean",
         meta_batch=1,
         meta_lr=1e-3,
         optimizer="adam",
         schedule="constant",
     )
-    options = ("metric",)
+    Options = ProtoNetOptions
     inner_loop = scoped_adaptation = False
     trains_on_more_ways = True
 
@@ -83,14 +88,8 @@ class ProtoNet(MetaAlgorithm):
         if cfg.model.fusion == "late":
             raise ConfigError("protonet needs a fused embedding; 'late' fusion has none (use attention/concat/...)")
 
-    @classmethod
-    def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
-        return dict(metric=cfg.algo.metric)
-
-    def __init__(self, model: FusionModel, *, metric: str = "euclidean", **kwargs):
+    def __init__(self, model: FusionModel, *, metric: Metric = "euclidean", **kwargs):
         super().__init__(model, **kwargs)
-        if metric not in METRICS:
-            raise InputError(f"algo.metric={metric!r} is not valid; choose one of: {', '.join(METRICS)}")
         self.scale = Scale().to(next(model.parameters()).device) if metric == "cosine" else None
         # The checkpointed module: the model alone for the paper's Euclidean form (as before), the model
         # and its scale for the cosine form.

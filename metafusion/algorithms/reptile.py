@@ -17,36 +17,54 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from ..data.batch import Batch, Episode
-from ..errors import InputError
-from ..models.model import FusionModel, ModelSpec
+from ..errors import ConfigError, InputError
+from ..models.model import FusionModel
+from ..models.spec import ModelSpec
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
 from .batched import State, functional, model_parameters
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # torch's defaults; beta1 = 0 as in the paper
 
 
-INNER_OPTIMIZERS = ("adam", "sgd")
-
-
 def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """``ReptileOptions.inner_optimizer`` ``name``: Adam with beta1 = 0 (the paper's), or plain SGD."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.0, ADAM_BETA2), eps=ADAM_EPS, fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
-    raise InputError(f"unknown inner optimizer {name!r}; choose one of: {', '.join(INNER_OPTIMIZERS)}")
+    raise InputError(f"unknown inner optimizer {name!r}; choose one of: adam, sgd")
+
+
+@dataclass
+class ReptileOptions:
+    """``algo.*`` keys of Reptile (Nichol et al. 2018: inner Adam with beta1 = 0, mini-batches of 10)."""
+
+    inner_batch: int = 10  # rows per inner mini-batch
+    inner_optimizer: Literal["adam", "sgd"] = "adam"
+    # the test-time inner Adam starts from the moments (and step count) that meta-training's inner loop
+    # left, as the Reptile paper's code evaluates, instead of from a fresh optimizer
+    warm_test_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inner_batch < 1:
+            raise ConfigError(f"algo.inner_batch must be >= 1, got {self.inner_batch}")
+        if self.warm_test_optimizer and self.inner_optimizer == "sgd":
+            raise ConfigError("algo.warm_test_optimizer needs algo.inner_optimizer=adam (plain SGD keeps no state)")
 
 
 @ALGORITHMS.register("reptile")
 class Reptile(MetaAlgorithm):
     name = "reptile"
-    options = ("warm_test_optimizer",)
+    Options = ReptileOptions
     step_keys = ("inner_steps", "inner_steps_test")
     # Nichol et al. 2018: inner Adam (beta1 = 0) lr 1e-3, inner batch 10, 5 steps (50 at test); outer SGD
     # step 1.0 annealed linearly to 0, meta-batch 5.
@@ -54,9 +72,6 @@ class Reptile(MetaAlgorithm):
         inner_lr=1e-3,
         inner_steps=5,
         inner_steps_test=50,
-        inner_batch=10,
-        inner_optimizer="adam",
-        first_order=True,
         meta_batch=5,
         meta_lr=1.0,
         optimizer="sgd",
@@ -64,30 +79,8 @@ class Reptile(MetaAlgorithm):
     )
 
     @classmethod
-    def check_config(cls, cfg: RunConfig) -> None:
-        super().check_config(cfg)
-        if cfg.algo.first_order is False:
-            raise ConfigError(
-                "algo.first_order=false is meaningless for reptile (it is first-order by design); "
-                "leave it unset or use --algo maml"
-            )
-        if cfg.algo.inner_optimizer not in (None, *INNER_OPTIMIZERS):
-            raise ConfigError(
-                f"algo.inner_optimizer={cfg.algo.inner_optimizer!r} is not valid; choose one of: "
-                f"{', '.join(INNER_OPTIMIZERS)}"
-            )
-        if cfg.algo.warm_test_optimizer and cfg.algo.inner_optimizer == "sgd":
-            raise ConfigError("algo.warm_test_optimizer needs algo.inner_optimizer=adam (plain SGD keeps no state)")
-
-    @classmethod
     def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
-        a = cfg.algo
-        return dict(
-            inner_batch=a.inner_batch,
-            inner_optimizer=a.inner_optimizer,
-            warm_test_optimizer=a.warm_test_optimizer,
-            seed=cfg.train.seed,
-        )
+        return dict(seed=cfg.train.seed)
 
     def __init__(
         self,

@@ -1,16 +1,24 @@
-"""The dataset registry's entries: name -> builder(DataConfig) -> MultimodalDataset. Each entry also
-says where it expects its files (``expects``) and, where it has files, how to verify them (``check``:
-root -> a one-line verdict); `metafusion datasets` shows both."""
+"""The dataset registry and its entries: name -> builder(DataConfig, options) -> MultimodalDataset.
+
+Each entry says where it expects its files (``expects``), where it has files how to verify them
+(``check``: root -> a one-line verdict; `metafusion datasets` shows both), and which options of its own
+it takes (``options``: a dataclass; ``data.<key>`` in a config sets them, checked when it is resolved).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from ..config import DataConfig
-from . import DATASETS
+from ..config import DataConfig, NoOptions
+from ..errors import ConfigError
+from ..registry import Registry
 from .dataset import DataError, MultimodalDataset
 from .synthetic import make_synthetic
+
+DATASETS: Registry = Registry("dataset")
 
 
 def require_root(cfg: DataConfig, sub: str) -> Path:
@@ -75,68 +83,126 @@ def _check_fashion(root: Path) -> str:
     return f"ok: {len(rows)} products, {sum(r['has_image'] == '1' for r in rows)} with a photo"
 
 
-@DATASETS.register("synthetic", expects="(built in; no files)", check=lambda root: "ok (built in)")
-def synthetic(cfg: DataConfig) -> MultimodalDataset:
-    return make_synthetic(cfg.num_classes, cfg.samples_per_class, cfg.noise, cfg.missing_rate, seed=cfg.data_seed)
+@dataclass
+class SyntheticOptions:
+    num_classes: int = 300
+    samples_per_class: int = 20
+    noise: float = 1.0  # scales every modality's noise
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 10 or self.samples_per_class < 1 or not self.noise >= 0:
+            raise ConfigError(
+                f"synthetic data needs data.num_classes >= 10, data.samples_per_class >= 1 and data.noise >= 0 "
+                f"(got {self.num_classes}, {self.samples_per_class}, {self.noise})"
+            )
+
+
+@DATASETS.register("synthetic", options=SyntheticOptions, expects="(built in; no files)", check=lambda root: "ok")
+def synthetic(cfg: DataConfig, opts: SyntheticOptions) -> MultimodalDataset:
+    return make_synthetic(opts.num_classes, opts.samples_per_class, opts.noise, seed=cfg.data_seed)
+
+
+@dataclass
+class OmniglotOptions:
+    image_size: int = 28
+    split: Literal["protocol", "background"] = "protocol"  # 1100/100/423 characters, or Lake's background/eval
+    rotations: bool = False  # 90/180/270 degree rotations as new classes (the MAML protocol)
 
 
 @DATASETS.register(
     "omniglot",
+    options=OmniglotOptions,
     expects="omniglot/images_background.zip, omniglot/images_evaluation.zip (or extracted folders)",
     check=_check_omniglot,
 )
-def omniglot(cfg: DataConfig) -> MultimodalDataset:
+def omniglot(cfg: DataConfig, opts: OmniglotOptions) -> MultimodalDataset:
     from .omniglot import omniglot as load
 
     if "strokes" in (cfg.modalities or []):
         raise DataError(
             "dataset 'omniglot' has images only; its pen strokes are dataset 'omniglot-strokes' (image, strokes)"
         )
-    return load(require_root(cfg, ""), cfg.image_size, cfg.split, cfg.rotations, seed=cfg.data_seed)
+    return load(require_root(cfg, ""), opts.image_size, opts.split, opts.rotations, seed=cfg.data_seed)
+
+
+@dataclass
+class OmniglotStrokesOptions:
+    image_size: int = 28
+    stroke_length: int = 64  # resampled (dx, dy, pen_up) steps
 
 
 @DATASETS.register(
     "omniglot-strokes",
+    options=OmniglotStrokesOptions,
     expects="omniglot/images_background.zip + strokes_background*.zip (full or small1/small2)",
     check=lambda root: _check_omniglot(root, strokes=True),
 )
-def omniglot_strokes(cfg: DataConfig) -> MultimodalDataset:
+def omniglot_strokes(cfg: DataConfig, opts: OmniglotStrokesOptions) -> MultimodalDataset:
     from .omniglot import omniglot_strokes as load
 
-    return load(require_root(cfg, ""), cfg.image_size, cfg.stroke_length, seed=cfg.data_seed)
+    return load(require_root(cfg, ""), opts.image_size, opts.stroke_length, seed=cfg.data_seed)
 
 
 @DATASETS.register("fsdd", expects="fsdd/recordings/{digit}_{speaker}_{index}.wav", check=_check_fsdd)
-def fsdd(cfg: DataConfig) -> MultimodalDataset:
+def fsdd(cfg: DataConfig, opts: NoOptions) -> MultimodalDataset:
     from .fsdd import fsdd as load
 
     return load(require_root(cfg, ""))
 
 
-@DATASETS.register("clinc150", expects="clinc150/data_full.json + clinc150/domains.json", check=_check_clinc150)
-def clinc150(cfg: DataConfig) -> MultimodalDataset:
+@dataclass
+class Clinc150Options:
+    # intents shuffled with data_seed, 90/30/30; or cross-domain: the 10 domains, 6/2/2 (test intents come
+    # from domains never seen in meta-training)
+    split: Literal["protocol", "cross-domain"] = "protocol"
+
+
+@DATASETS.register(
+    "clinc150",
+    options=Clinc150Options,
+    expects="clinc150/data_full.json + clinc150/domains.json",
+    check=_check_clinc150,
+)
+def clinc150(cfg: DataConfig, opts: Clinc150Options) -> MultimodalDataset:
     from .clinc150 import clinc150 as load
 
-    return load(require_root(cfg, ""), cfg.split, seed=cfg.data_seed)
+    return load(require_root(cfg, ""), opts.split, seed=cfg.data_seed)
 
 
-@DATASETS.register("fashion", expects="fashion/styles.csv + fashion/images.zip (images/<id>.jpg)", check=_check_fashion)
-def fashion(cfg: DataConfig) -> MultimodalDataset:
+@dataclass
+class FashionOptions:
+    image_size: int = 28  # the photos (60x80) are padded to a square and resized to this
+
+
+@DATASETS.register(
+    "fashion",
+    options=FashionOptions,
+    expects="fashion/styles.csv + fashion/images.zip (images/<id>.jpg)",
+    check=_check_fashion,
+)
+def fashion(cfg: DataConfig, opts: FashionOptions) -> MultimodalDataset:
     from .fashion import fashion as load
 
-    return load(require_root(cfg, ""), cfg.image_size, seed=cfg.data_seed)
+    return load(require_root(cfg, ""), opts.image_size, seed=cfg.data_seed)
+
+
+@dataclass
+class ManifestOptions:
+    image_size: int = 28  # images are resized to this
+    skip_unreadable: bool = False  # mask corrupt files (and count them) instead of failing
 
 
 @DATASETS.register(
     "manifest",
+    options=ManifestOptions,
     expects="a CSV/JSONL manifest or a root/<class>/<sample>.<ext> folder, given as data.root",
     check=lambda root: "given per run as data.root (a manifest file or class folders)",
 )
-def manifest(cfg: DataConfig) -> MultimodalDataset:
+def manifest(cfg: DataConfig, opts: ManifestOptions) -> MultimodalDataset:
     from .manifest import load_user_data
 
     ds = load_user_data(
-        require_root(cfg, ""), image_size=cfg.image_size, skip_errors=cfg.skip_unreadable, seed=cfg.data_seed
+        require_root(cfg, ""), image_size=opts.image_size, skip_errors=opts.skip_unreadable, seed=cfg.data_seed
     )
     if not ds.splits:
         raise DataError(f"{cfg.root}: meta-training needs at least 5 classes to split into train/val/test")

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import default_data_root
-from . import DATASETS
-from .sources import check_files
+from .sources import DATASETS, check_files
 
 
 def describe_datasets(root: str | None = None) -> str:

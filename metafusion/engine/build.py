@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..algorithms import ALGORITHMS, MetaAlgorithm
-from ..config import RunConfig, from_dict, resolve
+from ..config import RunConfig, from_dict
 from ..data import DATASETS, EpisodeSampler, MultimodalDataset, Standardizer, fixed_episodes
 from ..data.cache import cached
 from ..data.episodes import FixedEpisodes
@@ -18,6 +18,13 @@ from ..data.input_format import InputFormat
 from ..data.synthetic import decode_text
 from ..errors import InputError
 from ..models import ENCODERS, FrozenTextModel, FusionModel, ModelSpec, build_model
+from .resolve import options_class, resolve, split_model_options
+
+
+def raw_dataset(cfg: RunConfig) -> MultimodalDataset:
+    """The configured dataset as its builder makes it (before the run's modality choice and pipeline)."""
+    d = cfg.data
+    return DATASETS.build(d.dataset, d, options_class(DATASETS, d.dataset)(**d.options))
 
 
 def load_dataset(cfg: RunConfig) -> MultimodalDataset:
@@ -25,11 +32,10 @@ def load_dataset(cfg: RunConfig) -> MultimodalDataset:
     and standardisation fitted on the meta-train split only (kept in ``metadata["standardizer"]``, so
     that a user's own data later goes through the same statistics: ``TrainedModel.prepare``)."""
     d = cfg.data
-    dataset = DATASETS.build(d.dataset, d)
+    dataset = raw_dataset(cfg)
     if d.modalities:
         dataset = dataset.select_modalities(d.modalities)
-    if d.missing_rate > 0 and d.dataset != "synthetic":  # synthetic applies it while generating
-        dataset = dataset.with_missing(d.missing_rate, seed=d.data_seed + 1)
+    dataset = dataset.with_missing(d.missing_rate, seed=d.data_seed + 1)
     dataset = with_encoder_features(cfg, dataset)
     if d.standardize:
         standardizer = Standardizer.fit(dataset, "train")
@@ -77,17 +83,20 @@ def make_model(cfg: RunConfig, spec: ModelSpec, ways: int | None = None) -> Fusi
                 f"provide ({', '.join(spec.input_shapes)})"
             )
         spec.input_shapes = {x: spec.input_shapes[x] for x in m.modalities}
+    fusion_options, encoder_options = split_model_options(m.options)
     encoders = m.encoders
     if m.modalities or cfg.data.modalities:  # a config's encoders for modalities left out do not apply
         encoders = {x: e for x, e in encoders.items() if x in spec.input_shapes}
+        encoder_options = {x: o for x, o in encoder_options.items() if x in spec.input_shapes}
     return build_model(
         spec,
         ways or cfg.data.ways,
         width=m.width,
         hidden=m.hidden,
         fusion=m.fusion,
-        attention=m.attention,
         encoders=encoders,
+        fusion_options=fusion_options,
+        encoder_options=encoder_options,
     )
 
 

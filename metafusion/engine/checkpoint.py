@@ -35,8 +35,8 @@ def library_versions() -> dict[str, str]:
     import torchvision
     import transformers
 
-    from .. import __version__
     from .._learn2learn import __version__ as l2l_version
+    from ..version import __version__
 
     return {
         "metafusion": __version__,

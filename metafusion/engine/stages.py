@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from ..algorithms.base import classification_metrics
-from ..config import RunConfig, from_dict, resolve, to_dict
+from ..config import RunConfig, from_dict, to_dict
 from ..data import Episode, EpisodeSampler
 from ..errors import InputError, warn
 from . import distributed
@@ -27,6 +27,7 @@ from .checkpoint import git_commit, hardware, library_versions, load_checkpoint
 from .evaluate import meta_test
 from .predictor import PREDICT_PROTOCOL, Predictions, Predictor
 from .report import peak_memory_mb, plot_run, write_compare, write_results
+from .resolve import resolve
 from .run_folder import RunFolderError, check_out, is_run_folder, locked, new_run_folder
 from .train import meta_train, stop_requests
 

@@ -20,6 +20,7 @@ from . import distributed
 from .build import Experiment, load_trained, model_args
 from .checkpoint import CHECKPOINT_FORMAT, library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluate import meta_test
+from .optimization import OPTIMIZERS, SCHEDULES
 from .report import MetricsLog, PeakMemory, peak_memory_mb
 
 
@@ -135,10 +136,6 @@ def stop_requests() -> Iterator[dict]:
             signal.signal(s, handler)
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
-
-
 def _finite(metrics: dict, params: list[torch.Tensor]) -> bool:
     if not math.isfinite(metrics["loss"]):
         return False
@@ -173,11 +170,11 @@ def meta_train(
     params = list(algo.parameters())
     if not params:  # nothing to meta-learn (centroid): validate once and checkpoint, so every stage works
         return _without_meta_parameters(exp, run_dir if rank.main else None)
-    opt = make_optimizer(cfg.optimizer, params, cfg.meta_lr)
+    opt = OPTIMIZERS.build(cfg.optimizer, params, cfg.meta_lr)
     state = TrainState(
         plan=ValidationPlan(cfg.val_interval, len(exp.val_episodes), auto=False) if cfg.val_interval else None
     )
-    # Linear schedule: the meta lr (Reptile's epsilon) falls from meta_lr to 0 over the run. With a
+    # The schedule reads how far the run is (Reptile's epsilon falls linearly to 0). With a
     # time budget the run's end is whichever comes first, iterations or minutes, so the schedule
     # follows the further along of the two: a budget-cut run still anneals to 0 (as the papers' did).
     total, budget_s = cfg.iterations, 60 * cfg.budget_minutes if cfg.budget_minutes else None
@@ -185,9 +182,8 @@ def meta_train(
     def progress(step: int) -> float:
         return max(step / total, state.elapsed / budget_s if budget_s else 0.0)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda s: max(0.0, 1 - progress(s))) if cfg.schedule == "linear" else (lambda s: 1.0)
-    )
+    factor = SCHEDULES.get(cfg.schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor(progress(s)))
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
         load_trained(algo, ckpt)

@@ -3,7 +3,8 @@
 from .encoders import DEFAULT_ENCODERS, ENCODERS
 from .encoders.text import FrozenTextModel, minilm_path
 from .fusion import FUSIONS, AttentionFusion, ConcatFusion, LateFusion, MeanFusion, TransformerFusion
-from .model import ADAPT_SCOPES, FusionModel, ModelSpec, build_model
+from .model import ADAPT_SCOPES, FusionModel, build_model
+from .spec import ModelSpec
 
 __all__ = [
     "ENCODERS",

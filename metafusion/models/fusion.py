@@ -9,10 +9,13 @@ softmax and average, and never attended to.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..config import NoOptions
 from ..errors import InputError
 from ..registry import Registry
 
@@ -56,8 +59,10 @@ class LateHead(nn.Module):
 
 
 class Fusion(nn.Module):
-    """Base class: ``forward(h, mask) -> (z, weights)``, ``out_dim``, ``make_head(ways)``."""
+    """Base class: ``forward(h, mask) -> (z, weights)``, ``out_dim``, ``make_head(ways)``. Constructed as
+    ``(num_modalities, dim, **options)``, its options an ``Options`` dataclass (``model.<key>``)."""
 
+    Options: type = NoOptions
     out_dim: int
     weighted = True  # False: ``weights`` is always None
 
@@ -65,21 +70,25 @@ class Fusion(nn.Module):
         return LinearHead(self.out_dim, ways)
 
 
+@dataclass
+class AttentionOptions:
+    # vector: element-wise weights (W_a is d x d, as in the formula); scalar: one weight per modality (1 x d)
+    attention: Literal["vector", "scalar"] = "vector"
+
+
 @FUSIONS.register("attention")
 class AttentionFusion(Fusion):
     """The seed method: ``a_i = softmax_i(W_a h_i + b_a)``, ``z = sum_i a_i * h_i``.
 
     The softmax runs over the modalities present in each sample (dim 1), never over the batch.
-    ``mode="vector"`` gives element-wise weights (``W_a`` is d x d, as in the formula);
-    ``mode="scalar"`` gives one weight per modality (``W_a`` is 1 x d).
     """
 
-    def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
+    Options = AttentionOptions
+
+    def __init__(self, num_modalities: int, dim: int, attention: str = "vector"):
         super().__init__()
-        if mode not in ("vector", "scalar"):
-            raise InputError(f"attention mode must be 'vector' or 'scalar', got {mode!r}")
-        self.score = nn.Linear(dim, dim if mode == "vector" else 1)
-        self.mode = mode
+        self.score = nn.Linear(dim, dim if attention == "vector" else 1)
+        self.vector = attention == "vector"
         self.out_dim = dim
 
     def attention(self, h: Tensor, mask: Tensor) -> Tensor:
@@ -98,7 +107,7 @@ class ConcatFusion(Fusion):
 
     weighted = False
 
-    def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
+    def __init__(self, num_modalities: int, dim: int):
         super().__init__()
         self.out_dim = num_modalities * dim
 
@@ -110,7 +119,7 @@ class ConcatFusion(Fusion):
 class MeanFusion(Fusion):
     """Average of the present modalities' features."""
 
-    def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
+    def __init__(self, num_modalities: int, dim: int):
         super().__init__()
         self.out_dim = dim
 
@@ -124,7 +133,7 @@ class MeanFusion(Fusion):
 class LateFusion(Fusion):
     """Decision fusion: each modality is classified on its own; logits averaged (see LateHead)."""
 
-    def __init__(self, num_modalities: int, dim: int, mode: str = "vector"):
+    def __init__(self, num_modalities: int, dim: int):
         super().__init__()
         self.num_modalities = num_modalities
         self.out_dim = dim
@@ -161,12 +170,20 @@ class MathSelfAttention(nn.Module):
         return self.out((attn @ v).transpose(1, 2).reshape(b, m, d))
 
 
+@dataclass
+class TransformerOptions:
+    layers: int = 1
+    heads: int = 4  # must divide model.width
+
+
 @FUSIONS.register("transformer")
 class TransformerFusion(Fusion):
     """Interactive attention: modality tokens (+ learned modality embeddings) pass through pre-norm
     transformer layers whose keys exclude absent modalities, then a masked mean over present tokens."""
 
-    def __init__(self, num_modalities: int, dim: int, mode: str = "vector", layers: int = 1, heads: int = 4):
+    Options = TransformerOptions
+
+    def __init__(self, num_modalities: int, dim: int, layers: int = 1, heads: int = 4):
         super().__init__()
         self.modality_embedding = nn.Parameter(torch.zeros(num_modalities, dim))
         nn.init.normal_(self.modality_embedding, std=0.02)
@@ -194,8 +211,8 @@ class TransformerFusion(Fusion):
         return (x * w.unsqueeze(-1)).sum(1), w
 
 
-def build_fusion(name: str, num_modalities: int, dim: int, mode: str = "vector") -> Fusion:
-    return FUSIONS.build(name, num_modalities, dim, mode=mode)
+def build_fusion(name: str, num_modalities: int, dim: int, **options) -> Fusion:
+    return FUSIONS.build(name, num_modalities, dim, **options)
 
 
 __all__ = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -14,6 +13,7 @@ from ..errors import InputError
 from .encoders import default_encoder, encoder_for
 from .execution import decomposed_batchnorm, memory_format
 from .fusion import build_fusion
+from .spec import ModelSpec
 
 # Adaptation scope -> the parameter-name prefixes an inner loop adapts under it.
 # Parameter-name prefixes each inner-loop scope adapts. ``encoders+head`` keeps the fusion fixed inside
@@ -128,34 +128,28 @@ class FusionModel(nn.Module):
         return stack
 
 
-@dataclass
-class ModelSpec:
-    """What a model needs to know of the data: its modalities' sample shapes and a few facts."""
-
-    input_shapes: dict[str, tuple[int, ...]]
-    vocab_size: int = 201
-    sample_rate: int = 8000
-
-
 def build_model(
     spec: ModelSpec,
     ways: int,
     width: int = 64,
     hidden: int = 64,
     fusion: str = "attention",
-    attention: str = "vector",
     encoders: dict[str, str] | None = None,
+    fusion_options: dict | None = None,
+    encoder_options: dict[str, dict] | None = None,
 ) -> FusionModel:
-    """Build a FusionModel for the modalities in ``spec`` (encoder per modality from ``encoders``,
-    else the modality's default)."""
-    chosen = dict(encoders or {})
-    unknown = [m for m in chosen if m not in spec.input_shapes]
+    """Build a FusionModel for the modalities in ``spec``: the encoder per modality from ``encoders``
+    (else the modality's default) with its options from ``encoder_options[modality]``, and the fusion
+    ``fusion`` with ``fusion_options``."""
+    chosen, options = dict(encoders or {}), dict(encoder_options or {})
+    unknown = [m for m in [*chosen, *options] if m not in spec.input_shapes]
     if unknown:
         raise InputError(
-            f"--encoder names modality {', '.join(map(repr, unknown))}, which the data does not "
-            f"provide ({', '.join(spec.input_shapes)})"
+            f"an encoder is configured for modality {', '.join(map(repr, sorted(set(unknown))))}, which the data "
+            f"does not provide ({', '.join(spec.input_shapes)})"
         )
     modules = {}
     for m in spec.input_shapes:
-        modules[m] = encoder_for(m, chosen.get(m) or default_encoder(m)).from_spec(spec, m, width, hidden)
-    return FusionModel(modules, build_fusion(fusion, len(modules), width, mode=attention), ways)
+        encoder = encoder_for(m, chosen.get(m) or default_encoder(m))
+        modules[m] = encoder.from_spec(spec, m, width, hidden, **options.get(m, {}))
+    return FusionModel(modules, build_fusion(fusion, len(modules), width, **(fusion_options or {})), ways)

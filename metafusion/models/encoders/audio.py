@@ -7,7 +7,7 @@ import torchaudio
 from torch import Tensor, nn
 
 from ..execution import to_memory_format
-from . import ENCODERS, Encoder, conv_blocks
+from .base import ENCODERS, Encoder, conv_blocks
 
 
 @ENCODERS.register("melcnn")
@@ -23,8 +23,8 @@ class MelCNN(Encoder):
     n_mels = 40
 
     @classmethod
-    def from_spec(cls, spec, modality: str, out_dim: int, hidden: int) -> MelCNN:
-        return cls(out_dim, hidden, tuple(spec.input_shapes[modality]), sample_rate=spec.sample_rate)
+    def from_spec(cls, spec, modality: str, out_dim: int, hidden: int, **options) -> MelCNN:
+        return cls(out_dim, hidden, tuple(spec.input_shapes[modality]), sample_rate=spec.sample_rate, **options)
 
     def __init__(
         self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (1, 4000), sample_rate: int = 8000

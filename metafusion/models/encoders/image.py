@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..batchnorm import BatchNorm2d
 from ..execution import to_memory_format
-from . import ENCODERS, Encoder, conv_blocks
+from .base import ENCODERS, Encoder, conv_blocks
 
 
 def _project(in_dim: int, out_dim: int) -> nn.Module:

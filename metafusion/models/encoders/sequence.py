@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import ENCODERS, Encoder, conv_blocks
+from .base import ENCODERS, Encoder, conv_blocks
 
 
 @ENCODERS.register("conv1d")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import ENCODERS, Encoder
+from .base import ENCODERS, Encoder
 
 
 @ENCODERS.register("mlp")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import MissingFileError
-from . import ENCODERS, Encoder
+from .base import ENCODERS, Encoder
 
 
 @ENCODERS.register("tokens")
@@ -19,8 +19,8 @@ class TokenEncoder(Encoder):
     modalities = ("text",)
 
     @classmethod
-    def from_spec(cls, spec, modality: str, out_dim: int, hidden: int) -> TokenEncoder:
-        return cls(out_dim, hidden, tuple(spec.input_shapes[modality]), vocab_size=spec.vocab_size)
+    def from_spec(cls, spec, modality: str, out_dim: int, hidden: int, **options) -> TokenEncoder:
+        return cls(out_dim, hidden, tuple(spec.input_shapes[modality]), vocab_size=spec.vocab_size, **options)
 
     def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (12,), vocab_size: int = 201):
         super().__init__()
