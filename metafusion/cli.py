@@ -93,6 +93,24 @@ def _protocol(args: argparse.Namespace) -> str | None:
     return "alone" if args.non_transductive else args.protocol
 
 
+def pretrained_recipes() -> str:
+    """The help text that says which settings a pretrained encoder brings, per algorithm."""
+    from .algorithms import ALGORITHMS
+    from .models.encoders import ENCODERS
+    from .models.encoders.pretrained import PretrainedEncoder
+
+    pretrained = [n for n in ENCODERS.names() if issubclass(ENCODERS.get(n), PretrainedEncoder)]
+    lines = [
+        f"With a pretrained encoder ({', '.join(pretrained)}), each algorithm takes the recipe measured best "
+        "on pretrained features (docs/results.md) for every setting the config and flags leave unset:"
+    ]
+    for name in ALGORITHMS.names():
+        recipe = ALGORITHMS.get(name).pretrained_defaults
+        if recipe:
+            lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metafusion",
@@ -104,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"metafusion {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("meta-train", help="meta-train a model; writes a run folder")
+    recipe = dict(epilog=pretrained_recipes(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("meta-train", help="meta-train a model; writes a run folder", **recipe)
     _add_config_flags(p)
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/last.pt")
 
@@ -137,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-unreadable", action="store_true", help="mask unreadable files instead of stopping")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
-    p = sub.add_parser("run", help="meta-train, meta-test and fine-tune for one config")
+    p = sub.add_parser("run", help="meta-train, meta-test and fine-tune for one config", **recipe)
     _add_config_flags(p)
 
-    p = sub.add_parser("compare", help="train several algorithms on the same stream, test on identical episodes")
+    p = sub.add_parser(
+        "compare", help="train several algorithms on the same stream, test on identical episodes", **recipe
+    )
     _add_config_flags(p)
     p.add_argument("--algos", default="maml,reptile", help="comma-separated algorithms (default: maml,reptile)")
     p.add_argument(

@@ -55,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    width: int = 64  # common fusion width d; every encoder projects to it
+    width: int | None = None  # common fusion width d, every encoder projects to it (None: 64, or a recipe's)
     encoders: dict[str, str] = field(default_factory=dict)  # modality -> encoder (default per modality)
     fusion: str = "attention"  # see FUSIONS
     adapt: str = "all"  # parameters the inner loop adapts: all | head | fusion+head | encoders+head
@@ -208,6 +208,8 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of {type(current).__name__} fields")
             _apply(current, value, prefix=f"{full}.")
+        elif isinstance(current, dict):  # a mapping is merged key by key: --encoder image=X keeps text's encoder
+            setattr(obj, key, _merge(current, _coerce(value, types_[key], full)))
         else:
             setattr(obj, key, _coerce(value, types_[key], full))
 

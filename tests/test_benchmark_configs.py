@@ -1,6 +1,8 @@
 """Every benchmark config parses and resolves for every algorithm; the Omniglot protocol configs
 build the published split sizes and per-algorithm recipes."""
 
+import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -74,64 +76,58 @@ def _script(name: str):
     return module
 
 
-def test_every_reproduce_row_is_a_valid_command_with_a_table_in_results_md():
+def test_every_experiment_row_is_a_valid_command():
     from metafusion.cli import build_parser, config_from_args
 
     reproduce = _script("reproduce")
-    text = reproduce.RESULTS_MD.read_text()
-    for table in reproduce.TABLES:
-        assert f"<!-- BEGIN {table} -->" in text and f"<!-- END {table} -->" in text
     parser = build_parser()
-    for row in reproduce.ROWS:
-        cmd = row.commands[0]
-        argv = cmd[cmd.index("metafusion") + 1 :] if cmd[0] == "torchrun" else cmd[1:]
+    rows = [row for spec in reproduce.load_experiments().values() for row in spec["rows"]]
+    for row in rows:
+        argv = shlex.split(row.commands[0])
+        argv = argv[argv.index("metafusion") + 1 :] if argv[0] == "torchrun" else argv[1:]
         args, extra = parser.parse_known_args(argv)
-        cfg = resolve(config_from_args(args, extra))
         assert args.out and str(row.out) == args.out, row.name
+        if row.labels.get("gpu"):  # its --threads and --device are the GPU machine's
+            continue
+        cfg = resolve(config_from_args(args, extra))
         if row.labels.get("modalities"):
             assert cfg.model.modalities == row.labels["modalities"].split(",")
-    assert len({r.name for r in reproduce.ROWS}) == len(reproduce.ROWS)
+    assert len({r.name for r in rows}) == len(rows)
 
 
-def test_report_keeps_a_table_whose_runs_are_not_here(tmp_path, monkeypatch, capsys):
-    """Rewriting results.md from run folders that exist only on another machine must not blank the
-    committed numbers; a table whose run folders are all here is rewritten."""
+def test_results_md_is_what_the_experiments_and_their_numbers_render():
+    """docs/results.md is generated: rendering the committed experiments and numbers gives it exactly."""
+    reproduce = _script("reproduce")
+    assert reproduce.RESULTS_MD.read_text() == reproduce.render(reproduce.load_experiments())
+
+
+def test_a_row_runs_and_its_numbers_render(tmp_path, monkeypatch):
+    """The runner at toy size: an experiment of one tiny row runs its command, keeps its numbers in
+    results/<experiment>/<row>.json and renders them; the numbers then render without the run folder."""
     reproduce = _script("reproduce")
     monkeypatch.setattr(reproduce, "REPO", tmp_path)
-    md = tmp_path / "results.md"
-    md.write_text(
-        "<!-- BEGIN omniglot-cpu -->\n96.71 %\n<!-- END omniglot-cpu -->\n"
-        "<!-- BEGIN omniglot-fast -->\nold\n<!-- END omniglot-fast -->\n"
+    monkeypatch.setattr(reproduce, "EXPERIMENTS", tmp_path / "experiments")
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    (tmp_path / "experiments").mkdir()
+    tiny = "--set data.num_classes=30 --set data.samples_per_class=4 --queries 1 --episodes 3 --set data.val_episodes=2"
+    (tmp_path / "experiments" / "toy.yaml").write_text(
+        "title: Toy\norder: 1\nmethod: m\nfindings: f\nsame_episodes: []\nrows:\n"
+        "  - grid: {algorithm: [centroid, protonet]}\n    name: toy_{algorithm}\n    commands:\n"
+        f"      - metafusion run --algo {{algorithm}} --iterations 2 {tiny} --set model.width=8 --out {{out}} --quiet\n"
+        "columns:\n  - {header: algorithm, label: algorithm}\n  - {header: accuracy, metric: accuracy}\n"
+        "  - {header: vs centroid, metric: delta, against: {algorithm: centroid}}\n"
+        "  - {header: iterations, metric: iterations}\n  - {header: command, metric: commands}\n"
     )
-    for row in reproduce.ROWS:
-        if row.table == "omniglot-fast":
-            (tmp_path / row.out).mkdir(parents=True)
-    assert reproduce.rewrite_tables(md, ["omniglot-cpu", "omniglot-fast"]) == ["omniglot-fast"]
-    text = md.read_text()
-    assert "96.71 %" in text and "old" not in text and "| 5w1s | maml |" in text
-    assert "kept omniglot-cpu as it was: no run folder or raw numbers for omniglot_" in capsys.readouterr().err
+    spec = reproduce.load_experiments()["toy"]
+    for row in spec["rows"]:
+        reproduce.run_row(row)
+    kept = json.loads((tmp_path / "results" / "toy" / "toy_protonet.json").read_text())
+    assert kept["train"]["iterations"] == 2 and 0 <= kept["results"]["accuracy_mean"] <= 1
+    import shutil
 
-
-def test_report_rewrites_the_fast_table_from_committed_raw_numbers(tmp_path, monkeypatch):
-    """A fast-recipe row whose run folder is not here is rendered from its benchmarks/results/<row>.json."""
-    import json
-
-    reproduce = _script("reproduce")
-    monkeypatch.setattr(reproduce, "REPO", tmp_path)
-    md = tmp_path / "results.md"
-    md.write_text("<!-- BEGIN omniglot-fast -->\nold\n<!-- END omniglot-fast -->\n")
-    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
-    for i, row in enumerate(r for r in reproduce.ROWS if r.table == "omniglot-fast"):
-        result = {"accuracy_mean": 0.9, "accuracy_ci95": 0.01 * (i + 1), "episodes": 600, "fingerprint": "f"}
-        train = {"iterations": 1000 + i, "seconds": 1200.0, "tasks_per_s": 20.0, "hardware": "CPU X", "ranks": 2}
-        raw = {"train": train, "transductive": result, "nontransductive": None}
-        reproduce._raw_path(row).write_text(json.dumps(raw))
-    assert reproduce.rewrite_tables(md, ["omniglot-fast"]) == ["omniglot-fast"]
-    text = md.read_text()
-    assert (
-        "old" not in text
-        and "| 5w1s | maml | 98.7 % | 90.00 ± 1.00 % | not run | 1,000 | 1200 s | 20.0 | CPU X" in text
-    )
+    shutil.rmtree(tmp_path / "runs")
+    text = reproduce.render(reproduce.load_experiments())
+    assert "| protonet |" in text and "not run" not in text and "Tested on every row: identical test episodes" in text
 
 
 @pytest.mark.parametrize("variant", ["maml-1", "fomaml-5", "reptile-5", "protonet", "meta-test"])

@@ -104,7 +104,7 @@ def test_every_components_own_keys_are_documented():
     from metafusion.models import ENCODERS, FUSIONS
 
     docs = "".join(
-        (Path(__file__).parents[1] / "docs" / name).read_text() for name in ("configuration.md", "datasets.md")
+        (Path(__file__).parents[1] / "docs" / name).read_text() for name in ("configuration.md", "encoders.md")
     )
     for registry in (DATASETS, FUSIONS, ENCODERS, ALGORITHMS):
         for name in registry.names():

@@ -39,6 +39,9 @@ class MetaAlgorithm:
     name = "base"
     # What the class knows of its configuration: engine.resolve asks it, nothing else holds it.
     defaults: dict[str, Any] = {}  # published hyperparameters (algo.* and train.* keys) where the config says None
+    # The recipe measured best when the model reads a modality through a pretrained encoder (docs/results.md):
+    # dotted keys set where the config leaves them unset ("model.*.trainable": every pretrained encoder's)
+    pretrained_defaults: dict[str, Any] = {}
     Options: type = NoOptions  # its own algo.* keys (a dataclass; each field is an __init__ keyword)
     inner_loop = True  # False: no gradient steps at test time (an inner learning rate of 0 is then fine)
     step_keys: tuple[str, ...] = ()  # the algo.* keys that count steps it takes (so they must be >= 1)

@@ -21,12 +21,13 @@ class Standardizer:
     stats: dict[str, tuple[Tensor, Tensor]]
 
     @staticmethod
-    def fit(dataset: MultimodalDataset, split: str = "train") -> Standardizer:
+    def fit(dataset: MultimodalDataset, split: str = "train", skip=()) -> Standardizer:
+        """Statistics of every floating-point modality but those in ``skip``, on ``split``'s classes."""
         rows = dataset.rows_of_classes(dataset.splits[split])
         stats = {}
         for j, m in enumerate(dataset.modalities):
             x = dataset.data[m]
-            if not x.is_floating_point():
+            if not x.is_floating_point() or m in skip:
                 continue
             present = x[rows][dataset.present[rows, j]]
             if present.shape[0] == 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
@@ -12,12 +11,11 @@ import torch
 from ..algorithms import ALGORITHMS, MetaAlgorithm
 from ..config import RunConfig, from_dict
 from ..data import DATASETS, EpisodeSampler, MultimodalDataset, Standardizer, fixed_episodes
-from ..data.cache import cached
 from ..data.episodes import FixedEpisodes
 from ..data.input_format import InputFormat
-from ..data.synthetic import decode_text
 from ..errors import InputError
-from ..models import ENCODERS, FrozenTextModel, FusionModel, ModelSpec, build_model
+from ..models import FusionModel, ModelSpec, build_model
+from .features import with_frozen_features
 from .resolve import options_class, resolve, split_model_options
 
 
@@ -28,40 +26,23 @@ def raw_dataset(cfg: RunConfig) -> MultimodalDataset:
 
 
 def load_dataset(cfg: RunConfig) -> MultimodalDataset:
-    """The dataset as the model will see it: chosen modalities, missing rate, frozen text features,
-    and standardisation fitted on the meta-train split only (kept in ``metadata["standardizer"]``, so
-    that a user's own data later goes through the same statistics: ``TrainedModel.prepare``)."""
+    """The dataset as the model will see it: chosen modalities, missing rate, the frozen parts of
+    pretrained encoders (``features``), and standardisation fitted on the meta-train split only (kept in
+    ``metadata["standardizer"]``, so that a user's own data later goes through the same statistics:
+    ``TrainedModel.prepare``)."""
     d = cfg.data
     dataset = raw_dataset(cfg)
     if d.modalities:
         dataset = dataset.select_modalities(d.modalities)
     dataset = dataset.with_missing(d.missing_rate, seed=d.data_seed + 1)
-    dataset = with_encoder_features(cfg, dataset)
+    inputs = InputFormat.of(dataset)  # the raw samples' format, before any frozen encoder part
+    dataset = with_frozen_features(cfg, dataset)
+    dataset.metadata = {**dataset.metadata, "inputs": inputs}
     if d.standardize:
-        standardizer = Standardizer.fit(dataset, "train")
+        standardizer = Standardizer.fit(dataset, "train", skip=dataset.metadata.get("unstandardized", ()))
         dataset = standardizer(dataset)
         dataset.metadata["standardizer"] = standardizer
     return dataset
-
-
-def with_encoder_features(cfg: RunConfig, dataset: MultimodalDataset) -> MultimodalDataset:
-    """Modalities whose encoder is a frozen pretrained model replaced by that model's features."""
-    for m, name in cfg.model.encoders.items():
-        if m in dataset.modalities and getattr(ENCODERS.get(name), "frozen_features", None):
-            dataset = with_frozen_text_features(dataset, m)
-    return dataset
-
-
-def with_frozen_text_features(dataset: MultimodalDataset, modality: str) -> MultimodalDataset:
-    """Replace token ids by pretrained sentence features, computed once per sample and cached on disk
-    (keyed by the texts themselves: the features are a function of the strings and the model)."""
-    texts = dataset.metadata.get("texts")
-    if texts is None:
-        vocab = dataset.metadata["vocabulary"]
-        texts = [decode_text(ids, vocab) for ids in dataset.data[modality]]
-    key = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:16]
-    features = cached(f"text/minilm_{key}.pt", lambda: FrozenTextModel().embed(texts))
-    return dataset.map_modality(modality, lambda _: features)
 
 
 def model_spec(dataset: MultimodalDataset) -> ModelSpec:
@@ -177,7 +158,7 @@ class TrainedModel:
             exp.algorithm,
             model_spec(d),
             train,
-            InputFormat.of(d),
+            d.metadata.get("inputs") or InputFormat.of(d),
             d.metadata.get("standardizer"),
             [str(names[c]) for c in train] if names is not None and len(names) else None,
         )
@@ -201,7 +182,7 @@ class TrainedModel:
     def prepare(self, data: MultimodalDataset) -> MultimodalDataset:
         """A user's data through the pipeline the model was meta-trained on: frozen features where the
         encoder is frozen, then the meta-train split's standardisation (never refitted on the user's data)."""
-        data = with_encoder_features(self.cfg, data)
+        data = with_frozen_features(self.cfg, data)
         return self.standardizer(data) if self.standardizer is not None else data
 
     @staticmethod

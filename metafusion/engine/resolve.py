@@ -29,7 +29,8 @@ from ..config import (
 )
 from ..data import DATASETS
 from ..models import ADAPT_SCOPES, FUSIONS
-from ..models.encoders import default_encoder, encoder_for
+from ..models.encoders import ENCODERS, default_encoder, encoder_for
+from ..models.encoders.pretrained import PretrainedEncoder
 from .optimization import OPTIMIZERS, SCHEDULES
 
 
@@ -43,6 +44,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
     specific = cfg.per_algorithm.get(cfg.algo.name)
     if specific:
         apply(cfg, {k: v for k, v in specific.items() if k != "per_algorithm"})
+    if pretrained_modalities(cfg):  # the recipe measured best on pretrained features, where nothing says otherwise
+        for key, value in algorithm.pretrained_defaults.items():
+            set_unless_given(cfg, key, value)
+    cfg.model.width = DEFAULT_WIDTH if cfg.model.width is None else cfg.model.width
     for section in (cfg.algo, cfg.train):
         for key, value in algorithm.defaults.items():
             if getattr(section, key, False) is None:
@@ -61,17 +66,47 @@ def resolve(cfg: RunConfig) -> RunConfig:
     fusion_options, encoder_options = split_model_options(cfg.model.options)
     lookup(FUSIONS, "model.fusion", cfg.model.fusion)
     cfg.model.options = _component_options(FUSIONS, "model", cfg.model.fusion, fusion_options)
-    for modality, name in cfg.model.encoders.items():
-        encoder_for(modality, name)
-    for modality, values in encoder_options.items():
+    for modality in sorted({*cfg.model.encoders, *encoder_options}):  # the encoders' own keys, completed
         name = cfg.model.encoders.get(modality) or default_encoder(modality)
         encoder = encoder_for(modality, name)
-        cfg.model.options[modality] = options_dict(
-            parse_options(encoder.Options, values, f"model.{modality}.", f"encoder {name}", [])
-        )
+        values = encoder_options.get(modality, {})
+        if values or dataclasses.fields(encoder.Options):
+            options = parse_options(encoder.Options, values, f"model.{modality}.", f"encoder {name}", [])
+            cfg.model.options[modality] = options_dict(options)
     _check_training(cfg, algorithm)
     algorithm.check_config(cfg)  # what only this algorithm knows: its incompatibilities with the rest
     return cfg
+
+
+DEFAULT_WIDTH = 64
+
+
+def pretrained_modalities(cfg: RunConfig) -> list[str]:
+    """The modalities the config reads through a pretrained encoder (one named in ``model.encoders``)."""
+    return [
+        m
+        for m, name in cfg.model.encoders.items()
+        if name in ENCODERS
+        and issubclass(ENCODERS.get(name), PretrainedEncoder)
+        and (not cfg.model.modalities or m in cfg.model.modalities)
+    ]
+
+
+def set_unless_given(cfg: RunConfig, key: str, value: Any) -> None:
+    """Set dotted ``key`` where the config leaves it unset: a field that is None, or a component option
+    not given. ``model.*.<option>`` means that option of every pretrained encoder that takes it."""
+    section, *rest = key.split(".")
+    if section == "model" and rest[0] == "*":
+        for m in pretrained_modalities(cfg):
+            if rest[1] in {f.name for f in dataclasses.fields(ENCODERS.get(cfg.model.encoders[m]).Options)}:
+                cfg.model.options.setdefault(m, {}).setdefault(rest[1], value)
+        return
+    target = getattr(cfg, section)
+    if hasattr(target, rest[0]):
+        if getattr(target, rest[0]) is None:
+            setattr(target, rest[0], value)
+    else:
+        target.options.setdefault(rest[0], value)
 
 
 def lookup(registry, key: str, name: str):

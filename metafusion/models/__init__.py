@@ -1,7 +1,6 @@
 """Models: per-modality encoders, fusion modules, heads, and the FusionModel that joins them."""
 
 from .encoders import DEFAULT_ENCODERS, ENCODERS
-from .encoders.text import FrozenTextModel, minilm_path
 from .fusion import FUSIONS, AttentionFusion, ConcatFusion, LateFusion, MeanFusion, TransformerFusion
 from .model import ADAPT_SCOPES, FusionModel, build_model
 from .spec import ModelSpec
@@ -19,6 +18,4 @@ __all__ = [
     "ModelSpec",
     "build_model",
     "ADAPT_SCOPES",
-    "FrozenTextModel",
-    "minilm_path",
 ]

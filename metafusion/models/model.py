@@ -15,15 +15,16 @@ from .execution import decomposed_batchnorm, memory_format
 from .fusion import build_fusion
 from .spec import ModelSpec
 
-# Adaptation scope -> the parameter-name prefixes an inner loop adapts under it.
-# Parameter-name prefixes each inner-loop scope adapts. ``encoders+head`` keeps the fusion fixed inside
-# the inner loop (meta-learned by the outer loop only): a transformer fusion's LayerNorms and MLP do
-# not take MAML's inner rate for convolutions (docs/results.md, multimodal Omniglot).
+# Adaptation scope -> which parameters (by name) an inner loop adapts under it; the others are meta-learned
+# by the outer loop only. ``encoders+head`` keeps the fusion fixed inside the inner loop: a transformer
+# fusion's LayerNorms and MLP do not take MAML's inner rate for convolutions (docs/results.md, multimodal
+# Omniglot). ``all-but-pretrained`` keeps the pretrained top blocks of encoders (``*.pretrained.*``) fixed.
 ADAPT_SCOPES = {
-    "all": ("",),
-    "head": ("head.",),
-    "fusion+head": ("fusion.", "head."),
-    "encoders+head": ("encoders.", "head."),
+    "all": lambda name: True,
+    "head": lambda name: name.startswith("head."),
+    "fusion+head": lambda name: name.startswith(("fusion.", "head.")),
+    "encoders+head": lambda name: name.startswith(("encoders.", "head.")),
+    "all-but-pretrained": lambda name: ".pretrained." not in name,
 }
 
 
@@ -110,7 +111,7 @@ class FusionModel(nn.Module):
         """The names of the parameters an inner loop adapts under ``scope``."""
         if scope not in ADAPT_SCOPES:
             raise InputError(f"unknown adaptation scope {scope!r}; choose one of: {', '.join(ADAPT_SCOPES)}")
-        return {n for n, p in self.named_parameters() if p.requires_grad and n.startswith(ADAPT_SCOPES[scope])}
+        return {n for n, p in self.named_parameters() if p.requires_grad and ADAPT_SCOPES[scope](n)}
 
     # -- execution policy: how the model runs special passes (the values are the same either way) --------
     def differentiated_twice(self) -> ExitStack:
