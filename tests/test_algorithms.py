@@ -130,6 +130,38 @@ def test_reptile_k_steps_match_a_hand_rolled_loop():
     assert torch.allclose(adapted, _flat(hand.parameters()), atol=1e-12)
 
 
+def test_reptile_inner_adam_matches_torch_adam_with_beta1_zero():
+    """The functional inner loop against torch's Adam (the paper's beta1 = 0), over steps that share moments."""
+    torch.manual_seed(0)
+    model, episode = tiny_tabular_model(), tiny_episode(seed=3)
+    hand = copy.deepcopy(model)
+    opt = torch.optim.Adam(hand.parameters(), lr=0.01, betas=(0.0, 0.999), eps=1e-8)
+    for _ in range(4):
+        opt.zero_grad()
+        F.cross_entropy(hand(episode.support), episode.support.labels).backward()
+        opt.step()
+    algo = Reptile(model, inner_batch=100, **dict(COMMON, inner_lr=0.01, inner_steps=4))
+    algo.meta_backward([episode])  # .grad = -(theta~ - theta)
+    assert torch.allclose(_flat([p - p.grad for p in model.parameters()]), _flat(hand.parameters()), atol=1e-12)
+
+
+def test_fine_tune_head_fit_matches_torch_sgd_with_momentum_and_weight_decay():
+    from metafusion.algorithms.finetune import MOMENTUM, WEIGHT_DECAY, fused_features
+
+    episode = tiny_episode(ways=3, seed=2)
+    algo = ALGORITHMS.build("finetune", tiny_tabular_model(ways=3), train_classes=[0, 1, 2], **COMMON)
+    algo.inner_lr_test = 0.05
+    z, mask = fused_features(algo.model, episode.support)
+    head = algo.new_head(3).double()
+    opt = torch.optim.SGD(head.parameters(), lr=0.05, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(head(z.detach(), mask), episode.support.labels).backward()
+        opt.step()
+    learner = algo.adapt(episode.support, steps=5)
+    assert torch.allclose(_flat(learner.head.parameters()), _flat(head.parameters()), atol=1e-12)
+
+
 def test_metasgd_learns_its_inner_learning_rates():
     torch.manual_seed(0)
     model = tiny_tabular_model()

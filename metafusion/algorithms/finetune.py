@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.batch import Batch, Episode
@@ -77,20 +77,34 @@ class FineTuneBaseline(MetaAlgorithm):
         loss.backward()
         return {"loss": loss.item(), "accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
+    def fit_head(
+        self, head: nn.Module, params: dict[str, Tensor], z: Tensor, mask: Tensor, labels: Tensor, steps: int
+    ) -> dict[str, Tensor]:
+        """The head fit, a pure function of the head's parameters and the support features (so vmap maps it over
+        episodes): ``steps`` full-batch SGD steps with momentum and weight decay (Chen et al.)."""
+        momentum = None
+
+        def loss(h: dict) -> Tensor:
+            return F.cross_entropy(functional(head, h, nn.Module.__call__, z, mask), labels)
+
+        for _ in range(steps):
+            grads = torch.func.grad(loss)(params)
+            step = {n: grads[n] + WEIGHT_DECAY * params[n] for n in params}
+            momentum = step if momentum is None else {n: MOMENTUM * momentum[n] + step[n] for n in params}
+            params = {n: params[n] - self.inner_lr_test * momentum[n] for n in params}
+        return params
+
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
-        """Fit a new head on frozen support features: SGD, momentum 0.9, full batch (Chen et al.)."""
+        """Fit a new head on frozen support features (``fit_head``)."""
         steps = self.inner_steps_test if steps is None else steps
-        ways = int(support.labels.max()) + 1
         with torch.no_grad():
             z, mask = fused_features(self.model, support)
-        head = self.new_head(ways)
-        opt = torch.optim.SGD(head.parameters(), lr=self.inner_lr_test, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        head = self.new_head(int(support.labels.max()) + 1)
         with torch.enable_grad():
-            for _ in range(steps):
-                loss = F.cross_entropy(head(z, mask), support.labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            fitted = self.fit_head(head, model_parameters(head), z, mask, support.labels, steps)
+        with torch.no_grad():
+            for n, p in head.named_parameters():
+                p.copy_(fitted[n])
         return FeatureHeadClassifier(self.model, head)
 
     def new_head(self, ways: int) -> nn.Module:
@@ -100,7 +114,7 @@ class FineTuneBaseline(MetaAlgorithm):
             torch.manual_seed(self.seed)
             return self.model.new_head(ways)
 
-    # -- functional form: the head fit as SGD with momentum on a dict of head parameters ---------
+    # -- functional form: the same head fit, vmapped over episodes ----------------------------
     def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
         heads = [self.new_head(e.ways) for e in episodes]
         return {"model": model_parameters(self.model), "head_module": heads[0]}, [
@@ -109,17 +123,9 @@ class FineTuneBaseline(MetaAlgorithm):
 
     def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
         z, mask = functional(self.model, state["model"], fused_features, support)
-        head, momentum = dict(state["head"]), None
-
-        def loss(h: dict) -> torch.Tensor:
-            return F.cross_entropy(functional(state["head_module"], h, nn.Module.__call__, z, mask), support.labels)
-
-        for _ in range(self.inner_steps_test):
-            grads = torch.func.grad(loss)(head)
-            step = {n: grads[n] + WEIGHT_DECAY * head[n] for n in head}
-            momentum = step if momentum is None else {n: MOMENTUM * momentum[n] + step[n] for n in head}
-            head = {n: head[n] - self.inner_lr_test * momentum[n] for n in head}
-        return {**state, "head": head}
+        return {**state, "head": self.fit_head(
+            state["head_module"], dict(state["head"]), z, mask, support.labels, self.inner_steps_test
+        )}
 
     def functional_logits(self, state: State, batch: Batch) -> torch.Tensor:
         z, mask = functional(self.model, state["model"], fused_features, batch)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .._learn2learn import MAML as L2LMAML
 from .._learn2learn import MetaSGD as L2LMetaSGD
@@ -183,17 +183,25 @@ class MAML(MetaAlgorithm):
         return {"model": model_parameters(self.model), "rates": rates}, [{} for _ in episodes]
 
     def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
-        params, rates = dict(state["model"]), state["rates"]
-        for _ in range(self.inner_steps_test):
+        params = self.functional_inner_loop(state["model"], support, self.inner_steps_test, state["rates"])
+        return {**state, "model": params}
 
-            def loss(adapted: dict, frozen: dict = params) -> torch.Tensor:
-                return F.cross_entropy(
-                    functional(self.model, {**frozen, **adapted}, nn.Module.__call__, support), support.labels
-                )
+    def functional_inner_loop(
+        self, params: dict[str, Tensor], support: Batch, steps: int, rates: dict, first_order: bool = False
+    ) -> dict[str, Tensor]:
+        """The inner SGD steps as a pure function of the parameters (``rates``: name -> learning rate of each
+        adapted one), which vmap maps over episodes or tasks; ``first_order`` cuts the inner gradients out of
+        the graph. The functional twin of ``_adapt`` (learn2learn's clone and update, the framework's path)."""
+        for _ in range(steps):
+
+            def loss(adapted: dict, frozen: dict = params) -> Tensor:
+                logits = functional(self.model, {**frozen, **adapted}, nn.Module.__call__, support)
+                return F.cross_entropy(logits, support.labels)
 
             grads = torch.func.grad(loss)({n: params[n] for n in rates})
-            params.update({n: params[n] - rates[n] * grads[n] for n in rates})
-        return {**state, "model": params}
+            grads = {n: g.detach() for n, g in grads.items()} if first_order else grads
+            params = {**params, **{n: params[n] - rates[n] * grads[n] for n in rates}}
+        return params
 
     def _meta_backward_task_batched(self, tasks: list[Episode]) -> dict[str, float]:
         """The same meta-gradient as the loop, with every task of the meta-batch in one network call:
@@ -214,23 +222,18 @@ class MAML(MetaAlgorithm):
                 "mask); with missing modalities, leave task_batched off"
             )
         named = list(self.model.named_parameters())
-        adapted = {n for (n, _), a in zip(named, self._adapted) if a}
+        rates = {n: self.inner_lr for (n, _), a in zip(named, self._adapted) if a}
         params = {n: p.detach() for n, p in named if p.requires_grad}  # frozen ones come from the module
 
-        def stacked(batches: list[Batch]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        def stacked(batches: list[Batch]) -> tuple[dict[str, Tensor], Tensor]:
             inputs = {m: torch.stack([b.inputs[m] for b in batches]) for m in mods}
             return inputs, torch.stack([b.labels for b in batches])
 
-        def loss(p, inputs, labels, mask):
-            logits = torch.func.functional_call(self.model, p, (Batch(inputs, mask, labels, mods),))
-            return F.cross_entropy(logits, labels), logits
-
         def task_loss(p, s_inputs, s_labels, q_inputs, q_labels):
-            for _ in range(self.inner_steps):
-                g = torch.func.grad(lambda q: loss(q, s_inputs, s_labels, first.support.mask)[0])(p)
-                g = {n: g[n].detach() if self.first_order_now else g[n] for n in adapted}
-                p = {n: v - self.inner_lr * g[n] if n in adapted else v for n, v in p.items()}
-            return loss(p, q_inputs, q_labels, first.query.mask)
+            support = Batch(s_inputs, first.support.mask, s_labels, mods)
+            p = self.functional_inner_loop(p, support, self.inner_steps, rates, self.first_order_now)
+            logits = functional(self.model, p, nn.Module.__call__, Batch(q_inputs, first.query.mask, q_labels, mods))
+            return F.cross_entropy(logits, q_labels), logits
 
         def meta_loss(p):
             losses, logits = torch.func.vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(
