@@ -330,7 +330,7 @@ def _rank_worker(
         mine = rank_info.shard(batch)
         opt.zero_grad(set_to_none=True)
         metrics = exp.algorithm.meta_backward(mine)
-        distributed.all_reduce_meta_batch(params, len(mine), len(batch), metrics, False)
+        distributed.all_reduce_meta_batch(params, len(mine), len(batch), metrics, False, 0.0)
         opt.step()
 
     step(batches[0])

@@ -13,7 +13,8 @@ from metafusion.config import load_config
 from metafusion.engine.build import raw_dataset
 from metafusion.engine.resolve import resolve
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "benchmarks" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -168,3 +169,47 @@ def test_reptile_test_optimizer_benchmark_evaluates_one_checkpoint_fresh_and_war
     monkeypatch.setattr(sys, "argv", ["x", "--run", str(tmp_path / "maml")])
     with pytest.raises(SystemExit, match="is a maml run; the test-time Adam is Reptile's"):
         script.main()
+
+
+def _run_script(name: str, *args: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{name}.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_throughput_benchmark_documented_command_runs_at_toy_size(tmp_path):
+    """docs/performance.md's quick command, cut to one variant and one meta-batch of 2, with its 2-rank row."""
+    import json
+
+    _run_script(
+        "throughput",
+        "--quick",
+        "--models",
+        "conv4",
+        "--variants",
+        "maml-1",
+        "--iters",
+        "1",
+        "--meta-batch",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert row["grad_rel_err_fp64"] <= 1e-5 and row["distributed_tasks_per_s"] > 0 and row["metafusion_tasks_per_s"] > 0
+
+
+def test_evaluation_and_predict_benchmarks_documented_commands_run_at_toy_size(tmp_path):
+    import json
+
+    out = tmp_path / "evaluation.json"
+    _run_script("evaluation", "--rows", "tabular+text-maml,tabular+text-protonet", "--episodes", "2", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["off"]["accuracy"] == pytest.approx(r["on"]["accuracy"]) for r in rows)
+    printed = _run_script("predict", "--samples", "20", "--config", "")
+    assert all(f"{protocol}:" in printed for protocol in ("support", "transductive", "alone"))
