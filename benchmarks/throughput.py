@@ -37,7 +37,7 @@ from metafusion.algorithms.protonet import proto_logits, prototypes
 from metafusion.config import from_dict
 from metafusion.engine import build_experiment, distributed
 from metafusion.engine.checkpoint import hardware
-from metafusion.engine.report import peak_rss_mb
+from metafusion.engine.memory import peak_rss_mb
 
 # name -> (algorithm, inner steps, what the reference loop is)
 VARIANTS = {

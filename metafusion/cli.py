@@ -10,49 +10,35 @@ from typing import Any
 
 from .errors import InputError
 
-# Named flags -> dotted config keys. Everything else can be set with `key=value` or --set key=value.
-FLAG_KEYS = {
-    "dataset": "data.dataset",
-    "data_root": "data.root",
-    "algo": "algo.name",
-    "ways": "data.ways",
-    "shots": "data.shots",
-    "queries": "data.queries",
-    "modalities": "data.modalities",
-    "fusion": "model.fusion",
-    "inner_steps": "algo.inner_steps",
-    "inner_steps_test": "algo.inner_steps_test",
-    "inner_lr": "algo.inner_lr",
-    "meta_lr": "train.meta_lr",
-    "meta_batch": "train.meta_batch",
-    "iterations": "train.iterations",
-    "episodes": "data.test_episodes",
-    "seed": "train.seed",
-    "device": "train.device",
-    "budget": "train.budget_minutes",
-    "threads": "train.threads",
+# Named flags -> (dotted config key, type). Everything else can be set with `key=value` or --set key=value.
+FLAGS = {
+    "dataset": ("data.dataset", str),
+    "data_root": ("data.root", str),
+    "algo": ("algo.name", str),
+    "ways": ("data.ways", int),
+    "shots": ("data.shots", int),
+    "queries": ("data.queries", int),
+    "modalities": ("data.modalities", str),
+    "fusion": ("model.fusion", str),
+    "inner_steps": ("algo.inner_steps", int),
+    "inner_steps_test": ("algo.inner_steps_test", int),
+    "inner_lr": ("algo.inner_lr", float),
+    "meta_lr": ("train.meta_lr", float),
+    "meta_batch": ("train.meta_batch", int),
+    "iterations": ("train.iterations", int),
+    "episodes": ("data.test_episodes", int),
+    "seed": ("train.seed", int),
+    "device": ("train.device", str),
+    "budget": ("train.budget_minutes", float),
+    "threads": ("train.threads", int),
 }
 BUG_REPORTS = "the project's issue tracker (issues)"
-INT_FLAGS = {
-    "ways",
-    "shots",
-    "queries",
-    "inner_steps",
-    "inner_steps_test",
-    "meta_batch",
-    "iterations",
-    "episodes",
-    "seed",
-    "threads",
-}
-FLOAT_FLAGS = {"inner_lr", "meta_lr", "budget"}
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration (flags override the YAML file)")
     g.add_argument("--config", help="YAML config file (optional: flags alone run the synthetic dataset)")
-    for flag, key in FLAG_KEYS.items():
-        kind = int if flag in INT_FLAGS else float if flag in FLOAT_FLAGS else str
+    for flag, (key, kind) in FLAGS.items():
         g.add_argument(
             "--" + flag.replace("_", "-"), dest=flag, type=kind, metavar=flag.split("_")[-1].upper(), help=f"sets {key}"
         )
@@ -124,10 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipe = dict(epilog=pretrained_recipes(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p = sub.add_parser("meta-train", help="meta-train a model; writes a run folder", **recipe)
+    p.set_defaults(func=cmd_meta_train)
     _add_config_flags(p)
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/last.pt")
 
     p = sub.add_parser("meta-test", help="evaluate a run on the fixed test episodes (mean ± 95%% CI)")
+    p.set_defaults(func=cmd_meta_test)
     p.add_argument("--run", help="run folder written by meta-train")
     p.add_argument("--checkpoint", help="checkpoint to test (default: RUN/best.pt); results go beside it")
     p.add_argument("--episodes", type=int, help="number of test episodes (default: the run's config)")
@@ -135,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("fine-tune", help="adapt a meta-learned model to one new task and save it")
+    p.set_defaults(func=cmd_fine_tune)
     p.add_argument("--run", required=True, help="run folder written by meta-train")
     p.add_argument(
         "--task",
@@ -148,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("predict", help="label new samples with a fine-tuned model (class names, probabilities)")
+    p.set_defaults(func=cmd_predict)
     p.add_argument("--model", required=True, help="RUN/finetune/model.pt written by fine-tune (or its run folder)")
     p.add_argument("--data", required=True, help="folder or manifest of samples to label (labels optional)")
     p.add_argument("--out", help="predictions file, .csv or .jsonl (default: predictions.csv beside the model)")
@@ -157,11 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
     p = sub.add_parser("run", help="meta-train, meta-test and fine-tune for one config", **recipe)
+    p.set_defaults(func=cmd_run)
     _add_config_flags(p)
 
     p = sub.add_parser(
         "compare", help="train several algorithms on the same stream, test on identical episodes", **recipe
     )
+    p.set_defaults(func=cmd_compare)
     _add_config_flags(p)
     p.add_argument("--algos", default="maml,reptile", help="comma-separated algorithms (default: maml,reptile)")
     p.add_argument(
@@ -171,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("datasets", help="list datasets, where each expects its files, and verify them")
+    p.set_defaults(func=cmd_datasets)
     p.add_argument("--data-root", help="data root (default: $METAFUSION_DATA)")
     return parser
 
@@ -180,7 +173,7 @@ def config_from_args(args: argparse.Namespace, extra: list[str]):
     from .errors import ConfigError
 
     overrides: dict[str, Any] = {}
-    for flag, key in FLAG_KEYS.items():
+    for flag, (key, _) in FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
@@ -192,22 +185,6 @@ def config_from_args(args: argparse.Namespace, extra: list[str]):
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
     return load_config(args.config, overrides)
-
-
-def _print_results(r: dict[str, Any]) -> None:
-    print(
-        f"\n{r['algorithm']} on {r['dataset']} ({', '.join(r['modalities'])}), {r['ways']}-way {r['shots']}-shot: "
-        f"accuracy {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI, "
-        f"{r['episodes']} episodes, {r.get('protocol', 'transductive')} protocol), "
-        f"macro-F1 {r['macro_f1']:.3f}"
-    )
-    if r.get("episodes_diverged"):
-        print(
-            f"warning: {r['episodes_diverged']} of {r['episodes']} episodes diverged (non-finite logits; their "
-            f"queries count as wrong): lower algo.inner_lr_test or algo.inner_steps_test"
-        )
-    if r.get("modality_weights"):
-        print("attention weights: " + ", ".join(f"{m} {w:.3f}" for m, w in r["modality_weights"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     show_input_warnings(args.command)
     try:
         import_plugins()
-        return _dispatch(args, extra)
+        from .engine import distributed
+
+        if distributed.launched_by_torchrun() and args.command != "meta-train":
+            raise InputError(
+                f"under torchrun only meta-train runs data-parallel; run '{args.command}' as a single "
+                f"process (e.g. meta-test the run folder afterwards)"
+            )
+        return args.func(args, extra)
     except InputError as e:  # the project's own error for bad input (config, data, files, run folders)
         print(f"metafusion {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -285,10 +269,49 @@ def import_plugins() -> None:
             ) from None
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from .engine import stages
+# -- one handler per command (build_parser registers each with set_defaults(func=...)) -----------------
+def cmd_datasets(args: argparse.Namespace, extra: list[str]) -> int:
+    from .data.verify import describe_datasets
+
+    print(describe_datasets(args.data_root))
+    return 0
+
+
+def cmd_meta_test(args: argparse.Namespace, extra: list[str]) -> int:
+    from .engine import report, stages
+
+    if not (args.run or args.checkpoint):
+        raise InputError("meta-test needs --run RUN or --checkpoint PATH")
+    run = args.run or str(Path(args.checkpoint).parent)
+    r = stages.stage_meta_test(
+        run, checkpoint=args.checkpoint, episodes=args.episodes, protocol=_protocol(args), quiet=args.quiet
+    )
+    stem = stages.RESULTS_STEM[r["protocol"]]
+    print(report.results_summary(r) + f"\nresults written to {run}/{stem}.json and {stem}.md")
+    return 0
+
+
+def cmd_fine_tune(args: argparse.Namespace, extra: list[str]) -> int:
+    from .engine import report, stages
+
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be >= 1 (adaptation steps), got {args.steps}")
+    r = stages.stage_fine_tune(
+        args.run,
+        seed=args.seed,
+        steps=args.steps,
+        task=args.task,
+        quiet=args.quiet,
+        out=args.out,
+        overwrite=args.overwrite,
+    )
+    print(report.fine_tune_summary(r, args.task))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
+    from .engine import report, stages
     from .engine.predictor import PREDICT_PROTOCOL
-    from .engine.report import plot_confusion
 
     pred, out = stages.stage_predict(
         args.model,
@@ -299,110 +322,51 @@ def _predict(args: argparse.Namespace) -> int:
         skip_unreadable=args.skip_unreadable,
         device=args.device,
     )
-    counts = {c: pred.predicted.count(c) for c in pred.classes}
-    print(f"predicted {len(pred)} samples: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
-    if int(pred.diverged.sum()):
-        print(f"warning: {int(pred.diverged.sum())} samples got non-finite logits (no prediction)")
-    if pred.labels is not None:
-        matrix = pred.confusion()
-        png = plot_confusion(out.with_suffix(".png"), matrix, pred.classes)
-        width = max(len(c) for c in pred.classes)
-        print(f"accuracy {100 * pred.accuracy:.2f} % on {len(pred)} labelled samples; confusion (row = true):")
-        print(" " * (width + 2) + " ".join(f"{c:>{width}}" for c in pred.classes))
-        for c, row in zip(pred.classes, matrix.tolist()):
-            print(f"  {c:>{width}}" + "".join(f" {n:>{width}}" for n in row))
-        print(f"confusion matrix: {png}")
-    print(f"predictions written to {out}")
+    print(report.prediction_summary(pred, out))
     return 0
 
 
-def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
-    from .engine import distributed, stages
+def cmd_meta_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .engine import distributed, report, stages
 
-    if distributed.launched_by_torchrun() and args.command != "meta-train":
-        raise InputError(
-            f"under torchrun only meta-train runs data-parallel; run '{args.command}' as a single "
-            f"process (e.g. meta-test the run folder afterwards)"
-        )
-
-    if args.command == "datasets":
-        from .data.verify import describe_datasets
-
-        print(describe_datasets(args.data_root))
-        return 0
-    if args.command == "meta-test":
-        if not (args.run or args.checkpoint):
-            raise InputError("meta-test needs --run RUN or --checkpoint PATH")
-        args.run = args.run or str(Path(args.checkpoint).parent)
-        r = stages.stage_meta_test(
-            args.run, checkpoint=args.checkpoint, episodes=args.episodes, protocol=_protocol(args), quiet=args.quiet
-        )
-        _print_results(r)
-        stem = stages.RESULTS_STEM[r["protocol"]]
-        print(f"results written to {args.run}/{stem}.json and {stem}.md")
-        return 0
-    if args.command == "fine-tune":
-        if args.steps is not None and args.steps < 1:
-            raise InputError(f"--steps must be >= 1 (adaptation steps), got {args.steps}")
-        r = stages.stage_fine_tune(
-            args.run,
-            seed=args.seed,
-            steps=args.steps,
-            task=args.task,
-            quiet=args.quiet,
-            out=args.out,
-            overwrite=args.overwrite,
-        )
-        print(
-            f"fine-tuned on {r['ways']}-way {r['shots']}-shot task ({args.task}; classes: {', '.join(r['classes'])}): "
-            f"query accuracy {100 * r['query_accuracy']:.2f} % on {r['queries']} queries"
-        )
-        if r["diverged"]:
-            print("warning: some query logits are not finite (adaptation diverged; they count as wrong)")
-        print(f"adapted model saved to {r['model']}\nlabel new files with:\n  {r['predict']}")
-        return 0
-    if args.command == "predict":
-        return _predict(args)
-    if args.command == "meta-train" and args.resume:
+    if args.resume:
         exp, train, run_dir = stages.stage_meta_train(None, args.resume, resume=True, quiet=args.quiet)
     else:
         cfg = config_from_args(args, extra)
         out = args.out or f"runs/{cfg.algo.name}"
-        if args.command == "compare":
-            algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-            from .algorithms import ALGORITHMS
-
-            bad = [a for a in algos if a not in ALGORITHMS.names()]
-            if bad:
-                raise InputError(f"unknown algorithm {', '.join(bad)}; valid: {', '.join(ALGORITHMS.names())}")
-            rows, table = stages.stage_compare(
-                cfg,
-                algos,
-                args.out or "runs/compare",
-                overwrite=args.overwrite,
-                quiet=args.quiet,
-                baseline=not args.no_baseline,
-            )
-            print("\n" + table)
-            print(f"written to {args.out or 'runs/compare'}/compare.md and compare.csv")
-            return 0
-        if args.command == "run":
-            r = stages.stage_run(cfg, out, overwrite=args.overwrite, quiet=args.quiet)
-            _print_results(r)
-            print(f"fine-tune: query accuracy {100 * r['finetune']['query_accuracy']:.2f} %; run folder: {out}")
-            return 0
         exp, train, run_dir = stages.stage_meta_train(cfg, out, overwrite=args.overwrite, quiet=args.quiet)
     main_rank = distributed.current().main
     distributed.shutdown()
-    if not main_rank:
-        return 0
-    ranks = f" over {train['ranks']} ranks" if train["ranks"] > 1 else ""
-    print(
-        f"meta-trained {exp.cfg.algo.name} for {train['iterations']} iterations in {train['seconds']:.1f} s "
-        f"({train['tasks_per_s']:.1f} tasks/s{ranks}); "
-        f"best meta-val accuracy {100 * train['best_val_accuracy']:.2f} %; "
-        f"run folder: {run_dir}"
+    if main_rank:
+        print(report.meta_train_summary(exp.cfg.algo.name, train, run_dir))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from .engine import report, stages
+
+    cfg = config_from_args(args, extra)
+    out = args.out or f"runs/{cfg.algo.name}"
+    r = stages.stage_run(cfg, out, overwrite=args.overwrite, quiet=args.quiet)
+    print(report.results_summary(r))
+    print(f"fine-tune: query accuracy {100 * r['finetune']['query_accuracy']:.2f} %; run folder: {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from .algorithms import ALGORITHMS
+    from .engine import stages
+
+    cfg = config_from_args(args, extra)
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    bad = [a for a in algos if a not in ALGORITHMS.names()]
+    if bad:
+        raise InputError(f"unknown algorithm {', '.join(bad)}; valid: {', '.join(ALGORITHMS.names())}")
+    out = args.out or "runs/compare"
+    rows, table = stages.stage_compare(
+        cfg, algos, out, overwrite=args.overwrite, quiet=args.quiet, baseline=not args.no_baseline
     )
+    print(f"\n{table}\nwritten to {out}/compare.md and compare.csv")
     return 0
 
 

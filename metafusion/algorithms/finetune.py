@@ -123,9 +123,12 @@ class FineTuneBaseline(MetaAlgorithm):
 
     def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
         z, mask = functional(self.model, state["model"], fused_features, support)
-        return {**state, "head": self.fit_head(
-            state["head_module"], dict(state["head"]), z, mask, support.labels, self.inner_steps_test
-        )}
+        return {
+            **state,
+            "head": self.fit_head(
+                state["head_module"], dict(state["head"]), z, mask, support.labels, self.inner_steps_test
+            ),
+        }
 
     def functional_logits(self, state: State, batch: Batch) -> torch.Tensor:
         z, mask = functional(self.model, state["model"], fused_features, batch)

@@ -1,116 +1,16 @@
-"""What a run leaves behind for people: metrics.jsonl, TensorBoard events, results.json/.md, plots,
-and the side-by-side comparison tables (Markdown + CSV)."""
+"""What a run leaves behind for people: results.json/.md, plots, the side-by-side comparison tables
+(Markdown + CSV) and what the command line prints."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import resource
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
-    fork and exec, so a process started by a bigger one would report its parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far (CPU) or peak allocated GPU memory, in MiB."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return peak_rss_mb()
-
-
-class PeakMemory:
-    """Peak resident memory (MiB) during a ``with`` block, sampled every 20 ms from /proc/self/statm.
-
-    The process-wide maximum (``peak_memory_mb``) never resets, so when several stages share one
-    process (``compare``) each stage's own peak has to be sampled.
-    """
-
-    def __init__(self, interval: float = 0.02):
-        self.interval, self.peak_mb = interval, 0.0
-        self._stop = threading.Event()
-        self._page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def _sample(self) -> None:
-        try:
-            with open("/proc/self/statm") as f:
-                self.peak_mb = max(self.peak_mb, int(f.read().split()[1]) * self._page_mb)
-        except OSError:  # not Linux: fall back to the process-wide peak
-            self.peak_mb = peak_memory_mb()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def start(self) -> PeakMemory:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.reset_peak_memory_stats()
-        self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    __enter__ = start
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-
-
-class MetricsLog:
-    """Appends one JSON object per logged iteration to ``metrics.jsonl`` and mirrors scalars to
-    TensorBoard. On resume, records after the checkpoint's step (from the interrupted run) are dropped."""
-
-    def __init__(self, run_dir: Path, resume_step: int = 0):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_step and self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        self.file = self.path.open("a")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        self.writer.close()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+from .metrics_log import read_metrics
 
 
 def write_results(run_dir: Path, results: dict[str, Any], stem: str = "results") -> None:
@@ -150,6 +50,65 @@ def results_markdown(r: dict[str, Any]) -> str:
         f"git commit: {r.get('git_commit') or 'unknown'}",
         "",
     ]
+    return "\n".join(lines)
+
+
+# -- what the command line prints -------------------------------------------------------------------
+def results_summary(r: dict[str, Any]) -> str:
+    """A meta-test's accuracy, interval, protocol and attention weights, with a warning for diverged episodes."""
+    lines = [
+        f"\n{r['algorithm']} on {r['dataset']} ({', '.join(r['modalities'])}), {r['ways']}-way {r['shots']}-shot: "
+        f"accuracy {100 * r['accuracy_mean']:.2f} % ± {100 * r['accuracy_ci95']:.2f} (95% CI, "
+        f"{r['episodes']} episodes, {r.get('protocol', 'transductive')} protocol), macro-F1 {r['macro_f1']:.3f}"
+    ]
+    if r.get("episodes_diverged"):
+        lines.append(
+            f"warning: {r['episodes_diverged']} of {r['episodes']} episodes diverged (non-finite logits; their "
+            f"queries count as wrong): lower algo.inner_lr_test or algo.inner_steps_test"
+        )
+    if r.get("modality_weights"):
+        lines.append("attention weights: " + ", ".join(f"{m} {w:.3f}" for m, w in r["modality_weights"].items()))
+    return "\n".join(lines)
+
+
+def meta_train_summary(algorithm: str, train: dict[str, Any], run_dir: Path) -> str:
+    ranks = f" over {train['ranks']} ranks" if train["ranks"] > 1 else ""
+    return (
+        f"meta-trained {algorithm} for {train['iterations']} iterations in {train['seconds']:.1f} s "
+        f"({train['tasks_per_s']:.1f} tasks/s{ranks}); "
+        f"best meta-val accuracy {100 * train['best_val_accuracy']:.2f} %; run folder: {run_dir}"
+    )
+
+
+def fine_tune_summary(r: dict[str, Any], task: str) -> str:
+    lines = [
+        f"fine-tuned on {r['ways']}-way {r['shots']}-shot task ({task}; classes: {', '.join(r['classes'])}): "
+        f"query accuracy {100 * r['query_accuracy']:.2f} % on {r['queries']} queries"
+    ]
+    if r["diverged"]:
+        lines.append("warning: some query logits are not finite (adaptation diverged; they count as wrong)")
+    lines.append(f"adapted model saved to {r['model']}\nlabel new files with:\n  {r['predict']}")
+    return "\n".join(lines)
+
+
+def prediction_summary(pred, out: Path) -> str:
+    """Counts per predicted class; with labels, the accuracy and the confusion matrix (printed, and a PNG
+    beside ``out``)."""
+    counts = {c: pred.predicted.count(c) for c in pred.classes}
+    lines = [f"predicted {len(pred)} samples: " + ", ".join(f"{c} {n}" for c, n in counts.items())]
+    if int(pred.diverged.sum()):
+        lines.append(f"warning: {int(pred.diverged.sum())} samples got non-finite logits (no prediction)")
+    if pred.labels is not None:
+        matrix = pred.confusion()
+        png = plot_confusion(Path(out).with_suffix(".png"), matrix, pred.classes)
+        width = max(len(c) for c in pred.classes)
+        lines.append(f"accuracy {100 * pred.accuracy:.2f} % on {len(pred)} labelled samples; confusion (row = true):")
+        lines.append(" " * (width + 2) + " ".join(f"{c:>{width}}" for c in pred.classes))
+        lines += [
+            f"  {c:>{width}}" + "".join(f" {n:>{width}}" for n in row) for c, row in zip(pred.classes, matrix.tolist())
+        ]
+        lines.append(f"confusion matrix: {png}")
+    lines.append(f"predictions written to {out}")
     return "\n".join(lines)
 
 

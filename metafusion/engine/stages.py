@@ -25,8 +25,9 @@ from . import distributed
 from .build import Experiment, TrainedModel, build_experiment, load_trained
 from .checkpoint import git_commit, hardware, library_versions, load_checkpoint
 from .evaluate import meta_test
+from .memory import peak_memory_mb
 from .predictor import PREDICT_PROTOCOL, Predictions, Predictor
-from .report import peak_memory_mb, plot_run, write_compare, write_results
+from .report import plot_run, write_compare, write_results
 from .resolve import resolve
 from .run_folder import RunFolderError, check_out, is_run_folder, locked, new_run_folder
 from .train import meta_train, stop_requests

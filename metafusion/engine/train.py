@@ -20,8 +20,9 @@ from . import distributed
 from .build import Experiment, load_trained, model_args
 from .checkpoint import CHECKPOINT_FORMAT, library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .evaluate import meta_test
+from .memory import PeakMemory, peak_memory_mb
+from .metrics_log import MetricsLog
 from .optimization import OPTIMIZERS, SCHEDULES
-from .report import MetricsLog, PeakMemory, peak_memory_mb
 
 
 class NonFiniteLossError(InputError, RuntimeError):
@@ -73,6 +74,7 @@ class _Session:
     stop: dict  # stop_requests()'s record of a signal
     stop_at: int | None
     progress: Callable[[int], float]  # how far the run is after that many iterations, 0 to 1
+    val_seconds: float = 0.0  # time spent validating in this call (not meta-training time)
 
 
 def plan_validation(exp: Experiment, step_seconds: float) -> tuple[ValidationPlan, float]:
@@ -223,97 +225,116 @@ def meta_train(
 
 
 def _loop(exp: Experiment, state: TrainState, session: _Session) -> None:
-    """The loop itself; ``state`` is updated in place."""
-    cfg, algo = exp.cfg.train, exp.algorithm
-    opt, params, run_dir, log, bar, rank = (
-        session.optimizer, session.params, session.run_dir, session.log, session.bar, session.rank
-    )  # fmt: skip
-    last_path = run_dir / "last.pt" if run_dir else None
-    # ``elapsed`` counts meta-training only: validation time is excluded from the budget and tasks/s.
-    start, elapsed_before, val_acc, val_seconds = time.perf_counter(), state.elapsed, float("nan"), 0.0
+    """The loop itself; ``state`` is updated in place. ``elapsed`` counts meta-training only: validation time
+    is excluded from the budget and from tasks/s."""
+    cfg, bar = exp.cfg.train, session.bar
+    start, elapsed_before, val_acc, session.val_seconds = time.perf_counter(), state.elapsed, float("nan"), 0.0
 
     def clock() -> float:
-        return elapsed_before + time.perf_counter() - start - val_seconds
+        return elapsed_before + time.perf_counter() - start - session.val_seconds
 
     while state.step < cfg.iterations:
         step_started = clock()
-        # Every rank draws the whole meta-batch (identical samplers) and adapts its own share.
-        tasks = [exp.train_sampler.sample() for _ in range(cfg.meta_batch)]
-        mine = [t.to(cfg.device) for t in rank.shard(tasks)]
-        opt.zero_grad(set_to_none=True)
-        algo.set_progress(session.progress(state.step))
-        metrics = algo.meta_backward(mine)
-        now = clock()
-        out_of_time = rank.main and cfg.budget_minutes is not None and now >= 60 * cfg.budget_minutes
-        # Every rank takes rank 0's clock, which the schedules (``progress``) read through state.elapsed.
-        metrics, out_of_time, now = distributed.all_reduce_meta_batch(
-            params, len(mine), len(tasks), metrics, out_of_time, now
-        )
-        state.step = step = state.step + 1
-        if not _finite(metrics, params):
-            if cfg.on_nan == "stop":
-                where = last_path if last_path and last_path.exists() else "none written yet"
-                raise NonFiniteLossError(
-                    f"non-finite meta-loss or gradient at iteration {step} "
-                    f"(loss={metrics['loss']}); last good checkpoint: {where}. "
-                    f"Lower the learning rates, add train.clip, or set train.on_nan=skip."
-                )
-            tqdm.write(f"iteration {step}: non-finite meta-loss/gradient, step skipped (train.on_nan=skip)")
-        else:
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            opt.step()
-        state.elapsed = elapsed = now
+        metrics, out_of_time, state.elapsed = _meta_step(exp, state, session, clock)
+        step = state.step
         record = {
             "step": step,
-            "lr": opt.param_groups[0]["lr"],
-            "elapsed_s": round(elapsed, 3),
-            "tasks_per_s": step * cfg.meta_batch / max(elapsed, 1e-9),
+            "lr": session.optimizer.param_groups[0]["lr"],
+            "elapsed_s": round(state.elapsed, 3),
+            "tasks_per_s": step * cfg.meta_batch / max(state.elapsed, 1e-9),
             **metrics,
         }
         session.scheduler.step()
-        if rank.main and state.plan is None and step >= min(2, cfg.iterations):  # the 2nd step is warm
-            state.plan, probe_seconds = plan_validation(exp, elapsed - step_started)
-            val_seconds += probe_seconds
-            if not bar.disable:
-                bar.write(
-                    f"validation: every {state.plan.interval} iterations on {state.plan.episodes} "
-                    f"episodes (~{cfg.val_fraction:.0%} of the run; set train.val_interval to choose)"
-                )
+        if session.rank.main and state.plan is None and step >= min(2, cfg.iterations):  # the 2nd step is warm
+            _plan_validation(exp, state, session, state.elapsed - step_started)
         plan = state.plan
-        validate = rank.main and (
+        validate = session.rank.main and (
             (plan is not None and step % plan.interval == 0)
             or step == cfg.iterations
             or out_of_time
             or step == session.stop_at
         )
         if validate:
-            val = meta_test(algo, exp.val_episodes[: plan.episodes if plan else None], device=cfg.device)
-            val_acc, val_seconds = val.accuracy_mean, val_seconds + val.seconds
-            record["val_accuracy"] = val_acc
-            if val_acc > state.best:
-                state.best = val_acc
-                if run_dir:
-                    save_checkpoint(run_dir / "best.pt", _payload(exp, state, opt, session.scheduler))
-        if log and (validate or step % cfg.log_interval == 0):
-            log.write(record)
-        if validate and run_dir:
-            save_checkpoint(last_path, _payload(exp, state, opt, session.scheduler))
+            record["val_accuracy"] = val_acc = _validate(exp, state, session)
+        if session.log and (validate or step % cfg.log_interval == 0):
+            session.log.write(record)
+        if validate and session.run_dir:
+            save_checkpoint(session.run_dir / "last.pt", _payload(exp, state, session.optimizer, session.scheduler))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{val_acc:.3f}")
         if out_of_time or step == session.stop_at:
             break
-        if session.stop["signum"] is not None:
-            name = signal.Signals(session.stop["signum"]).name
-            if run_dir:
-                if not validate:
-                    save_checkpoint(last_path, _payload(exp, state, opt, session.scheduler))
-                raise TrainingStopped(
-                    f"stopped by {name} after iteration {step}; {last_path} holds it. Continue "
-                    f"with: metafusion meta-train --resume {run_dir}",
-                    session.stop["signum"],
-                )
-            raise TrainingStopped(f"stopped by {name} after iteration {step}", session.stop["signum"])
+        _stop_if_requested(exp, state, session, saved=validate)
+
+
+def _meta_step(exp: Experiment, state: TrainState, session: _Session, clock: Callable[[], float]) -> tuple:
+    """One meta-update: every rank draws the whole meta-batch (identical samplers) and adapts its own share;
+    the gradients are averaged over ranks and applied unless non-finite. Returns the metrics, whether the
+    time budget is spent and rank 0's clock (which every rank takes, so the schedules agree)."""
+    cfg, algo, opt, params = exp.cfg.train, exp.algorithm, session.optimizer, session.params
+    tasks = [exp.train_sampler.sample() for _ in range(cfg.meta_batch)]
+    mine = [t.to(cfg.device) for t in session.rank.shard(tasks)]
+    opt.zero_grad(set_to_none=True)
+    algo.set_progress(session.progress(state.step))
+    metrics = algo.meta_backward(mine)
+    now = clock()
+    out_of_time = session.rank.main and cfg.budget_minutes is not None and now >= 60 * cfg.budget_minutes
+    metrics, out_of_time, now = distributed.all_reduce_meta_batch(
+        params, len(mine), len(tasks), metrics, out_of_time, now
+    )
+    state.step += 1
+    if _finite(metrics, params):
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+    elif cfg.on_nan == "stop":
+        last = session.run_dir / "last.pt" if session.run_dir else None
+        raise NonFiniteLossError(
+            f"non-finite meta-loss or gradient at iteration {state.step} (loss={metrics['loss']}); last good "
+            f"checkpoint: {last if last and last.exists() else 'none written yet'}. "
+            f"Lower the learning rates, add train.clip, or set train.on_nan=skip."
+        )
+    else:
+        tqdm.write(f"iteration {state.step}: non-finite meta-loss/gradient, step skipped (train.on_nan=skip)")
+    return metrics, out_of_time, now
+
+
+def _plan_validation(exp: Experiment, state: TrainState, session: _Session, step_seconds: float) -> None:
+    state.plan, probe_seconds = plan_validation(exp, step_seconds)
+    session.val_seconds += probe_seconds
+    if not session.bar.disable:
+        session.bar.write(
+            f"validation: every {state.plan.interval} iterations on {state.plan.episodes} "
+            f"episodes (~{exp.cfg.train.val_fraction:.0%} of the run; set train.val_interval to choose)"
+        )
+
+
+def _validate(exp: Experiment, state: TrainState, session: _Session) -> float:
+    """Meta-validate (on the plan's episodes), keeping ``best.pt`` when it is the best so far."""
+    episodes = exp.val_episodes[: state.plan.episodes if state.plan else None]
+    val = meta_test(exp.algorithm, episodes, device=exp.cfg.train.device)
+    session.val_seconds += val.seconds
+    if val.accuracy_mean > state.best:
+        state.best = val.accuracy_mean
+        if session.run_dir:
+            save_checkpoint(session.run_dir / "best.pt", _payload(exp, state, session.optimizer, session.scheduler))
+    return val.accuracy_mean
+
+
+def _stop_if_requested(exp: Experiment, state: TrainState, session: _Session, saved: bool) -> None:
+    """After a SIGINT/SIGTERM: write ``last.pt`` (unless this step ``saved`` it) and raise ``TrainingStopped``."""
+    if session.stop["signum"] is None:
+        return
+    name, run_dir = signal.Signals(session.stop["signum"]).name, session.run_dir
+    if not run_dir:
+        raise TrainingStopped(f"stopped by {name} after iteration {state.step}", session.stop["signum"])
+    if not saved:
+        save_checkpoint(run_dir / "last.pt", _payload(exp, state, session.optimizer, session.scheduler))
+    raise TrainingStopped(
+        f"stopped by {name} after iteration {state.step}; {run_dir / 'last.pt'} holds it. Continue "
+        f"with: metafusion meta-train --resume {run_dir}",
+        session.stop["signum"],
+    )
 
 
 def _without_meta_parameters(exp: Experiment, run_dir: Path | None) -> dict:
