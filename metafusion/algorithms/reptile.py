@@ -5,14 +5,12 @@ reach theta~. The outer update is ``theta <- theta + eps * mean_tasks(theta~ - t
 into ``.grad`` as ``-(mean_tasks(theta~ - theta))`` so that any outer optimizer applies it (plain SGD
 with lr = eps gives the paper's update; the paper anneals eps linearly to 0: ``train.schedule=linear``).
 
-The inner loop is written once, as a pure function of the adapted parameters and the optimizer's state
-(``inner_loop``): meta-training, test-time adaptation and the batched evaluation of many episodes under
-vmap all run it. As in the paper's code, the training inner Adam (beta1 = 0) keeps its second moments
-and step count across tasks; they are part of ``state_dict()`` and so of every checkpoint. Test-time
-adaptation starts a state of its own: fresh, or (``algo.warm_test_optimizer``) a copy of the training
-one, as the paper's code evaluates (its evaluation steps the training Adam, then restores its state).
-A parameter with no gradient in a mini-batch (its modality absent from every row) keeps its value, and
-its moments decay.
+One working copy of the model is made once and reloaded from theta for every task (no per-task deep
+copies or optimizer rebuilds). As in the paper's code, the inner Adam (beta1 = 0) keeps its moment
+estimates across tasks; they are part of ``state_dict()`` and so of every checkpoint. Evaluation
+adapts a separate copy with its own inner optimizer, so it never disturbs training state: a fresh one, or
+(``algo.warm_test_optimizer``) one that starts from the training inner optimizer's moments, as the paper's
+code evaluates (its evaluation steps the training Adam, then restores its state).
 """
 
 from __future__ import annotations
@@ -24,26 +22,26 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import RunConfig
 from ..data.batch import Batch, Episode
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..models.model import FusionModel
 from ..models.spec import ModelSpec
-from .base import ALGORITHMS, MetaAlgorithm, TaskTally
+from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
 from .batched import State, functional, model_parameters
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # torch's defaults; beta1 = 0 as in the paper
 
 
-def inner_update(p: Tensor, g: Tensor, v: Tensor, step: float, lr: float, optimizer: str) -> tuple[Tensor, Tensor]:
-    """One inner step of a parameter: SGD, or Adam with beta1 = 0 (its first moment is the gradient), whose
-    second moment ``v`` and step count (after this step) ``step`` give ``p - lr g / (sqrt(v / (1 - b2^t)) + eps)``."""
-    if optimizer == "sgd":
-        return p - lr * g, v
-    v = v * ADAM_BETA2 + (1 - ADAM_BETA2) * g * g
-    return p - lr * g / (v.sqrt() / math.sqrt(1 - ADAM_BETA2**step) + ADAM_EPS), v
+def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """``ReptileOptions.inner_optimizer`` ``name``: Adam with beta1 = 0 (the paper's), or plain SGD."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.0, ADAM_BETA2), eps=ADAM_EPS, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise InputError(f"unknown inner optimizer {name!r}; choose one of: adam, sgd")
 
 
 @dataclass
@@ -99,44 +97,34 @@ class Reptile(MetaAlgorithm):
         self.inner_optimizer = inner_optimizer
         self.warm_test_optimizer = warm_test_optimizer
         scope = model.adapted(self.adapt_scope)
-        self.names = [n for n, _ in model.named_parameters() if n in scope]  # the adapted parameters
-        # the training inner Adam's second moments and step counts, kept across tasks (the paper's code)
-        self.moments = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in scope}
-        self.steps = dict.fromkeys(self.moments, 0.0)
+        self._adapted = [n in scope for n, _ in model.named_parameters()]  # in parameters() order
+        self.fast = copy.deepcopy(model)
+        self.inner_opt = make_inner_optimizer(inner_optimizer, self._scoped(self.fast), self.inner_lr)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def inner_loop(
-        self, params: dict[str, Tensor], support: Batch, batches: list[Tensor], lr: float, state: tuple[dict, dict]
-    ) -> tuple[dict[str, Tensor], tuple[dict, dict], Tensor]:
-        """One inner optimizer step per mini-batch (``batches``: rows of ``support``) from ``params`` (the adapted
-        parameters; the others are the model's) and ``state`` (Adam's second moment and step count of each):
-        the adapted parameters, the state after the steps and the last step's loss. A pure function of its
-        tensors, which vmap maps over episodes."""
-        moments, steps = dict(state[0]), dict(state[1])
-        params, loss = dict(params), torch.zeros(())
-        for rows in batches:
-            batch = support.index(rows.to(support.mask.device))
+    def _scoped(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p, a in zip(model.parameters(), self._adapted) if a]
 
-            def batch_loss(adapted: dict, batch: Batch = batch) -> Tensor:
-                return F.cross_entropy(functional(self.model, adapted, nn.Module.__call__, batch), batch.labels)
+    def _trained_moments(self) -> list[dict[str, torch.Tensor]]:
+        """Per adapted parameter (in ``_scoped`` order), the training inner Adam's state to start a test-time
+        adaptation from: empty where it keeps none, or none that fits (a head resized for another task)."""
+        if not self.warm_test_optimizer:
+            return [{} for _ in self._scoped(self.model)]
+        out = []
+        for fast, meta in zip(self._scoped(self.fast), self._scoped(self.model)):
+            state = self.inner_opt.state.get(fast, {})
+            fits = "exp_avg_sq" in state and state["exp_avg_sq"].shape == meta.shape
+            # copies (evaluation never steps the training state); Adam's ``step`` stays a float32 count, the
+            # moments follow the parameters' dtype
+            out.append(
+                {k: v.to(v.dtype if k == "step" else meta.dtype, copy=True) for k, v in state.items()} if fits else {}
+            )
+        return out
 
-            grads, loss = torch.func.grad_and_value(batch_loss)(params)
-            for n in params:
-                steps[n] += 1
-                params[n], moments[n] = inner_update(
-                    params[n], grads[n], moments[n], steps[n], lr, self.inner_optimizer
-                )
-        return params, (moments, steps), loss
-
-    def _test_state(self) -> tuple[dict, dict]:
-        """Where a test-time adaptation's Adam starts: a copy of the training one (``warm_test_optimizer``, where
-        each moment fits its parameter: a head resized for another task starts fresh), else zeros."""
-        params = dict(self.model.named_parameters())
-        moments, steps = {n: torch.zeros_like(params[n]) for n in self.names}, dict.fromkeys(self.names, 0.0)
-        for n, v in self.moments.items() if self.warm_test_optimizer else ():
-            if v.shape == params[n].shape:
-                moments[n], steps[n] = v.clone(), self.steps[n]
-        return moments, steps
+    @torch.no_grad()
+    def _load_meta_weights(self, target: nn.Module) -> None:
+        for dst, src in zip(target.parameters(), self.model.parameters()):
+            dst.copy_(src)
 
     def _minibatches(self, n: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
         """The rows of each of ``steps`` mini-batches of ``inner_batch`` rows, cycling through shuffled
@@ -149,45 +137,49 @@ class Reptile(MetaAlgorithm):
             pos += self.inner_batch
         return out
 
-    def _adapted_parameters(self) -> dict[str, Tensor]:
-        params = dict(self.model.named_parameters())
-        return {n: params[n].detach() for n in self.names}
+    def _inner_loop(
+        self, learner: nn.Module, opt: torch.optim.Optimizer, data: Batch, steps: int, generator: torch.Generator
+    ) -> float:
+        """``steps`` optimizer steps on the mini-batches of ``_minibatches``."""
+        loss = torch.tensor(0.0)
+        for rows in self._minibatches(len(data), steps, generator):
+            loss = cross_entropy(learner, data.index(rows))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return loss.item()
 
     def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:
-        theta = self._adapted_parameters()
-        delta = {n: torch.zeros_like(p) for n, p in theta.items()}
+        meta = self._scoped(self.model)
+        delta = [torch.zeros_like(p) for p in meta]
         tally = TaskTally()
-        state = (self.moments, self.steps)
         for task in tasks:
-            batches = self._minibatches(len(task.support), self.inner_steps, self.generator)
-            adapted, state, loss = self.inner_loop(theta, task.support, batches, self.inner_lr, state)
-            for n in delta:
-                delta[n] += adapted[n] - theta[n]
+            self._load_meta_weights(self.fast)
+            loss = self._inner_loop(self.fast, self.inner_opt, task.support, self.inner_steps, self.generator)
+            with torch.no_grad():
+                for d, fast, slow in zip(delta, self._scoped(self.fast), meta):
+                    d += fast - slow
             # Reptile's objective has no query set: its "loss" is the support loss of the last inner step
             # (scoring queries would cost a forward pass per task for the logs alone; docs/architecture.md).
-            tally.add(loss.item())
-        self.moments, self.steps = state
-        params = dict(self.model.named_parameters())
-        for n, d in delta.items():
+            tally.add(loss)
+        for p, d in zip(meta, delta):
             g = -d / len(tasks)
-            params[n].grad = g if params[n].grad is None else params[n].grad + g
+            p.grad = g if p.grad is None else p.grad + g
         return tally.metrics()
 
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         steps = self.inner_steps_test if steps is None else steps
-        batches = self._minibatches(len(support), steps, torch.Generator().manual_seed(0))  # a fixed order:
-        with torch.enable_grad():  # evaluation is a function of the weights
-            adapted, _, _ = self.inner_loop(
-                self._adapted_parameters(), support, batches, self.inner_lr_test, self._test_state()
-            )
         learner = copy.deepcopy(self.model)
-        with torch.no_grad():
-            for n, p in learner.named_parameters():
-                if n in adapted:
-                    p.copy_(adapted[n])
+        params = self._scoped(learner)
+        opt = make_inner_optimizer(self.inner_optimizer, params, self.inner_lr_test)
+        for p, state in zip(params, self._trained_moments()):
+            if state:
+                opt.state[p] = state
+        with torch.enable_grad():  # a fixed mini-batch order: evaluation is a function of the weights
+            self._inner_loop(learner, opt, support, steps, torch.Generator().manual_seed(0))
         return learner
 
-    # -- functional form: the same inner loop, vmapped over episodes ------------------------------
+    # -- functional form: the test-time inner loop as Adam/SGD steps on a dict of parameters -----
     def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
         # The mini-batch rows are drawn here (vmap allows no random op inside): the same for every
         # episode of a support size, as ``adapt``'s fixed generator draws them.
@@ -195,25 +187,48 @@ class Reptile(MetaAlgorithm):
             n: self._minibatches(n, self.inner_steps_test, torch.Generator().manual_seed(0))
             for n in {len(e.support) for e in episodes}
         }
-        moments, steps = self._test_state()
-        state = {"model": model_parameters(self.model), "batches": batches, "moments": moments, "steps": steps}
-        return state, [{} for _ in episodes]
+        # torch's Adam skips a parameter whose gradient is None (its step count stays); a functional
+        # gradient is zero instead. They differ only when a mini-batch carries none of a modality, so
+        # then the episodes adapt one by one.
+        for e in episodes:
+            columns = [e.support.modalities.index(m) for m in self.model.modalities]
+            for rows in batches[len(e.support)]:
+                mask = e.support.mask[rows.to(e.support.mask.device)][:, columns]
+                if self.inner_optimizer == "adam" and not bool(mask.any(0).all()):
+                    return None
+        names = [n for (n, _), a in zip(self.model.named_parameters(), self._adapted) if a]
+        params = model_parameters(self.model)
+        # Adam's v and step count to start from (beta1 = 0: m is the gradient): zeros, or the trained ones
+        start = {
+            n: (m["exp_avg_sq"], float(m["step"])) if m else (torch.zeros_like(params[n]), 0.0)
+            for n, m in zip(names, self._trained_moments())
+        }
+        return {"model": params, "names": names, "batches": batches, "start": start}, [{} for _ in episodes]
 
     def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
-        params = {n: state["model"][n] for n in self.names}
-        batches, start = state["batches"][len(support)], (state["moments"], state["steps"])
-        adapted, _, _ = self.inner_loop(params, support, batches, self.inner_lr_test, start)
-        return {**state, "model": {**state["model"], **adapted}}
+        params, names, lr = dict(state["model"]), state["names"], self.inner_lr_test
+        second = {n: v for n, (v, _) in state["start"].items()}
+        for t, rows in enumerate(state["batches"][len(support)], 1):
+            batch = support.index(rows.to(support.mask.device))
+
+            def loss(adapted: dict, frozen: dict = params, batch: Batch = batch) -> torch.Tensor:
+                return F.cross_entropy(
+                    functional(self.model, {**frozen, **adapted}, nn.Module.__call__, batch), batch.labels
+                )
+
+            grads = torch.func.grad(loss)({n: params[n] for n in names})
+            for n in names:
+                if self.inner_optimizer == "sgd":
+                    params[n] = params[n] - lr * grads[n]
+                    continue
+                second[n] = second[n] * ADAM_BETA2 + (1 - ADAM_BETA2) * grads[n] * grads[n]
+                denom = second[n].sqrt() / math.sqrt(1 - ADAM_BETA2 ** (state["start"][n][1] + t)) + ADAM_EPS
+                params[n] = params[n] - lr * grads[n] / denom
+        return {**state, "model": params}
 
     def state_dict(self) -> dict:
-        return {"moments": self.moments, "steps": self.steps, "generator": self.generator.get_state()}
+        return {"inner_optimizer": self.inner_opt.state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        if "inner_optimizer" in state:  # metafusion 0.1 kept a torch Adam: its state per adapted parameter
-            kept = state["inner_optimizer"]["state"]
-            for i, n in enumerate(self.names):
-                if i in kept:
-                    self.moments[n], self.steps[n] = kept[i]["exp_avg_sq"], float(kept[i]["step"])
-        else:
-            self.moments, self.steps = dict(state["moments"]), dict(state["steps"])
+        self.inner_opt.load_state_dict(state["inner_optimizer"])
         self.generator.set_state(state["generator"])
