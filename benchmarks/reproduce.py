@@ -149,7 +149,9 @@ def hardware(row: Row) -> str:
     train = row.numbers.get("train") or {}
     ranks, threads = train.get("ranks", 1), (row.numbers.get("results") or {}).get("threads")
     where = train.get("hardware") or (row.numbers.get("results") or {}).get("hardware", "—")
-    return where + (f", {ranks} ranks × 1 thread" if ranks > 1 else f", {threads} threads" if threads else "")
+    return where + (
+        f", {ranks} ranks × 1 thread" if ranks > 1 else f", {threads} thread{'s' * (threads != 1)}" if threads else ""
+    )
 
 
 def cell(row: Row, rows: list[Row], column: dict) -> str:
@@ -170,6 +172,10 @@ def cell(row: Row, rows: list[Row], column: dict) -> str:
         return f"{train.get('seconds', r.get('train_seconds', 0)):.0f} s" if train or r else "—"
     if metric == "test_time":
         return f"{r['seconds']:.0f} s" if r else "—"
+    if metric == "iteration_time":
+        return f"{1000 * train['seconds'] / train['iterations']:.0f} ms" if train.get("iterations") else "—"
+    if metric == "peak_memory":
+        return f"{train['peak_memory_mb']:,.0f} MiB" if train.get("peak_memory_mb") else "—"
     if metric == "tasks_per_s":
         return f"{train.get('tasks_per_s', 0):.1f}" if train.get("iterations") else "—"
     if metric == "hardware":

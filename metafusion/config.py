@@ -58,7 +58,9 @@ class ModelConfig:
     width: int | None = None  # common fusion width d, every encoder projects to it (None: 64, or a recipe's)
     encoders: dict[str, str] = field(default_factory=dict)  # modality -> encoder (default per modality)
     fusion: str = "attention"  # see FUSIONS
-    adapt: str = "all"  # parameters the inner loop adapts: all | head | fusion+head | encoders+head
+    # parameters the inner loop adapts: all | head | fusion+head | encoders+head | all-but-pretrained (None: all,
+    # or the algorithm's pretrained recipe)
+    adapt: str | None = None
     hidden: int = 64  # channels / hidden units inside encoders
     # Modalities the model reads (None -> all the data provides). Unlike data.modalities, which drops
     # the other modalities (and samples left with none) from the data, this keeps the episodes as they

@@ -108,3 +108,26 @@ def test_the_projection_starts_where_the_pretrained_features_are():
     assert torch.allclose(w @ w.T, torch.eye(96), atol=1e-5)  # orthonormal rows: a rotation, restricted
     same(x).pow(2).sum().backward()
     assert same.mlp[-1].weight.grad.abs().sum() > 0  # ... and it can move away from them
+
+
+def test_a_pretrained_encoder_brings_each_algorithms_recipe_where_nothing_else_sets_it():
+    from metafusion.config import load_config
+    from metafusion.engine.resolve import resolve
+
+    def resolved(**overrides):
+        return resolve(load_config(None, {"data.modalities": ["text", "tabular"], **overrides}))
+
+    proto = resolved(**{"algo.name": "protonet", "model.encoders": "text=minilm"})
+    assert proto.algo.options["metric"] == "cosine" and proto.model.width == 384
+    mine = resolved(**{"algo.name": "protonet", "model.encoders": "text=minilm", "algo.metric": "euclidean"})
+    assert mine.algo.options["metric"] == "euclidean" and mine.model.width == 384  # a setting given wins
+    maml = resolved(**{"algo.name": "maml", "model.encoders": "text=minilm"})
+    assert maml.algo.inner_lr == 0.1 and maml.model.adapt == "all-but-pretrained"
+    assert resolved(**{"algo.name": "anil", "model.encoders": "text=minilm"}).model.adapt == "all"  # its own scope
+    assert resolved(**{"algo.name": "maml", "model.encoders": "text=minilm", "algo.inner_lr": 0.4}).algo.inner_lr == 0.4
+    scratch = resolved(**{"algo.name": "protonet"})  # no pretrained encoder: the plain defaults
+    assert scratch.algo.options["metric"] == "euclidean" and scratch.model.width == 64
+    assert (
+        resolved(**{"algo.name": "maml"}).algo.inner_lr == 0.4
+        and resolved(**{"algo.name": "maml"}).model.adapt == "all"
+    )

@@ -25,6 +25,17 @@ ALGORITHMS: Registry = Registry("algorithm")
 PROTOCOLS = ("transductive", "alone", "support")
 
 
+# The published hyperparameters (algo.* and train.* keys filled where the config says None) of a method with
+# no inner loop, meta-trained by Adam; each algorithm states where its paper differs (``published(...)``).
+NO_INNER_LOOP = dict(
+    inner_lr=0.0, inner_steps=0, inner_steps_test=0, meta_batch=1, meta_lr=1e-3, optimizer="adam", schedule="constant"
+)
+
+
+def published(**differences: Any) -> dict[str, Any]:
+    return {**NO_INNER_LOOP, **differences}
+
+
 class MetaAlgorithm:
     """``meta_backward(tasks)`` fills ``.grad`` of the meta-parameters for one meta-batch and returns
     metrics; the training loop owns the optimizer, schedule, clipping and logging.

@@ -22,7 +22,7 @@ from ..config import RunConfig
 from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
 from ..models.spec import ModelSpec
-from .base import ALGORITHMS, MetaAlgorithm
+from .base import ALGORITHMS, MetaAlgorithm, published
 from .protonet import Metric, proto_logits, prototypes
 
 COSINE_SCALE = 10.0  # turns cosine similarities into logits; it changes the loss, never the prediction
@@ -68,15 +68,7 @@ class Centroid(MetaAlgorithm):
     called: the algorithm has no meta-parameter, so meta-training only records the run."""
 
     name = "centroid"
-    defaults = dict(
-        inner_lr=0.0,
-        inner_steps=0,
-        inner_steps_test=0,
-        meta_batch=1,
-        meta_lr=0.0,
-        optimizer="sgd",
-        schedule="constant",
-    )
+    defaults = published(meta_lr=0.0, optimizer="sgd")
     Options = CentroidOptions
     inner_loop = scoped_adaptation = meta_parameters = False
 

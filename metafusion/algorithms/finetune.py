@@ -12,7 +12,7 @@ from ..config import RunConfig
 from ..data.batch import Batch, Episode
 from ..models.model import FusionModel
 from ..models.spec import ModelSpec
-from .base import ALGORITHMS, MetaAlgorithm
+from .base import ALGORITHMS, MetaAlgorithm, published
 from .batched import State, functional, model_parameters
 
 # The head is fitted as Chen et al. fit theirs: full-batch SGD with momentum and weight decay.
@@ -39,15 +39,7 @@ class FeatureHeadClassifier(nn.Module):
 @ALGORITHMS.register("finetune")
 class FineTuneBaseline(MetaAlgorithm):
     name = "finetune"
-    defaults = dict(
-        inner_lr=0.01,
-        inner_steps=0,
-        inner_steps_test=100,
-        meta_batch=4,
-        meta_lr=1e-3,
-        optimizer="adam",
-        schedule="constant",
-    )
+    defaults = published(inner_lr=0.01, inner_steps_test=100, meta_batch=4)
     scoped_adaptation = False
     step_keys = ("inner_steps_test",)  # the head fit; pre-training has no inner loop
 

@@ -17,7 +17,7 @@ from ..config import RunConfig
 from ..data.batch import Batch, Episode
 from ..errors import ConfigError
 from ..models.model import FusionModel
-from .base import ALGORITHMS, MetaAlgorithm, TaskTally
+from .base import ALGORITHMS, MetaAlgorithm, TaskTally, published
 from .batched import State, functional, model_parameters
 
 
@@ -69,16 +69,10 @@ class ProtoNetOptions:
 @ALGORITHMS.register("protonet")
 class ProtoNet(MetaAlgorithm):
     name = "protonet"
-    defaults = dict(
-        inner_lr=0.0,
-        inner_steps=0,
-        inner_steps_test=0,
-        meta_batch=1,
-        meta_lr=1e-3,
-        optimizer="adam",
-        schedule="constant",
-    )
+    defaults = published()
     Options = ProtoNetOptions
+    # cosine prototypes over a projection as wide as MiniLM's features (docs/results.md, CLINC150 and fashion)
+    pretrained_defaults = {"algo.metric": "cosine", "model.width": 384}
     inner_loop = scoped_adaptation = False
     trains_on_more_ways = True
 

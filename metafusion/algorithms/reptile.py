@@ -29,7 +29,7 @@ from ..data.batch import Batch, Episode
 from ..errors import ConfigError, InputError
 from ..models.model import FusionModel
 from ..models.spec import ModelSpec
-from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy
+from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy, published
 from .batched import State, functional, model_parameters
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # torch's defaults; beta1 = 0 as in the paper
@@ -68,14 +68,8 @@ class Reptile(MetaAlgorithm):
     step_keys = ("inner_steps", "inner_steps_test")
     # Nichol et al. 2018: inner Adam (beta1 = 0) lr 1e-3, inner batch 10, 5 steps (50 at test); outer SGD
     # step 1.0 annealed linearly to 0, meta-batch 5.
-    defaults = dict(
-        inner_lr=1e-3,
-        inner_steps=5,
-        inner_steps_test=50,
-        meta_batch=5,
-        meta_lr=1.0,
-        optimizer="sgd",
-        schedule="linear",
+    defaults = published(
+        inner_lr=1e-3, inner_steps=5, inner_steps_test=50, meta_batch=5, meta_lr=1.0, optimizer="sgd", schedule="linear"
     )
 
     @classmethod

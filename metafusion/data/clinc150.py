@@ -68,12 +68,6 @@ def clinc150(root: str | Path, split: str = "protocol", text_length: int = 32, s
         if split == "protocol"
         else {s: sorted({domain_of[names[c]] for c in cs}) for s, cs in splits.items()},
     }
-    return MultimodalDataset(
-        {"text": ids},
-        torch.ones(len(texts), 1, dtype=torch.bool),
-        torch.tensor([index[i] for _, i in pairs]),
-        ("text",),
-        splits,
-        metadata,
-        "clinc150",
+    return MultimodalDataset.of_one_modality(
+        "text", ids, torch.tensor([index[i] for _, i in pairs]), splits, metadata, "clinc150"
     )

@@ -41,6 +41,21 @@ class MultimodalDataset(Dataset):
     metadata: dict[str, Any] = field(default_factory=dict)
     name: str = "dataset"
 
+    @classmethod
+    def of_one_modality(
+        cls, modality: str, data: Tensor, targets: Tensor, splits: dict, metadata: dict, name: str
+    ) -> MultimodalDataset:
+        """A dataset whose every sample has the one ``modality`` (Omniglot images, FSDD audio, CLINC150 text)."""
+        return cls(
+            {modality: data},
+            torch.ones(len(targets), 1, dtype=torch.bool),
+            targets,
+            (modality,),
+            splits,
+            metadata,
+            name,
+        )
+
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
         n = self.targets.shape[0]

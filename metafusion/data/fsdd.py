@@ -84,11 +84,10 @@ def fsdd(root: str | Path, seconds: float = 1.0, label: str = "digit_speaker") -
         names = [f"{d}/{s}" for d in range(10) for s in SPEAKERS]
     else:
         raise DataError(f"unknown FSDD label {label!r}; choose digit or digit_speaker")
-    return MultimodalDataset(
-        {"audio": audio},
-        torch.ones(len(files), 1, dtype=torch.bool),
+    return MultimodalDataset.of_one_modality(
+        "audio",
+        audio,
         targets,
-        ("audio",),
         splits,
         {"sample_rate": SAMPLE_RATE, "digits": digits, "speakers": speakers, "class_names": names},
         "fsdd",

@@ -233,14 +233,8 @@ def omniglot(
         targets = torch.cat([targets + r * k for r in range(4)])
         splits = {s: [c + r * k for r in range(4) for c in cs] for s, cs in splits.items()}
         names = [f"{n}@rot{90 * r}" for r in range(4) for n in names]
-    return MultimodalDataset(
-        {"image": images},
-        torch.ones(len(targets), 1, dtype=torch.bool),
-        targets,
-        ("image",),
-        splits,
-        {"class_names": names, "keys": keys},
-        "omniglot",
+    return MultimodalDataset.of_one_modality(
+        "image", images, targets, splits, {"class_names": names, "keys": keys}, "omniglot"
     )
 
 

@@ -48,6 +48,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
         for key, value in algorithm.pretrained_defaults.items():
             set_unless_given(cfg, key, value)
     cfg.model.width = DEFAULT_WIDTH if cfg.model.width is None else cfg.model.width
+    cfg.model.adapt = "all" if cfg.model.adapt is None else cfg.model.adapt
     for section in (cfg.algo, cfg.train):
         for key, value in algorithm.defaults.items():
             if getattr(section, key, False) is None:
