@@ -123,7 +123,8 @@ def test_a_pretrained_encoder_brings_each_algorithms_recipe_where_nothing_else_s
     assert mine.algo.options["metric"] == "euclidean" and mine.model.width == 384  # a setting given wins
     maml = resolved(**{"algo.name": "maml", "model.encoders": "text=minilm"})
     assert maml.algo.inner_lr == 0.1 and maml.model.adapt == "all-but-pretrained"
-    assert resolved(**{"algo.name": "anil", "model.encoders": "text=minilm"}).model.adapt == "all"  # its own scope
+    for own_scope in ("anil", "metasgd"):
+        assert resolved(**{"algo.name": own_scope, "model.encoders": "text=minilm"}).model.adapt == "all"
     assert resolved(**{"algo.name": "maml", "model.encoders": "text=minilm", "algo.inner_lr": 0.4}).algo.inner_lr == 0.4
     scratch = resolved(**{"algo.name": "protonet"})  # no pretrained encoder: the plain defaults
     assert scratch.algo.options["metric"] == "euclidean" and scratch.model.width == 64

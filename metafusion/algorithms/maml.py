@@ -293,6 +293,7 @@ class MetaSGD(MAML):
 
     name = "metasgd"
     defaults = {**MAML_DEFAULTS, "inner_steps_test": 1}
+    pretrained_defaults = {"algo.inner_lr": 0.1}  # it adapts every parameter, each at its learned rate
     Options = NoOptions  # it always learns per-parameter rates
 
     @classmethod
