@@ -22,7 +22,7 @@ demo: env
 test: env
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 reproduce-quick: env
 	$(PY) benchmarks/reproduce.py --quick

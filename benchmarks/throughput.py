@@ -540,11 +540,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of the one-process loops")
     p.add_argument("--meta-batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=2, help="meta-batches per timed round")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, help="timed rounds (default 5, or 3 with --quick)")
     p.add_argument("--ranks", type=int, default=2, help="processes of the torch.distributed rows (CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--quick", action="store_true", help="3 rounds, no memory children")
+    p.add_argument("--quick", action="store_true", help="3 rounds unless told, no memory children")
     p.add_argument(
         "--task-batched",
         action="store_true",
@@ -563,8 +563,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child_memory(*args.child, args.device, args.meta_batch)))
         return
-    if args.quick:
-        args.rounds = 3
+    args.rounds = args.rounds or (3 if args.quick else 5)
     cpu = args.device == "cpu"
     hw = hardware(args.device)
     ceiling = matmul_gflops(args.device)

@@ -103,12 +103,16 @@ def test_results_md_is_what_the_experiments_and_their_numbers_render():
 
 
 def test_a_row_runs_and_its_numbers_render(tmp_path, monkeypatch):
-    """The runner at toy size: an experiment of one tiny row runs its command, keeps its numbers in
-    results/<experiment>/<row>.json and renders them; the numbers then render without the run folder."""
+    """The runner at toy size (`reproduce.py --experiments toy`, its two rows side by side): each row runs its
+    command, keeps its numbers in results/<experiment>/<row>.json and renders them; the numbers then render
+    without the run folder."""
+    import sys
+
     reproduce = _script("reproduce")
     monkeypatch.setattr(reproduce, "REPO", tmp_path)
     monkeypatch.setattr(reproduce, "EXPERIMENTS", tmp_path / "experiments")
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(reproduce, "RESULTS_MD", tmp_path / "results.md")
     (tmp_path / "experiments").mkdir()
     tiny = "--set data.num_classes=30 --set data.samples_per_class=4 --queries 1 --episodes 3 --set data.val_episodes=2"
     (tmp_path / "experiments" / "toy.yaml").write_text(
@@ -119,9 +123,9 @@ def test_a_row_runs_and_its_numbers_render(tmp_path, monkeypatch):
         "  - {header: vs centroid, metric: delta, against: {algorithm: centroid}}\n"
         "  - {header: iterations, metric: iterations}\n  - {header: command, metric: commands}\n"
     )
-    spec = reproduce.load_experiments()["toy"]
-    for row in spec["rows"]:
-        reproduce.run_row(row)
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--experiments", "toy"])
+    reproduce.main()
+    assert "| protonet |" in (tmp_path / "results.md").read_text()
     kept = json.loads((tmp_path / "results" / "toy" / "toy_protonet.json").read_text())
     assert kept["train"]["iterations"] == 2 and 0 <= kept["results"]["accuracy_mean"] <= 1
     import shutil
@@ -171,23 +175,24 @@ def test_reptile_test_optimizer_benchmark_evaluates_one_checkpoint_fresh_and_war
         script.main()
 
 
-def _run_script(name: str, *args: str) -> str:
-    import subprocess
+def _run_script(name: str, *args: str, monkeypatch, capsys) -> str:
+    """``python benchmarks/<name>.py *args`` in this process (a process of its own would add seconds of imports)."""
     import sys
 
-    done = subprocess.run(
-        [sys.executable, f"benchmarks/{name}.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{name}.py", *args])
+    monkeypatch.chdir(REPO)
+    _script(name).main()
+    return capsys.readouterr().out
 
 
 def test_throughput_benchmark_documented_command_runs_at_toy_size(tmp_path):
-    """docs/performance.md's quick command, cut to one variant and one meta-batch of 2, with its 2-rank row."""
+    """docs/performance.md's quick command, cut to one variant and one meta-batch of 2, with its 2-rank row
+    (in a process of its own: the row's ranks import the script by its file)."""
     import json
+    import subprocess
+    import sys
 
-    _run_script(
-        "throughput",
+    quick = [
         "--quick",
         "--models",
         "conv4",
@@ -197,19 +202,25 @@ def test_throughput_benchmark_documented_command_runs_at_toy_size(tmp_path):
         "1",
         "--meta-batch",
         "2",
-        "--out",
-        str(tmp_path),
-    )
+        "--rounds",
+        "1",
+    ]
+    command = [sys.executable, "benchmarks/throughput.py", *quick, "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert row["grad_rel_err_fp64"] <= 1e-5 and row["distributed_tasks_per_s"] > 0 and row["metafusion_tasks_per_s"] > 0
 
 
-def test_evaluation_and_predict_benchmarks_documented_commands_run_at_toy_size(tmp_path):
+def test_evaluation_and_predict_benchmarks_documented_commands_run_at_toy_size(tmp_path, monkeypatch, capsys):
     import json
 
     out = tmp_path / "evaluation.json"
-    _run_script("evaluation", "--rows", "tabular+text-maml,tabular+text-protonet", "--episodes", "2", "--out", str(out))
+    rows = "tabular+text-maml,tabular+text-protonet"
+    _run_script(
+        "evaluation", "--rows", rows, "--episodes", "2", "--out", str(out), monkeypatch=monkeypatch, capsys=capsys
+    )
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(r["off"]["accuracy"] == pytest.approx(r["on"]["accuracy"]) for r in rows)
-    printed = _run_script("predict", "--samples", "20", "--config", "")
+    printed = _run_script("predict", "--samples", "20", "--config", "", monkeypatch=monkeypatch, capsys=capsys)
     assert all(f"{protocol}:" in printed for protocol in ("support", "transductive", "alone"))

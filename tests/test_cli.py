@@ -173,42 +173,68 @@ def _cli(*args):
     return [sys.executable, "-m", "metafusion", *map(str, args)]
 
 
-def _resume_and_compare(interrupted: Path, full: Path, steps: int, env: dict) -> None:
+# One tiny Reptile run, trained uninterrupted once for every interruption test: the interrupted runs take the
+# same flags (the log interval included, so their metrics logs compare line by line). last.pt is written at
+# each validation (every 7 steps) and, after a stop signal, at the step the signal ended.
+INTERRUPTED = [
+    *TINY, "--algo", "reptile", "--iterations", 40, "--set", "data.train_shots=2",
+    "--set", "algo.inner_steps_test=5", "--set", "train.val_interval=7", "--set", "train.log_interval=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert run_cli("meta-train", *INTERRUPTED, "--out", out) == 0
+    return out
+
+
+def _interrupted(out: Path, enough, signum: int) -> subprocess.Popen:
+    """Start the run in a process of its own (two threads, as this one) and send ``signum`` once ``enough(out)``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.Popen(
+        _cli("meta-train", *INTERRUPTED, "--out", out),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not enough(out):
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    return proc
+
+
+def _resume_and_compare(interrupted: Path, full: Path) -> None:
     """Resume ``interrupted`` to its end: its weights must equal the uninterrupted run's."""
-    subprocess.run(_cli("meta-train", "--resume", interrupted, "--quiet"), check=True, env=env, capture_output=True)
+    assert run_cli("meta-train", "--resume", interrupted, "--quiet") == 0
     expected = load_checkpoint(full / "last.pt")
     resumed = load_checkpoint(interrupted / "last.pt")
-    assert resumed["step"] == expected["step"] == steps
+    assert resumed["step"] == expected["step"] == 40
     for k, v in expected["module"].items():
         assert torch.equal(v, resumed["module"][k]), k
 
 
+def _logged_steps(out: Path) -> int:
+    metrics = out / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
 @pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
-    common = [*TINY, "--algo", "reptile", "--iterations", 24, "--set", "data.train_shots=2"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run(_cli("meta-train", *common, "--out", tmp_path / "full"), check=True, env=env, capture_output=True)
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, uninterrupted):
+    def checkpointed(out: Path) -> bool:
+        try:  # written atomically, so this only races with the very first write
+            return (out / "last.pt").exists() and load_checkpoint(out / "last.pt")["step"] >= 6
+        except Exception:
+            return False
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli("meta-train", *common, "--out", killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "last.pt").exists():
-            try:
-                step = load_checkpoint(killed / "last.pt")["step"]
-            except Exception:  # written atomically, so this only races with the very first write
-                step = 0
-            if step >= 6:
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _interrupted(killed, checkpointed, signal.SIGKILL).wait()
     step = load_checkpoint(killed / "last.pt")["step"]
-    assert 0 < step < 24, f"the run was not interrupted mid-way (last checkpoint at step {step})"
+    assert 0 < step < 40, f"the run was not interrupted mid-way (last checkpoint at step {step})"
 
-    _resume_and_compare(killed, tmp_path / "full", 24, env)
+    _resume_and_compare(killed, uninterrupted)
 
     def strip(path: Path) -> list[dict]:
         return [
@@ -216,49 +242,24 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
             for line in path.read_text().splitlines()
         ]
 
-    assert strip(killed / "metrics.jsonl") == strip(tmp_path / "full" / "metrics.jsonl")
+    assert strip(killed / "metrics.jsonl") == strip(uninterrupted / "metrics.jsonl")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_writes_last_pt_and_says_how_to_resume(tmp_path, signum):
+def test_a_stop_signal_writes_last_pt_and_says_how_to_resume(tmp_path, signum, uninterrupted):
     """SIGTERM/SIGINT end meta-training after the current step with last.pt written (not only at the last
     validation), exit 128 + the signal, and the resumed run equals the uninterrupted one."""
-    common = [
-        *TINY,
-        "--algo",
-        "reptile",
-        "--iterations",
-        60,
-        "--set",
-        "data.train_shots=2",
-        "--set",
-        "train.val_interval=50",
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run(_cli("meta-train", *common, "--out", tmp_path / "full"), check=True, env=env, capture_output=True)
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen(
-        _cli("meta-train", *common, "--set", "train.log_interval=1", "--out", stopped),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # wait for a few logged iterations
-        metrics = stopped / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signum)
+    proc = _interrupted(stopped, lambda out: _logged_steps(out) >= 3, signum)  # a few logged iterations
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
     assert "--resume" in err and "last.pt" in err
     step = load_checkpoint(stopped / "last.pt")["step"]
-    assert 3 <= step < 50, f"last.pt should hold the step the signal ended (got step {step})"
+    ended = json.loads((stopped / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert 3 <= step == ended < 40, f"last.pt should hold step {ended}, the step the signal ended (got {step})"
 
-    _resume_and_compare(stopped, tmp_path / "full", 60, env)
+    _resume_and_compare(stopped, uninterrupted)
 
 
 def test_fine_tune_on_a_users_folder(tmp_path):

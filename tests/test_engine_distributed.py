@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_cli import TINY
+from test_cli import TINY, run_cli
 
 from metafusion.config import from_dict
 from metafusion.engine import build_experiment, distributed
@@ -43,49 +43,51 @@ def _meta_gradient(algo: str, rank: distributed.Rank) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]  # None: unused here
 
 
-def _worker(rank: int, world: int, port: int, algo: str, path: str) -> None:
+ALGOS = ["maml", "fomaml", "reptile", "protonet"]
+
+
+def _worker(rank: int, world: int, port: int, path: str) -> None:
+    """Everything the two-rank tests check, in one job (starting ranks is the slow part): each algorithm's
+    all-reduced meta-gradient, then an all-reduce where the ranks' clocks and stop requests differ."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     r = distributed.init("cpu")
-    grads = _meta_gradient(algo, r)
-    if r.main:
-        torch.save(grads, path)
+    out = {algo: _meta_gradient(algo, r) for algo in ALGOS}
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.full((3,), float(rank))
+    # Rank 1's own clock runs ahead (it also counts rank 0's validations); rank 0 asks to stop.
+    got = distributed.all_reduce_meta_batch([param], 1, 2, {"loss": 1.0 + rank}, r.main, 1199.25 + 100 * rank)
+    out["clock"] = (got[0]["loss"], got[1], got[2], param.grad.tolist())
+    torch.save(out, f"{path}.{rank}")
     distributed.shutdown()
 
 
-@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "protonet"])
-def test_two_ranks_give_the_one_process_meta_gradient(algo, tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """What each of two ranks computed (``_worker``), by rank."""
+    path = str(tmp_path_factory.mktemp("ranks") / "rank")
+    mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    return [torch.load(f"{path}.{rank}") for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_two_ranks_give_the_one_process_meta_gradient(algo, two_ranks):
     # 5 tasks over 2 ranks (3 + 2): unequal shares must still give the mean over all 5 tasks.
-    path = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(2, _free_port(), algo, path), nprocs=2, join=True)
     default = torch.get_default_dtype()
     try:
         single = _meta_gradient(algo, distributed.Rank())
     finally:
         torch.set_default_dtype(default)
-    split = torch.load(path)
+    split = two_ranks[0][algo]
     assert len(split) == len(single)
     for a, b in zip(split, single):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (a - b).abs().max()
 
 
-def _clock_worker(rank: int, world: int, port: int, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    r = distributed.init("cpu")
-    param = torch.nn.Parameter(torch.zeros(3))
-    param.grad = torch.full((3,), float(rank))
-    # Rank 1's own clock runs ahead (it also counts rank 0's validations); rank 0 asks to stop.
-    got = distributed.all_reduce_meta_batch([param], 1, 2, {"loss": 1.0 + rank}, r.main, 1199.25 + 100 * rank)
-    torch.save((got[0]["loss"], got[1], got[2], param.grad.tolist()), f"{path}.{rank}")
-    distributed.shutdown()
-
-
-def test_every_rank_takes_rank_0s_clock_and_stop_request(tmp_path):
+def test_every_rank_takes_rank_0s_clock_and_stop_request(two_ranks):
     """So a linear meta-lr (Reptile's epsilon) or a first-order warm-up changes at the same iteration on
     every rank, and the ranks' weights never drift apart."""
-    path = str(tmp_path / "reduced")
-    mp.spawn(_clock_worker, args=(2, _free_port(), path), nprocs=2, join=True)
     for rank in (0, 1):
-        loss, stop, clock, grad = torch.load(f"{path}.{rank}")
+        loss, stop, clock, grad = two_ranks[rank]["clock"]
         assert (loss, stop, grad) == (1.5, True, [0.5, 0.5, 0.5])
         assert abs(clock - 1199.25) < 1e-3
 
@@ -95,13 +97,8 @@ def test_torchrun_meta_train_matches_one_process(tmp_path):
     summation order), one run folder written by rank 0, and the job reports its ranks."""
     # The CLI tests' tiny run; later flags override earlier ones.
     common = ["meta-train", *TINY, "--meta-batch", "4", "--iterations", "4", "--set", "train.val_interval=2"]
+    assert run_cli(*common, "--out", tmp_path / "one") == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(
-        [sys.executable, "-m", "metafusion", *common, "--out", str(tmp_path / "one")],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
     done = subprocess.run(
         [
             sys.executable,

@@ -16,14 +16,14 @@ def test_maml_on_synthetic_multimodal_learns_above_chance(small_synthetic):
             "model.hidden": 16,
             "data.queries": 5,
             "data.val_episodes": 5,
-            "train.iterations": 40,
+            "train.iterations": 20,
             "train.meta_batch": 4,
         },
     )
     exp = build_experiment(cfg, small_synthetic)
-    before = meta_test(exp.algorithm, exp.test_episodes(30))
+    before = meta_test(exp.algorithm, exp.test_episodes(20))
     meta_train(exp, None, quiet=True)
-    after = meta_test(exp.algorithm, exp.test_episodes(30))
+    after = meta_test(exp.algorithm, exp.test_episodes(20))
     assert after.fingerprint == before.fingerprint  # same fixed test episodes
     assert after.accuracy_mean > 0.6, after  # chance is 0.2
     assert after.accuracy_mean > before.accuracy_mean + 0.05
