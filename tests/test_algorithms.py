@@ -125,10 +125,9 @@ def test_reptile_k_steps_match_a_hand_rolled_loop():
         F.cross_entropy(hand(episode.support), episode.support.labels).backward()
         opt.step()
     algo = _sgd_reptile(model, [episode], lr=0.05, steps=4)
-    algo.meta_backward([episode])
-    torch.optim.SGD(model.parameters(), lr=0.5).step()  # theta + 0.5 (theta~ - theta)
-    theta0 = _flat(copy.deepcopy(algo.fast).parameters())  # fast weights = theta~
-    assert torch.allclose(theta0, _flat(hand.parameters()), atol=1e-12)
+    algo.meta_backward([episode])  # .grad = -(theta~ - theta)
+    adapted = _flat([p - p.grad for p in model.parameters()])
+    assert torch.allclose(adapted, _flat(hand.parameters()), atol=1e-12)
 
 
 def test_reptile_inner_adam_matches_torch_adam_with_beta1_zero():
@@ -323,9 +322,8 @@ def test_reptile_warm_test_optimizer_steps_from_the_training_adams_moments():
     kwargs = dict(inner_lr=1e-3, inner_steps=3, inner_lr_test=0.01, inner_steps_test=1)
     algo = Reptile(model, inner_batch=100, warm_test_optimizer=True, **kwargs)
     algo.meta_backward([tiny_episode(seed=5), tiny_episode(seed=6)])  # 2 tasks x 3 inner Adam steps
-    trained = [algo.inner_opt.state[p] for p in algo.fast.parameters()]
-    v0 = [s["exp_avg_sq"].clone() for s in trained]
-    assert all(float(s["step"]) == 6 for s in trained)
+    v0 = list(algo._unflatten(algo.adam.second_moment.clone(), algo.layout).values())
+    assert set(algo.adam.steps.tolist()) == {6}
 
     def check_one_step(episode, warm):
         model.zero_grad()
@@ -344,7 +342,8 @@ def test_reptile_warm_test_optimizer_steps_from_the_training_adams_moments():
     check_one_step(episode, warm=False)
     algo.reset_head(2)  # a user's task of another number of classes: the new head starts fresh, the rest warm
     check_one_step(tiny_episode(ways=2, seed=7), warm=True)
-    assert all(torch.equal(s["exp_avg_sq"], v) and float(s["step"]) == 6 for s, v in zip(trained, v0))
+    assert torch.equal(algo.adam.second_moment, torch.cat([v.flatten() for v in v0]))
+    assert set(algo.adam.steps.tolist()) == {6}
     with pytest.raises(ValueError, match="warm_test_optimizer needs algo.inner_optimizer=adam"):
         resolve(
             load_config(None, {"algo.name": "reptile", "algo.inner_optimizer": "sgd", "algo.warm_test_optimizer": True})
@@ -375,10 +374,8 @@ BATCHED_CASES = [
 @pytest.mark.parametrize("name,settings", BATCHED_CASES)
 def test_batched_evaluation_equals_the_per_episode_loop(name, settings, modalities, small_synthetic):
     """Same logits-derived metrics and modality weights, with BatchNorm (image) and with missing
-    modalities (so the episodes fall into several same-mask groups; not for Reptile with Adam, whose
-    mini-batches would then lack a modality: see the next-but-one test)."""
-    adam = name == "reptile" and settings.get("algo.inner_optimizer") != "sgd"
-    ds = small_synthetic.select_modalities(modalities).with_missing(0.0 if adam else 0.3, seed=1)
+    modalities (so the episodes fall into several same-mask groups)."""
+    ds = small_synthetic.select_modalities(modalities).with_missing(0.3, seed=1)
     cfg = load_config(
         None,
         {
@@ -458,13 +455,16 @@ def test_the_fine_tune_baseline_draws_its_task_head_from_its_seed_not_the_global
     assert other.evaluate(episode)["loss"] != results[0]["loss"]  # the seed is what fixes the head
 
 
-def test_reptile_adapts_one_by_one_where_adam_would_skip_a_parameter():
-    """A mini-batch without a modality leaves its encoder's gradient None, which torch's Adam skips
-    (the functional form's zero gradient would still count a step): such episodes take the loop."""
+def test_reptile_keeps_a_parameter_without_gradient_where_a_modality_is_absent():
+    """A mini-batch without a modality gives its encoder a zero gradient: one inner loop (the batched form
+    and one episode at a time alike) leaves that encoder's weights where they are."""
     model, episode = tiny_tabular_model(), tiny_episode()
     episode.support.mask[:, 1] = False
     algo = Reptile(model, inner_batch=10, **COMMON)
-    assert algo.functional_form([episode]) is None
+    learner = algo.adapt(episode.support)
+    absent = [n for n, _ in model.named_parameters() if n.startswith("encoders.tab1.")]
+    moved = dict(learner.named_parameters())
+    assert absent and all(torch.equal(moved[n], dict(model.named_parameters())[n]) for n in absent)
     assert algo.evaluate_many([episode], batched=True)[0]["accuracy"] == algo.evaluate(episode)["accuracy"]
 
 

@@ -5,43 +5,60 @@ reach theta~. The outer update is ``theta <- theta + eps * mean_tasks(theta~ - t
 into ``.grad`` as ``-(mean_tasks(theta~ - theta))`` so that any outer optimizer applies it (plain SGD
 with lr = eps gives the paper's update; the paper anneals eps linearly to 0: ``train.schedule=linear``).
 
-One working copy of the model is made once and reloaded from theta for every task (no per-task deep
-copies or optimizer rebuilds). As in the paper's code, the inner Adam (beta1 = 0) keeps its moment
-estimates across tasks; they are part of ``state_dict()`` and so of every checkpoint. Evaluation
-adapts a separate copy with its own inner optimizer, so it never disturbs training state: a fresh one, or
-(``algo.warm_test_optimizer``) one that starts from the training inner optimizer's moments, as the paper's
-code evaluates (its evaluation steps the training Adam, then restores its state).
+The inner loop is written once (``inner_loop``): a pure function of the adapted parameters, flattened into
+one vector, and the inner optimizer's state, which meta-training, test-time adaptation and the batched
+evaluation of many episodes under vmap all run. The inner optimizer is Adam with beta1 = 0 (the paper's;
+its first moment is the gradient) or plain SGD. As in the paper's code, the training Adam keeps its second
+moments and step counts across tasks; they are part of ``state_dict()`` and so of every checkpoint.
+Test-time adaptation starts a state of its own: fresh, or (``algo.warm_test_optimizer``) a copy of the
+training one, as the paper's code evaluates (its evaluation steps the training Adam, then restores it).
+A parameter no mini-batch row reaches (its modality absent from every row) has a zero gradient there: its
+value stays, its second moment decays and its step counts.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.batch import Batch, Episode
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..models.model import FusionModel
 from ..models.spec import ModelSpec
-from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy, published
+from .base import ALGORITHMS, MetaAlgorithm, TaskTally, published
 from .batched import State, functional, model_parameters
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # torch's defaults; beta1 = 0 as in the paper
 
 
-def make_inner_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """``ReptileOptions.inner_optimizer`` ``name``: Adam with beta1 = 0 (the paper's), or plain SGD."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(0.0, ADAM_BETA2), eps=ADAM_EPS, fused=True)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    raise InputError(f"unknown inner optimizer {name!r}; choose one of: adam, sgd")
+class AdamState(NamedTuple):
+    """The inner Adam's state, one entry per element of the flat adapted-parameter vector: the second moment
+    and the step count (per element, so that parameters that joined at different times, e.g. a head resized
+    for another task, each keep their own bias correction)."""
+
+    second_moment: Tensor
+    steps: Tensor
+
+    @staticmethod
+    def fresh(like: Tensor) -> AdamState:
+        return AdamState(torch.zeros_like(like), torch.zeros_like(like))
+
+
+def inner_update(theta: Tensor, grad: Tensor, state: AdamState, lr: float, optimizer: str) -> tuple[Tensor, AdamState]:
+    """One inner step on the flat parameter vector: SGD, or Adam with beta1 = 0,
+    ``theta - lr g / (sqrt(v / (1 - beta2^t)) + eps)`` with ``v`` the running mean of ``g^2`` and ``t`` the step."""
+    if optimizer == "sgd":
+        return theta - lr * grad, state
+    v = torch.addcmul(state.second_moment * ADAM_BETA2, grad, grad, value=1 - ADAM_BETA2)
+    t = state.steps + 1
+    denominator = (v / (1 - torch.pow(ADAM_BETA2, t))).sqrt_().add_(ADAM_EPS)
+    return torch.addcdiv(theta, grad, denominator, value=-lr), AdamState(v, t)
 
 
 @dataclass
@@ -90,35 +107,71 @@ class Reptile(MetaAlgorithm):
         self.inner_batch = inner_batch
         self.inner_optimizer = inner_optimizer
         self.warm_test_optimizer = warm_test_optimizer
-        scope = model.adapted(self.adapt_scope)
-        self._adapted = [n in scope for n, _ in model.named_parameters()]  # in parameters() order
-        self.fast = copy.deepcopy(model)
-        self.inner_opt = make_inner_optimizer(inner_optimizer, self._scoped(self.fast), self.inner_lr)
+        # the training inner Adam's state, over the adapted parameters as meta-training sees them
+        self.layout = self._layout()
+        self.adam = AdamState.fresh(self._flat_parameters())
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _scoped(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p, a in zip(model.parameters(), self._adapted) if a]
+    # -- the adapted parameters as one flat vector ------------------------------------------------
+    def _layout(self) -> list[tuple[str, torch.Size]]:
+        """Name and shape of each adapted parameter, in the model's order (the flat vector's segments)."""
+        scope = self.model.adapted(self.adapt_scope)
+        return [(n, p.shape) for n, p in self.model.named_parameters() if n in scope]
 
-    def _trained_moments(self) -> list[dict[str, torch.Tensor]]:
-        """Per adapted parameter (in ``_scoped`` order), the training inner Adam's state to start a test-time
-        adaptation from: empty where it keeps none, or none that fits (a head resized for another task)."""
-        if not self.warm_test_optimizer:
-            return [{} for _ in self._scoped(self.model)]
-        out = []
-        for fast, meta in zip(self._scoped(self.fast), self._scoped(self.model)):
-            state = self.inner_opt.state.get(fast, {})
-            fits = "exp_avg_sq" in state and state["exp_avg_sq"].shape == meta.shape
-            # copies (evaluation never steps the training state); Adam's ``step`` stays a float32 count, the
-            # moments follow the parameters' dtype
-            out.append(
-                {k: v.to(v.dtype if k == "step" else meta.dtype, copy=True) for k, v in state.items()} if fits else {}
-            )
-        return out
+    def _flat_parameters(self) -> Tensor:
+        params = dict(self.model.named_parameters())
+        return torch.cat([params[n].detach().flatten() for n, _ in self._layout()])
 
-    @torch.no_grad()
-    def _load_meta_weights(self, target: nn.Module) -> None:
-        for dst, src in zip(target.parameters(), self.model.parameters()):
-            dst.copy_(src)
+    @staticmethod
+    def _unflatten(flat: Tensor, layout: list[tuple[str, torch.Size]]) -> dict[str, Tensor]:
+        sizes = [shape.numel() for _, shape in layout]
+        return {n: piece.view(shape) for (n, shape), piece in zip(layout, flat.split(sizes, dim=-1))}
+
+    def inner_loop(
+        self, theta: Tensor, support: Batch, batches: list[Tensor], lr: float, state: AdamState, vmapped: bool = False
+    ) -> tuple[Tensor, AdamState, Tensor]:
+        """One inner optimizer step per mini-batch (``batches``: rows of ``support``) from the flat adapted
+        parameters ``theta`` (the others are the model's) and the optimizer ``state``: the adapted parameters,
+        the state after the steps and the last step's loss. A pure function of its tensors, which vmap maps
+        over episodes (``vmapped``: it runs under vmap)."""
+        layout, loss = self._layout(), torch.zeros(())
+        with torch.no_grad():
+            for rows in batches:
+                batch = support.index(rows.to(support.mask.device))
+                grad, loss = self._gradient(theta, batch, layout, vmapped)
+                theta, state = inner_update(theta, grad, state, lr, self.inner_optimizer)
+        return theta, state, loss
+
+    def _gradient(
+        self, theta: Tensor, batch: Batch, layout: list[tuple[str, torch.Size]], vmapped: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The loss on ``batch`` and its gradient with respect to the flat adapted parameters: by torch.func.grad
+        under vmap, else by torch.autograd.grad (the same numbers at about half the CPU time)."""
+
+        def loss_of(flat: Tensor) -> Tensor:
+            logits = functional(self.model, self._unflatten(flat, layout), nn.Module.__call__, batch)
+            return F.cross_entropy(logits, batch.labels)
+
+        if vmapped:
+            return torch.func.grad_and_value(loss_of)(theta)
+        with torch.enable_grad():
+            theta = theta.detach().requires_grad_()
+            loss = loss_of(theta)
+            return torch.autograd.grad(loss, theta)[0], loss.detach()
+
+    def _test_state(self) -> AdamState:
+        """Where a test-time adaptation's Adam starts: fresh, or a copy of the training one
+        (``warm_test_optimizer``) for each parameter whose shape it was trained with (a head resized for
+        another task starts fresh)."""
+        pieces = self._unflatten(self.adam.second_moment, self.layout), self._unflatten(self.adam.steps, self.layout)
+        trained = {n: shape for n, shape in self.layout}
+        v, t = [], []
+        for n, shape in self._layout():
+            warm = self.warm_test_optimizer and trained.get(n) == shape
+            v.append(pieces[0][n].flatten() if warm else self.adam.second_moment.new_zeros(shape.numel()))
+            t.append(pieces[1][n].flatten() if warm else self.adam.steps.new_zeros(shape.numel()))
+        device = next(self.model.parameters()).device
+        return AdamState(torch.cat(v).to(device), torch.cat(t).to(device))
 
     def _minibatches(self, n: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
         """The rows of each of ``steps`` mini-batches of ``inner_batch`` rows, cycling through shuffled
@@ -131,49 +184,37 @@ class Reptile(MetaAlgorithm):
             pos += self.inner_batch
         return out
 
-    def _inner_loop(
-        self, learner: nn.Module, opt: torch.optim.Optimizer, data: Batch, steps: int, generator: torch.Generator
-    ) -> float:
-        """``steps`` optimizer steps on the mini-batches of ``_minibatches``."""
-        loss = torch.tensor(0.0)
-        for rows in self._minibatches(len(data), steps, generator):
-            loss = cross_entropy(learner, data.index(rows))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return loss.item()
-
     def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:
-        meta = self._scoped(self.model)
-        delta = [torch.zeros_like(p) for p in meta]
-        tally = TaskTally()
+        theta = self._flat_parameters()
+        delta, tally = torch.zeros_like(theta), TaskTally()
+        state = AdamState(*(x.to(theta.device) for x in self.adam))  # a model moved after it was built
         for task in tasks:
-            self._load_meta_weights(self.fast)
-            loss = self._inner_loop(self.fast, self.inner_opt, task.support, self.inner_steps, self.generator)
-            with torch.no_grad():
-                for d, fast, slow in zip(delta, self._scoped(self.fast), meta):
-                    d += fast - slow
+            batches = self._minibatches(len(task.support), self.inner_steps, self.generator)
+            adapted, state, loss = self.inner_loop(theta, task.support, batches, self.inner_lr, state)
+            delta += adapted - theta
             # Reptile's objective has no query set: its "loss" is the support loss of the last inner step
             # (scoring queries would cost a forward pass per task for the logs alone; docs/architecture.md).
-            tally.add(loss)
-        for p, d in zip(meta, delta):
-            g = -d / len(tasks)
-            p.grad = g if p.grad is None else p.grad + g
+            tally.add(loss.item())
+        self.adam = state
+        params = dict(self.model.named_parameters())
+        for n, d in self._unflatten(-delta / len(tasks), self.layout).items():
+            params[n].grad = d.clone() if params[n].grad is None else params[n].grad + d
         return tally.metrics()
 
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         steps = self.inner_steps_test if steps is None else steps
+        batches = self._minibatches(len(support), steps, torch.Generator().manual_seed(0))  # a fixed order:
+        adapted, _, _ = self.inner_loop(  # evaluation is a function of the weights
+            self._flat_parameters(), support, batches, self.inner_lr_test, self._test_state()
+        )
         learner = copy.deepcopy(self.model)
-        params = self._scoped(learner)
-        opt = make_inner_optimizer(self.inner_optimizer, params, self.inner_lr_test)
-        for p, state in zip(params, self._trained_moments()):
-            if state:
-                opt.state[p] = state
-        with torch.enable_grad():  # a fixed mini-batch order: evaluation is a function of the weights
-            self._inner_loop(learner, opt, support, steps, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            params = dict(learner.named_parameters())
+            for n, value in self._unflatten(adapted, self._layout()).items():
+                params[n].copy_(value)
         return learner
 
-    # -- functional form: the test-time inner loop as Adam/SGD steps on a dict of parameters -----
+    # -- functional form: the same inner loop, vmapped over episodes ------------------------------
     def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:
         # The mini-batch rows are drawn here (vmap allows no random op inside): the same for every
         # episode of a support size, as ``adapt``'s fixed generator draws them.
@@ -181,48 +222,28 @@ class Reptile(MetaAlgorithm):
             n: self._minibatches(n, self.inner_steps_test, torch.Generator().manual_seed(0))
             for n in {len(e.support) for e in episodes}
         }
-        # torch's Adam skips a parameter whose gradient is None (its step count stays); a functional
-        # gradient is zero instead. They differ only when a mini-batch carries none of a modality, so
-        # then the episodes adapt one by one.
-        for e in episodes:
-            columns = [e.support.modalities.index(m) for m in self.model.modalities]
-            for rows in batches[len(e.support)]:
-                mask = e.support.mask[rows.to(e.support.mask.device)][:, columns]
-                if self.inner_optimizer == "adam" and not bool(mask.any(0).all()):
-                    return None
-        names = [n for (n, _), a in zip(self.model.named_parameters(), self._adapted) if a]
-        params = model_parameters(self.model)
-        # Adam's v and step count to start from (beta1 = 0: m is the gradient): zeros, or the trained ones
-        start = {
-            n: (m["exp_avg_sq"], float(m["step"])) if m else (torch.zeros_like(params[n]), 0.0)
-            for n, m in zip(names, self._trained_moments())
-        }
-        return {"model": params, "names": names, "batches": batches, "start": start}, [{} for _ in episodes]
+        state = {"model": model_parameters(self.model), "batches": batches, "start": self._test_state()}
+        return state, [{} for _ in episodes]
 
     def functional_adapt(self, state: State, support: Batch, ways: int) -> State:
-        params, names, lr = dict(state["model"]), state["names"], self.inner_lr_test
-        second = {n: v for n, (v, _) in state["start"].items()}
-        for t, rows in enumerate(state["batches"][len(support)], 1):
-            batch = support.index(rows.to(support.mask.device))
-
-            def loss(adapted: dict, frozen: dict = params, batch: Batch = batch) -> torch.Tensor:
-                return F.cross_entropy(
-                    functional(self.model, {**frozen, **adapted}, nn.Module.__call__, batch), batch.labels
-                )
-
-            grads = torch.func.grad(loss)({n: params[n] for n in names})
-            for n in names:
-                if self.inner_optimizer == "sgd":
-                    params[n] = params[n] - lr * grads[n]
-                    continue
-                second[n] = second[n] * ADAM_BETA2 + (1 - ADAM_BETA2) * grads[n] * grads[n]
-                denom = second[n].sqrt() / math.sqrt(1 - ADAM_BETA2 ** (state["start"][n][1] + t)) + ADAM_EPS
-                params[n] = params[n] - lr * grads[n] / denom
-        return {**state, "model": params}
+        layout = self._layout()
+        theta = torch.cat([state["model"][n].flatten() for n, _ in layout])
+        batches = state["batches"][len(support)]
+        adapted, _, _ = self.inner_loop(theta, support, batches, self.inner_lr_test, state["start"], vmapped=True)
+        return {**state, "model": {**state["model"], **self._unflatten(adapted, layout)}}
 
     def state_dict(self) -> dict:
-        return {"inner_optimizer": self.inner_opt.state_dict(), "generator": self.generator.get_state()}
+        return {"adam": dict(self.adam._asdict()), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.inner_opt.load_state_dict(state["inner_optimizer"])
+        if "inner_optimizer" in state:  # metafusion 0.1 kept a torch Adam: its state per adapted parameter
+            kept = state["inner_optimizer"]["state"]
+            v, t = [], []
+            for i, (_, shape) in enumerate(self.layout):
+                moment = kept.get(i, {}).get("exp_avg_sq", torch.zeros(shape))
+                v.append(moment.flatten().to(self.adam.second_moment.dtype))
+                t.append(torch.full((shape.numel(),), float(kept.get(i, {}).get("step", 0.0))))
+            self.adam = AdamState(torch.cat(v), torch.cat(t).to(self.adam.steps.dtype))
+        else:
+            self.adam = AdamState(**state["adam"])
         self.generator.set_state(state["generator"])
