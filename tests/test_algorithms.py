@@ -352,6 +352,22 @@ def test_reptile_warm_test_optimizer_steps_from_the_training_adams_moments():
         resolve(load_config(None, {"algo.name": "maml", "algo.warm_test_optimizer": True}))
 
 
+def test_reptile_loads_the_torch_adam_state_metafusion_0_1_checkpointed():
+    """metafusion 0.1 kept torch's Adam as Reptile's inner optimizer: its state (per adapted parameter, by index)
+    becomes the flat second moment and step counts."""
+    model = tiny_tabular_model()
+    params = list(model.parameters())
+    old = torch.optim.Adam(params, lr=1e-3, betas=(0.0, 0.999))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    old.step()
+    old.step()
+    algo = Reptile(model, inner_batch=100, **COMMON)
+    algo.load_state_dict({"inner_optimizer": old.state_dict(), "generator": torch.Generator().get_state()})
+    expected = torch.cat([old.state[p]["exp_avg_sq"].flatten() for p in params])
+    assert torch.equal(algo.adam.second_moment, expected) and set(algo.adam.steps.tolist()) == {2.0}
+
+
 # Batched evaluation (every episode adapted at once under vmap) against the per-episode loop, float64.
 # Two-shot supports of 3 ways with inner_batch 4 make Reptile cycle through shuffled mini-batches.
 BATCHED_CASES = [

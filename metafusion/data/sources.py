@@ -7,8 +7,10 @@ it takes (``options``: a dataclass; ``data.<key>`` in a config sets them, checke
 
 from __future__ import annotations
 
+import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +35,12 @@ def require_root(cfg: DataConfig, sub: str) -> Path:
             f"dataset {cfg.dataset!r}: {path} does not exist (expects {expects} under the data root {cfg.root})"
         )
     return path
+
+
+def _load(module: str, function: str, cfg: DataConfig, opts) -> MultimodalDataset:
+    """``module.function(root, **options, seed=data_seed)``, its module imported only when the dataset is used."""
+    load = getattr(importlib.import_module(f".{module}", __package__), function)
+    return load(require_root(cfg, ""), **asdict(opts), seed=cfg.data_seed)
 
 
 def check_files(name: str, root: Path) -> str:
@@ -131,18 +139,6 @@ class OmniglotStrokesOptions:
     stroke_length: int = 64  # resampled (dx, dy, pen_up) steps
 
 
-@DATASETS.register(
-    "omniglot-strokes",
-    options=OmniglotStrokesOptions,
-    expects="omniglot/images_background.zip + strokes_background*.zip (full or small1/small2)",
-    check=lambda root: _check_omniglot(root, strokes=True),
-)
-def omniglot_strokes(cfg: DataConfig, opts: OmniglotStrokesOptions) -> MultimodalDataset:
-    from .omniglot import omniglot_strokes as load
-
-    return load(require_root(cfg, ""), opts.image_size, opts.stroke_length, seed=cfg.data_seed)
-
-
 @DATASETS.register("fsdd", expects="fsdd/recordings/{digit}_{speaker}_{index}.wav", check=_check_fsdd)
 def fsdd(cfg: DataConfig, opts: NoOptions) -> MultimodalDataset:
     from .fsdd import fsdd as load
@@ -157,33 +153,39 @@ class Clinc150Options:
     split: Literal["protocol", "cross-domain"] = "protocol"
 
 
-@DATASETS.register(
-    "clinc150",
-    options=Clinc150Options,
-    expects="clinc150/data_full.json + clinc150/domains.json",
-    check=_check_clinc150,
-)
-def clinc150(cfg: DataConfig, opts: Clinc150Options) -> MultimodalDataset:
-    from .clinc150 import clinc150 as load
-
-    return load(require_root(cfg, ""), opts.split, seed=cfg.data_seed)
-
-
 @dataclass
 class FashionOptions:
     image_size: int = 28  # the photos (60x80) are padded to a square and resized to this
 
 
-@DATASETS.register(
-    "fashion",
-    options=FashionOptions,
-    expects="fashion/styles.csv + fashion/images.zip (images/<id>.jpg)",
-    check=_check_fashion,
-)
-def fashion(cfg: DataConfig, opts: FashionOptions) -> MultimodalDataset:
-    from .fashion import fashion as load
-
-    return load(require_root(cfg, ""), opts.image_size, seed=cfg.data_seed)
+# Datasets a loader of their own module reads from files (imported only when the dataset is used): name ->
+# (module, loader, options, the files expected, a check of them). The loader is
+# ``loader(root, **options, seed=data.data_seed)``.
+_FROM_FILES = {
+    "omniglot-strokes": (
+        "omniglot",
+        "omniglot_strokes",
+        OmniglotStrokesOptions,
+        "omniglot/images_background.zip + strokes_background*.zip (full or small1/small2)",
+        lambda root: _check_omniglot(root, strokes=True),
+    ),
+    "clinc150": (
+        "clinc150",
+        "clinc150",
+        Clinc150Options,
+        "clinc150/data_full.json + clinc150/domains.json",
+        _check_clinc150,
+    ),
+    "fashion": (
+        "fashion",
+        "fashion",
+        FashionOptions,
+        "fashion/styles.csv + fashion/images.zip (images/<id>.jpg)",
+        _check_fashion,
+    ),
+}
+for _name, (_module, _loader, _options, _expects, _check) in _FROM_FILES.items():
+    DATASETS.register(_name, options=_options, expects=_expects, check=_check)(partial(_load, _module, _loader))
 
 
 @dataclass
