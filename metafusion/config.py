@@ -46,6 +46,12 @@ class DataConfig:
     data_seed: int = 0  # seeds the class split (and a generated dataset) and the draw of missing_rate
     missing_rate: float = 0.0  # probability that a modality is absent from a sample (dataset level)
     modality_dropout: float = 0.0  # train-time probability of masking a present modality
+    # modality -> probability that a sample of a meta-train (test) class lacks it, e.g. {image: 0.9}
+    train_missing: dict[str, float] = field(default_factory=dict)
+    test_missing: dict[str, float] = field(default_factory=dict)
+    # probability that a present modality of a sample holds that modality of a random sample of another class
+    # (same split), in every split alike: unreliable modalities
+    corrupt_rate: float = 0.0
     standardize: bool = True  # per-modality standardisation, statistics from meta-train only
     val_episodes: int = 100
     test_episodes: int = 600
@@ -354,10 +360,13 @@ def check_values(cfg: RunConfig) -> None:
     at_least("data.ways", d.ways, minimum=2)
     at_least("data.train_ways", d.train_ways, minimum=2)
     at_least("data.train_queries", d.train_queries, minimum=0)
-    for key in ("missing_rate", "modality_dropout"):
-        value = getattr(d, key)
+    rates = {f"data.{key}": getattr(d, key) for key in ("missing_rate", "modality_dropout", "corrupt_rate")}
+    rates |= {
+        f"data.{key}.{m}": rate for key in ("train_missing", "test_missing") for m, rate in getattr(d, key).items()
+    }
+    for key, value in rates.items():
         if not 0.0 <= value < 1.0:
-            raise ConfigError(f"data.{key} must be in [0, 1), got {value}")
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
     at_least("model.width", cfg.model.width)
     at_least("model.hidden", cfg.model.hidden)
     at_least("train.iterations", t.iterations, minimum=0)

@@ -99,6 +99,53 @@ def test_missing_modalities_are_masked_and_zero(small_synthetic):
         assert (ep.query.inputs[m][~ep.query.mask[:, j]] == 0).all()
 
 
+def test_a_modality_goes_missing_in_the_classes_named_only(small_synthetic):
+    """SMIL's setting: most meta-train samples without their image, test samples complete."""
+    ds = small_synthetic.without_modality("image", 0.9, small_synthetic.splits["train"], seed=0)
+    train = torch.isin(ds.targets, torch.tensor(ds.splits["train"]))
+    assert 0.85 < 1 - ds.present[train, 0].float().mean().item() < 0.95
+    assert ds.present[~train].all() and ds.present[:, 1:].equal(small_synthetic.present[:, 1:])
+    assert (ds.data["image"][~ds.present[:, 0]] == 0).all() and small_synthetic.data["image"].abs().sum() > 0
+    only = small_synthetic.select_modalities(["image"]).without_modality("image", 0.9, ds.splits["train"])
+    assert only.present.all(), "a sample never loses its last modality"
+    with pytest.raises(DataError, match="has no modality 'photo'"):
+        ds.without_modality("photo", 0.5, ds.splits["train"])
+
+
+def test_a_corrupted_modality_holds_another_class_of_the_same_split(small_synthetic):
+    ds = small_synthetic.with_corruption(0.3, seed=1)
+    corrupted = ds.metadata["corrupted"]
+    assert 0.25 < corrupted.float().mean().item() < 0.35 and ds.present.equal(small_synthetic.present)
+    split_of = {c: name for name, classes in ds.splits.items() for c in classes}
+    for j, m in enumerate(ds.modalities):
+        old, new = small_synthetic.data[m].flatten(1), ds.data[m].flatten(1)
+        assert new[~corrupted[:, j]].equal(old[~corrupted[:, j]])
+        for row in torch.nonzero(corrupted[:, j]).flatten()[:20].tolist():
+            donors = torch.nonzero((old == new[row]).all(1)).flatten().tolist()  # the rows it was copied from
+            assert any(
+                int(ds.targets[d]) != int(ds.targets[row])
+                and split_of[int(ds.targets[d])] == split_of[int(ds.targets[row])]
+                for d in donors
+            )
+    again = small_synthetic.with_corruption(0.3, seed=1)
+    assert all(again.data[m].equal(ds.data[m]) for m in ds.modalities)
+    assert small_synthetic.with_corruption(0.0) is small_synthetic
+
+
+def test_missing_and_corrupted_modalities_from_the_config():
+    from metafusion.config import load_config
+    from metafusion.engine.build import load_dataset
+
+    tiny = {"data.num_classes": 30, "data.samples_per_class": 10, "data.standardize": False}
+    cfg = load_config(None, {**tiny, "data.test_missing": {"audio": 0.5}, "data.corrupt_rate": 0.2})
+    ds = load_dataset(cfg)
+    test = torch.isin(ds.targets, torch.tensor(ds.splits["test"]))
+    assert not ds.present[test, 1].all() and ds.present[~test].all()
+    assert ds.metadata["corrupted"].any() and not ds.metadata["corrupted"][~ds.present].any()
+    with pytest.raises(ValueError, match=r"data.train_missing.image must be in \[0, 1\)"):
+        load_config(None, {**tiny, "data.train_missing": {"image": 1.0}})
+
+
 def test_modality_dropout_keeps_one_modality(small_synthetic):
     ep = EpisodeSampler(small_synthetic, "train", 5, 1, 15, seed=0).sample()
     out = drop_modalities(ep.query, 0.9, torch.Generator().manual_seed(0))

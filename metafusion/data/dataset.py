@@ -134,6 +134,56 @@ class MultimodalDataset(Dataset):
         data = {m: x.clone() for m, x in self.data.items()}
         return MultimodalDataset(data, present, self.targets, self.modalities, self.splits, self.metadata, self.name)
 
+    def without_modality(self, modality: str, rate: float, classes: list[int], seed: int = 0) -> MultimodalDataset:
+        """Mask ``modality`` in each sample of ``classes`` with probability ``rate`` (e.g. most meta-train
+        samples without their photo, as in SMIL, Ma et al. 2021); a sample never loses its last modality."""
+        j = self._column(modality)
+        g = torch.Generator().manual_seed(seed)
+        others = torch.cat([self.present[:, :j], self.present[:, j + 1 :]], dim=1).any(dim=1)
+        chosen = torch.isin(self.targets, torch.tensor(classes, dtype=self.targets.dtype))
+        drop = chosen & others & (torch.rand(len(self), generator=g) < rate)
+        present = self.present.clone()
+        present[drop, j] = False
+        data = {**self.data, modality: self.data[modality].clone()}  # absent rows are zeroed in the copy
+        return MultimodalDataset(data, present, self.targets, self.modalities, self.splits, self.metadata, self.name)
+
+    def with_corruption(self, rate: float, seed: int = 0) -> MultimodalDataset:
+        """Replace, with probability ``rate`` independently per sample and present modality, the modality's
+        content by that modality of a random sample of another class of the same split (a wrong photo, title
+        or attribute row: the fault of catalogue data). Which entries were replaced: ``metadata["corrupted"]``
+        (``[N, M]`` bool)."""
+        if rate <= 0:
+            return self
+        g = torch.Generator().manual_seed(seed)
+        corrupted = (torch.rand(self.present.shape, generator=g) < rate) & self.present
+        data = dict(self.data)
+        for j, m in enumerate(self.modalities):
+            x = self.data[m].clone()
+            for classes in self.splits.values():
+                in_split = torch.isin(self.targets, torch.tensor(classes, dtype=self.targets.dtype))
+                rows = torch.nonzero(corrupted[:, j] & in_split).flatten()
+                donors = torch.nonzero(self.present[:, j] & in_split).flatten()
+                # one random donor per row; offsets into the donors ordered by class skip the row's own class
+                donors = donors[torch.argsort(self.targets[donors], stable=True)]
+                labels = self.targets[donors]
+                start = torch.searchsorted(labels, self.targets[rows])
+                own = torch.searchsorted(labels, self.targets[rows], right=True) - start
+                alone = own == len(donors)  # no other class of the split has the modality: nothing to swap in
+                corrupted[rows[alone], j] = False
+                rows, start, own = rows[~alone], start[~alone], own[~alone]
+                if len(rows) == 0:
+                    continue
+                pick = (torch.rand(len(rows), generator=g) * (len(donors) - own)).long()
+                x[rows] = self.data[m][donors[torch.where(pick < start, pick, pick + own)]]
+            data[m] = x
+        metadata = {**self.metadata, "corrupted": corrupted}
+        return MultimodalDataset(data, self.present, self.targets, self.modalities, self.splits, metadata, self.name)
+
+    def _column(self, modality: str) -> int:
+        if modality not in self.modalities:
+            raise DataError(f"{self.name} has no modality {modality!r}; it provides: {', '.join(self.modalities)}")
+        return self.modalities.index(modality)
+
     def map_modality(self, modality: str, fn: Callable[[Tensor], Tensor]) -> MultimodalDataset:
         """Replace one modality's tensor by ``fn(tensor)`` (e.g. frozen encoder features)."""
         data = dict(self.data)
