@@ -26,21 +26,22 @@ def raw_dataset(cfg: RunConfig) -> MultimodalDataset:
 
 
 def load_dataset(cfg: RunConfig) -> MultimodalDataset:
-    """The dataset as the model will see it: chosen modalities, missing modalities, corrupted ones, the frozen parts of
-    pretrained encoders (``features``), and standardisation fitted on the meta-train split only (kept in
-    ``metadata["standardizer"]``, so that a user's own data later goes through the same statistics:
-    ``TrainedModel.prepare``)."""
+    """The dataset as the model will see it: chosen modalities, missing rate, the frozen parts of pretrained
+    encoders (``features``), modalities missing in meta-train or test classes, corrupted ones, and
+    standardisation fitted on the meta-train split only (kept in ``metadata["standardizer"]``, so that a
+    user's own data later goes through the same statistics: ``TrainedModel.prepare``)."""
     d = cfg.data
     dataset = raw_dataset(cfg)
     if d.modalities:
         dataset = dataset.select_modalities(d.modalities)
     dataset = dataset.with_missing(d.missing_rate, seed=d.data_seed + 1)
+    inputs = InputFormat.of(dataset)  # the raw samples' format, before any frozen encoder part
+    dataset = with_frozen_features(cfg, dataset)
+    # After the frozen encoder parts (their cache stays valid): a masked row's features are zeroed, a donor's
+    # features are what encoding its content gives.
     for split, missing in (("train", d.train_missing), ("test", d.test_missing)):
         for modality, rate in missing.items():
             dataset = dataset.without_modality(modality, rate, dataset.splits.get(split, []), seed=d.data_seed + 2)
-    inputs = InputFormat.of(dataset)  # the raw samples' format, before any frozen encoder part
-    dataset = with_frozen_features(cfg, dataset)
-    # after the frozen encoder parts: a donor's features are what encoding its content gives
     dataset = dataset.with_corruption(d.corrupt_rate, seed=d.data_seed + 3)
     dataset.metadata = {**dataset.metadata, "inputs": inputs}
     if d.standardize:
