@@ -77,12 +77,14 @@ def load_experiments() -> dict[str, dict]:
 
 
 def _expand(experiment: str, entry: dict) -> list[Row]:
-    """One row, or (``grid``: label -> list of values) one row per combination, its name and commands
-    formatted from its labels (``{out}``: its run folder)."""
+    """One row, or (``grid``: label -> list of values) one row per combination, its name, commands and other
+    labels formatted from its grid labels (``{out}``: its run folder)."""
     grid = entry.get("grid", {})
     rows = []
     for values in itertools.product(*grid.values()):
-        labels = {**entry.get("labels", {}), **dict(zip(grid, values))}
+        chosen = dict(zip(grid, values))
+        labels = {k: v.format(**chosen) if isinstance(v, str) else v for k, v in entry.get("labels", {}).items()}
+        labels |= chosen
         name = entry["name"].format(**{k: str(v).replace(",", "+") for k, v in labels.items()})
         row = Row(experiment, name, labels, [], entry.get("exclusive", False))
         row.commands = [" ".join(c.split()).format(out=row.out, **labels) for c in entry["commands"]]
@@ -166,6 +168,9 @@ def cell(row: Row, rows: list[Row], column: dict) -> str:
         return delta(row, rows, column["against"])
     if metric == "weights":
         return ", ".join(f"{m} {w:.2f}" for m, w in (r.get("modality_weights") or {}).items()) or "—"
+    if metric == "corrupted_weights":  # mean weight of a corrupted / a clean modality of the same query samples
+        split = r.get("corrupted_weights")
+        return f"{split['corrupted']:.2f} / {split['clean']:.2f}" if split else "—"
     if metric == "iterations":
         return f"{train.get('iterations', r.get('iterations', 0)):,}" if train or r else "—"
     if metric == "train_time":

@@ -72,3 +72,28 @@ def test_meta_test_and_restore_take_reptiles_inner_optimizer_from_the_checkpoint
     tested = stage_meta_test(run, checkpoint=run / "last.pt", quiet=True)
     in_memory = meta_test(exp.algorithm, exp.test_episodes())
     assert tested["loss"] == pytest.approx(in_memory.loss, abs=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["mean", "attention"])
+def test_meta_test_reports_the_weights_of_corrupted_and_clean_modalities(tmp_path, fusion):
+    """With data.corrupt_rate, results.json holds the mean weight a fusion gives corrupted and clean modalities
+    of the same query samples: equal under mean fusion (its weights are 1 / present modalities)."""
+    tiny = {"data.num_classes": 30, "data.samples_per_class": 10, "data.queries": 3, "data.val_episodes": 2}
+    tiny |= {"data.test_episodes": 8, "model.width": 8, "model.hidden": 8, "train.iterations": 2}
+    tiny |= {"data.modalities": ["tabular", "text", "audio"], "data.corrupt_rate": 0.3, "model.fusion": fusion}
+    _, _, run = stage_meta_train(load_config(None, {**tiny, "algo.name": "protonet"}), tmp_path / "run", quiet=True)
+    split = stage_meta_test(run, quiet=True)["corrupted_weights"]
+    assert split["samples"] > 0
+    assert sum(split["corrupted_histogram"]) == sum(split["clean_histogram"]) == split["samples"]
+    assert 0 < split["corrupted"] < 1 and 0 < split["clean"] < 1
+    if fusion == "mean":
+        assert split["corrupted"] == pytest.approx(split["clean"])
+    clean = stage_meta_test(
+        stage_meta_train(
+            load_config(None, {**tiny, "data.corrupt_rate": 0.0, "algo.name": "protonet"}),
+            tmp_path / "clean",
+            quiet=True,
+        )[2],
+        quiet=True,
+    )
+    assert clean["corrupted_weights"] == {}

@@ -201,6 +201,7 @@ class MetaAlgorithm:
         metrics = classification_metrics(logits, episode.query.labels, episode.ways)
         if weights is not None and bool(torch.isfinite(weights).all()):
             metrics["modality_weights"] = dict(zip(self.model.modalities, weights.mean(0).tolist()))
+            metrics["query_weights"] = weights.detach().cpu()  # [Q, M], the model's modality order
         return metrics
 
     def evaluate_many(self, episodes: list[Episode], batched: bool | None = None) -> list[dict[str, float]]:

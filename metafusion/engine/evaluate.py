@@ -7,7 +7,10 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from ..algorithms import MetaAlgorithm
@@ -30,6 +33,9 @@ class EvalResult:
     fingerprint: str  # hash of the episodes: equal for two runs iff they were tested on the same tasks
     seconds: float
     modality_weights: dict[str, float] = field(default_factory=dict)
+    # Where the data has corrupted modalities (data.corrupt_rate): over query samples holding both a corrupted and
+    # a clean modality, the mean weight of each kind, and histograms (10 bins over [0, 1]) of those weights.
+    corrupted_weights: dict[str, Any] = field(default_factory=dict)
     episodes_diverged: int = 0  # episodes with non-finite logits (their non-finite queries count as wrong)
     accuracies: list[float] = field(default_factory=list, repr=False)
 
@@ -49,23 +55,57 @@ def confidence_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, std, 1.96 * std / math.sqrt(n)
 
 
+class CorruptedWeights:
+    """The weights a fusion gives corrupted against clean modalities of the same query samples (``corrupted``:
+    ``[N, M]`` over the dataset's rows, columns in the model's modality order)."""
+
+    def __init__(self, corrupted: Tensor, modalities: tuple[str, ...]):
+        self.corrupted, self.modalities = corrupted, modalities
+        self.weights: dict[str, list[Tensor]] = {"corrupted": [], "clean": []}
+
+    def add(self, episode: Episode, weights: Tensor) -> None:
+        rows = torch.tensor(episode.indices[len(episode.support) :])
+        corrupted = self.corrupted[rows]
+        present = episode.query.mask[:, [episode.query.modalities.index(m) for m in self.modalities]].cpu()
+        clean = present & ~corrupted
+        both = corrupted.any(1) & clean.any(1)
+        for kind, mask in (("corrupted", corrupted), ("clean", clean)):
+            w, m = weights[both], mask[both].to(weights.dtype)
+            self.weights[kind].append((w * m).sum(1) / m.sum(1))  # per sample, the mean over its entries of a kind
+
+    def summary(self) -> dict[str, Any]:
+        if not any(len(w) for w in self.weights["corrupted"]):
+            return {}
+        out: dict[str, Any] = {"samples": sum(len(w) for w in self.weights["corrupted"])}
+        for kind, parts in self.weights.items():
+            w = torch.cat(parts)
+            out[kind] = w.mean().item()
+            out[f"{kind}_histogram"] = torch.histc(w.float(), bins=10, min=0.0, max=1.0).long().tolist()
+        return out
+
+
 def meta_test(
     algorithm: MetaAlgorithm,
     episodes: Sequence[Episode],
     quiet: bool = True,
     desc: str = "meta-test",
     device: str = "cpu",
+    corrupted: Tensor | None = None,
 ) -> EvalResult:
     """Adapt on each episode's support set and score its query set; ``EPISODES_PER_CALL`` episodes at a
-    time go to ``algorithm.evaluate_many`` (adapted together where that is faster)."""
+    time go to ``algorithm.evaluate_many`` (adapted together where that is faster). ``corrupted`` (``[N, M]``
+    over the dataset's rows, the model's modality order): report the weights of corrupted modalities."""
     start = time.perf_counter()
     accs, f1s, losses, weights, diverged, fingerprints = [], [], [], [], 0, []
+    split = CorruptedWeights(corrupted, algorithm.model.modalities) if corrupted is not None else None
     bar = tqdm(total=len(episodes), desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
     stream = iter(episodes)  # drawn chunk by chunk: memory does not grow with the number of episodes
     while chunk := [e.to(device) for e in itertools.islice(stream, EPISODES_PER_CALL)]:
         fingerprints += [e.fingerprint() for e in chunk]
-        for m in algorithm.evaluate_many(chunk):
+        for e, m in zip(chunk, algorithm.evaluate_many(chunk)):
             accs.append(m["accuracy"])
+            if split is not None and "query_weights" in m:
+                split.add(e, m["query_weights"])
             f1s.append(m["macro_f1"])
             if m["diverged"]:
                 diverged += 1
@@ -94,6 +134,7 @@ def meta_test(
         fingerprint_of(fingerprints),
         time.perf_counter() - start,
         mw,
+        split.summary() if split is not None else {},
         diverged,
         accs,
     )

@@ -68,6 +68,11 @@ def results_summary(r: dict[str, Any]) -> str:
         )
     if r.get("modality_weights"):
         lines.append("attention weights: " + ", ".join(f"{m} {w:.3f}" for m, w in r["modality_weights"].items()))
+    if split := r.get("corrupted_weights"):
+        lines.append(
+            f"weight of a corrupted modality {split['corrupted']:.3f} against a clean one {split['clean']:.3f} "
+            f"(mean over {split['samples']} query samples holding both)"
+        )
     return "\n".join(lines)
 
 

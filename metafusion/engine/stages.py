@@ -174,7 +174,10 @@ def stage_meta_test(
         )
     with locked(run_dir):
         tests = exp.test_episodes(episodes)
-        result = meta_test(exp.algorithm, tests, quiet=quiet, device=exp.cfg.train.device)
+        corrupted = exp.dataset.metadata.get("corrupted")
+        if corrupted is not None:  # in the model's modality order
+            corrupted = corrupted[:, [exp.dataset.modalities.index(m) for m in exp.model.modalities]]
+        result = meta_test(exp.algorithm, tests, quiet=quiet, device=exp.cfg.train.device, corrupted=corrupted)
         train_path = run_dir / "train.json"
         train = json.loads(train_path.read_text()) if train_path.exists() else None
         summary = _summary(exp, result, train, run_dir)
