@@ -276,3 +276,35 @@ def test_a_sample_with_none_of_the_models_modalities_gets_the_head_bias_not_nan(
     algo = MAML(exp.model, inner_lr=0.1, inner_steps=1, inner_lr_test=0.1, inner_steps_test=1)
     algo.meta_backward(episodes)
     assert all(torch.isfinite(p.grad).all() for p in algo.parameters() if p.grad is not None)
+
+
+def test_agreement_attention_is_the_seed_at_beta_zero_and_weighs_down_a_disagreeing_modality():
+    from metafusion.models.execution import support_statistics
+    from metafusion.models.fusion import AgreementAttention
+
+    torch.manual_seed(0)
+    fusion = AgreementAttention(3, 8)
+    seed = AttentionFusion(3, 8)
+    seed.score.load_state_dict(fusion.score.state_dict())
+    h, mask = torch.randn(6, 3, 8), torch.ones(6, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    with torch.no_grad():
+        fusion.beta.zero_()
+        assert torch.allclose(fusion(h, mask)[0], seed(h, mask)[0])
+        fusion.beta.fill_(1.0)
+        fusion.score.weight.zero_(), fusion.score.bias.zero_()  # the agreement term alone
+    # five classes, each the same direction in every modality; the last sample's modality 0 shows class 3
+    classes = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    h = torch.stack([classes[[0, 1, 2, 3, 4, 0]]] * 3, dim=1)  # (6, 3, 8)
+    h[5, 0] = classes[3]
+    _, weights = fusion(h, torch.ones(6, 3, dtype=torch.bool))
+    assert weights[5, 0] < 0.5 * weights[5, 1] and torch.isclose(weights[5, 1], weights[5, 2])
+    # against the recorded support set, a query's weights do not depend on the batch it comes in
+    spec = ModelSpec({"a": (4,), "b": (4,)})
+    model = build_model(spec, ways=3, width=8, hidden=8, fusion="agreement", encoders={"a": "mlp", "b": "mlp"})
+    support = _batch({m: torch.randn(6, 4) for m in "ab"})
+    queries = _batch({m: torch.randn(5, 4) for m in "ab"})
+    with support_statistics(model, support):
+        together = model.modality_weights(queries)
+        alone = model.modality_weights(queries.index(torch.tensor([2])))
+    assert torch.allclose(together[2], alone[0])

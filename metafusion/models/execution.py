@@ -10,8 +10,6 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import BatchStatsNorm
-
 
 def to_memory_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     """``x`` with the same values in ``memory_format`` (channels_last for the 2-D CNNs: see ``Conv4``).
@@ -53,11 +51,11 @@ def decomposed_batchnorm(model: nn.Module):
 
 @contextmanager
 def support_statistics(model: nn.Module | None, support) -> Iterator[None]:
-    """For this block, the batch-statistics normalisation layers of ``model`` normalise every batch with
-    the statistics they see on ``support`` (``model.forward_features(support)`` is run once to record
-    them), so a prediction depends on the support set and the sample alone, not on the batch it came in.
-    ``model`` None: nothing to do."""
-    norms = [m for m in model.modules() if isinstance(m, BatchStatsNorm)] if model is not None else []
+    """For this block, the layers of ``model`` that read batch statistics (normalisation; a fusion with a
+    reference set) use the statistics they see on ``support`` for every batch (``model.forward_features(support)``
+    is run once to record them), so a prediction depends on the support set and the sample alone, not on the
+    batch it came in. ``model`` None: nothing to do."""
+    norms = [m for m in model.modules() if hasattr(m, "statistics_mode")] if model is not None else []
     if not norms:
         yield
         return

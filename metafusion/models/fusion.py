@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import NoOptions
@@ -211,6 +212,59 @@ class TransformerFusion(Fusion):
         return (x * w.unsqueeze(-1)).sum(1), w
 
 
+@dataclass
+class AgreementOptions:
+    temperature: float = 0.1  # of the cosine similarities that place a sample among the reference samples
+
+
+@FUSIONS.register("agreement")
+class AgreementAttention(AttentionFusion):
+    """Cross-modal agreement attention: the seed's scores plus how well each modality of a sample agrees with
+    its other modalities about which samples of the episode it resembles,
+
+        p_i(b) = softmax_r(cos(h_bi, h_ri) / tau),   g_bi = sum_r p_i(b)_r * mean_{j != i} p_j(b)_r,
+        a_i = softmax_i(W_a h_i + b_a + beta * log g_bi),   z = sum_i a_i * h_i,
+
+    over the reference samples r: the batch itself (each sample left out of its own reference) or, under
+    ``execution.support_statistics``, the support set. A modality that places a sample among other samples
+    than the sample's other modalities do (a wrong photo of another product) loses weight; ``beta`` is meta-
+    learned (0 gives the seed). A form of the cross-modal consistency of multimodal co-attention (Lu et al.
+    2016, "Hierarchical question-image co-attention") computed per episode, in the spirit of task-aware
+    weighting (Ma et al. 2021, SMIL, learn what a missing or bad modality should weigh).
+    """
+
+    Options = AgreementOptions
+    # ``execution.support_statistics``: "record" the reference of the batch at hand (the support set), "use" it
+    # for every later batch; None: the batch is its own reference.
+    statistics_mode: str | None = None
+    recorded: tuple[Tensor, Tensor] | None = None
+
+    def __init__(self, num_modalities: int, dim: int, attention: str = "vector", temperature: float = 0.1):
+        super().__init__(num_modalities, dim, attention)
+        self.beta = nn.Parameter(torch.ones(()))
+        self.temperature = temperature
+
+    def attention(self, h: Tensor, mask: Tensor) -> Tensor:
+        unit = F.normalize(h, dim=-1)
+        if self.statistics_mode == "record":
+            self.recorded = (unit.detach(), mask)
+        reference, ref_mask, itself = (unit, mask, True)
+        if self.statistics_mode == "use" and self.recorded is not None:
+            reference, ref_mask, itself = (*self.recorded, False)
+        sim = torch.einsum("bmd,rmd->bmr", unit, reference) / self.temperature  # (B, M, R)
+        allowed = ref_mask.t().unsqueeze(0).expand_as(sim)  # the reference samples that have the modality
+        if itself:
+            allowed = allowed & ~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device).unsqueeze(1)
+        p = masked_softmax(sim, allowed, dim=-1)  # (B, M, R); all zeros where nothing to compare with
+        present = mask.to(p.dtype).unsqueeze(-1)  # (B, M, 1)
+        others = ((p * present).sum(1, keepdim=True) - p * present) / (
+            present.sum(1, keepdim=True) - present
+        ).clamp_min(1)
+        agreement = (p * others).sum(-1).clamp_min(1e-6)  # (B, M)
+        scores = self.score(h) + self.beta * agreement.log().unsqueeze(-1)
+        return masked_softmax(scores, mask.unsqueeze(-1), dim=1)
+
+
 def build_fusion(name: str, num_modalities: int, dim: int, **options) -> Fusion:
     return FUSIONS.build(name, num_modalities, dim, **options)
 
@@ -223,6 +277,7 @@ __all__ = [
     "MeanFusion",
     "LateFusion",
     "TransformerFusion",
+    "AgreementAttention",
     "LinearHead",
     "LateHead",
     "masked_softmax",
