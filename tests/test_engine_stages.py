@@ -88,6 +88,7 @@ def test_meta_test_reports_the_weights_of_corrupted_and_clean_modalities(tmp_pat
     assert 0 < split["corrupted"] < 1 and 0 < split["clean"] < 1
     if fusion == "mean":
         assert split["corrupted"] == pytest.approx(split["clean"])
+    assert (run / "corrupted_weights.png").stat().st_size > 0
     clean = stage_meta_test(
         stage_meta_train(
             load_config(None, {**tiny, "data.corrupt_rate": 0.0, "algo.name": "protonet"}),

@@ -118,7 +118,8 @@ def prediction_summary(pred, out: Path) -> str:
 
 
 def plot_run(run_dir: Path, results: dict[str, Any]) -> list[Path]:
-    """learning_curve.png (meta-train loss, meta-val accuracy) and attention.png (modality weights)."""
+    """learning_curve.png (meta-train loss, meta-val accuracy), attention.png (modality weights) and, with
+    corrupted modalities, corrupted_weights.png (histograms of the weights of corrupted and clean ones)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,6 +153,19 @@ def plot_run(run_dir: Path, results: dict[str, Any]) -> list[Path]:
         fig.savefig(run_dir / "attention.png", dpi=110)
         plt.close(fig)
         written.append(run_dir / "attention.png")
+    split = results.get("corrupted_weights") or {}
+    if split:  # how the fusion weighs corrupted against clean modalities of the same query samples
+        fig, ax = plt.subplots(figsize=(4.5, 3))
+        edges = [i / 10 for i in range(11)]
+        for kind, color in (("clean", "tab:green"), ("corrupted", "tab:red")):
+            ax.stairs(split[f"{kind}_histogram"], edges, color=color, label=f"{kind} (mean {split[kind]:.2f})")
+        ax.set_xlabel("modality weight")
+        ax.set_ylabel("query samples")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / "corrupted_weights.png", dpi=110)
+        plt.close(fig)
+        written.append(run_dir / "corrupted_weights.png")
     return written
 
 
