@@ -3,6 +3,7 @@ build the published split sizes and per-algorithm recipes."""
 
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,6 @@ def test_omniglot_protocol_config_builds_the_published_splits(data_root):
 
 def _script(name: str):
     import importlib.util
-    import sys
 
     path = CONFIGS[0].parents[1] / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
@@ -106,7 +106,6 @@ def test_a_row_runs_and_its_numbers_render(tmp_path, monkeypatch):
     """The runner at toy size (`reproduce.py --experiments toy`, its two rows side by side): each row runs its
     command, keeps its numbers in results/<experiment>/<row>.json and renders them; the numbers then render
     without the run folder."""
-    import sys
 
     reproduce = _script("reproduce")
     monkeypatch.setattr(reproduce, "REPO", tmp_path)
@@ -146,7 +145,6 @@ def test_reptile_test_optimizer_benchmark_evaluates_one_checkpoint_fresh_and_war
     """Both evaluation modes, each with a fresh and a warm test-time Adam, on the same episodes; --episodes takes
     the first N; other algorithms' runs are refused by name."""
     import json
-    import sys
 
     from metafusion.engine.stages import stage_meta_train
 
@@ -177,7 +175,6 @@ def test_reptile_test_optimizer_benchmark_evaluates_one_checkpoint_fresh_and_war
 
 def _run_script(name: str, *args: str, monkeypatch, capsys) -> str:
     """``python benchmarks/<name>.py *args`` in this process (a process of its own would add seconds of imports)."""
-    import sys
 
     monkeypatch.setattr(sys, "argv", [f"benchmarks/{name}.py", *args])
     monkeypatch.chdir(REPO)
@@ -185,13 +182,13 @@ def _run_script(name: str, *args: str, monkeypatch, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_throughput_benchmark_documented_command_runs_at_toy_size(tmp_path):
+def test_throughput_benchmark_documented_command_runs_at_toy_size(tmp_path, monkeypatch, capsys):
     """docs/performance.md's quick command, cut to one variant and one meta-batch of 2, with its 2-rank row
-    (in a process of its own: the row's ranks import the script by its file)."""
+    (the script imported by its own name from benchmarks/, where the row's ranks find it too)."""
+    import importlib
     import json
-    import subprocess
-    import sys
 
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     quick = [
         "--quick",
         "--models",
@@ -205,9 +202,9 @@ def test_throughput_benchmark_documented_command_runs_at_toy_size(tmp_path):
         "--rounds",
         "1",
     ]
-    command = [sys.executable, "benchmarks/throughput.py", *quick, "--out", str(tmp_path)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["benchmarks/throughput.py", *quick, "--out", str(tmp_path)])
+    monkeypatch.chdir(REPO)
+    importlib.import_module("throughput").main()
     (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert row["grad_rel_err_fp64"] <= 1e-5 and row["distributed_tasks_per_s"] > 0 and row["metafusion_tasks_per_s"] > 0
 
