@@ -163,15 +163,14 @@ class Reptile(MetaAlgorithm):
         """Where a test-time adaptation's Adam starts: fresh, or a copy of the training one
         (``warm_test_optimizer``) for each parameter whose shape it was trained with (a head resized for
         another task starts fresh)."""
-        pieces = self._unflatten(self.adam.second_moment, self.layout), self._unflatten(self.adam.steps, self.layout)
-        trained = {n: shape for n, shape in self.layout}
-        v, t = [], []
-        for n, shape in self._layout():
-            warm = self.warm_test_optimizer and trained.get(n) == shape
-            v.append(pieces[0][n].flatten() if warm else self.adam.second_moment.new_zeros(shape.numel()))
-            t.append(pieces[1][n].flatten() if warm else self.adam.steps.new_zeros(shape.numel()))
-        device = next(self.model.parameters()).device
-        return AdamState(torch.cat(v).to(device), torch.cat(t).to(device))
+        layout, trained, device = self._layout(), dict(self.layout), next(self.model.parameters()).device
+
+        def start(values: Tensor) -> Tensor:  # one field of the state: the trained segment where it fits, else 0
+            pieces = self._unflatten(values, self.layout)
+            fits = {n: self.warm_test_optimizer and trained.get(n) == shape for n, shape in layout}
+            return torch.cat([pieces[n].flatten() if fits[n] else values.new_zeros(s.numel()) for n, s in layout])
+
+        return AdamState(*(start(values).to(device) for values in self.adam))
 
     def _minibatches(self, n: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
         """The rows of each of ``steps`` mini-batches of ``inner_batch`` rows, cycling through shuffled

@@ -140,8 +140,7 @@ class MultimodalDataset(Dataset):
         j = self._column(modality)
         g = torch.Generator().manual_seed(seed)
         others = torch.cat([self.present[:, :j], self.present[:, j + 1 :]], dim=1).any(dim=1)
-        chosen = torch.isin(self.targets, torch.tensor(classes, dtype=self.targets.dtype))
-        drop = chosen & others & (torch.rand(len(self), generator=g) < rate)
+        drop = self.in_classes(classes) & others & (torch.rand(len(self), generator=g) < rate)
         present = self.present.clone()
         present[drop, j] = False
         data = {**self.data, modality: self.data[modality].clone()}  # absent rows are zeroed in the copy
@@ -156,11 +155,10 @@ class MultimodalDataset(Dataset):
             return self
         g = torch.Generator().manual_seed(seed)
         corrupted = (torch.rand(self.present.shape, generator=g) < rate) & self.present
-        data = dict(self.data)
+        data = {m: x.clone() for m, x in self.data.items()}
+        splits = [self.in_classes(classes) for classes in self.splits.values()]
         for j, m in enumerate(self.modalities):
-            x = self.data[m].clone()
-            for classes in self.splits.values():
-                in_split = torch.isin(self.targets, torch.tensor(classes, dtype=self.targets.dtype))
+            for in_split in splits:
                 rows = torch.nonzero(corrupted[:, j] & in_split).flatten()
                 donors = torch.nonzero(self.present[:, j] & in_split).flatten()
                 # one random donor per row; offsets into the donors ordered by class skip the row's own class
@@ -174,8 +172,7 @@ class MultimodalDataset(Dataset):
                 if len(rows) == 0:
                     continue
                 pick = (torch.rand(len(rows), generator=g) * (len(donors) - own)).long()
-                x[rows] = self.data[m][donors[torch.where(pick < start, pick, pick + own)]]
-            data[m] = x
+                data[m][rows] = self.data[m][donors[torch.where(pick < start, pick, pick + own)]]
         metadata = {**self.metadata, "corrupted": corrupted}
         return MultimodalDataset(data, self.present, self.targets, self.modalities, self.splits, metadata, self.name)
 
@@ -204,10 +201,14 @@ class MultimodalDataset(Dataset):
             name=self.name,
         )
 
-    def rows_of_classes(self, classes: list[int]) -> Tensor:
+    def in_classes(self, classes: list[int]) -> Tensor:
+        """``[N]`` bool: which samples belong to one of ``classes``."""
         wanted = torch.zeros(int(self.targets.max()) + 1, dtype=torch.bool)
         wanted[torch.tensor(classes, dtype=torch.long)] = True
-        return torch.nonzero(wanted[self.targets]).flatten()
+        return wanted[self.targets]
+
+    def rows_of_classes(self, classes: list[int]) -> Tensor:
+        return torch.nonzero(self.in_classes(classes)).flatten()
 
 
 def check_disjoint(splits: dict[str, list[int]], name: str = "dataset") -> None:
