@@ -171,6 +171,15 @@ def cell(row: Row, rows: list[Row], column: dict) -> str:
     if metric == "corrupted_weights":  # mean weight of a corrupted / a clean modality of the same query samples
         split = r.get("corrupted_weights")
         return f"{split['corrupted']:.2f} / {split['clean']:.2f}" if split else "—"
+    if metric == "task_weights":  # per modality, correlation over tasks of its weight with its accuracy alone
+        per_task = r.get("task_weights")
+        if not per_task:
+            return "—"
+        cells = [
+            f"{m} {'n/a' if v['correlation'] is None else format(v['correlation'], '+.2f')}"
+            for m, v in per_task["modalities"].items()
+        ]
+        return ", ".join(cells) + f"; best {100 * per_task['best_weighted']:.0f} %"
     if metric == "iterations":
         return f"{train.get('iterations', r.get('iterations', 0)):,}" if train or r else "—"
     if metric == "train_time":

@@ -237,7 +237,7 @@ def test_non_transductive_prediction_sees_one_query_at_a_time():
         {"strokes": "gru", "image": "resnet18"},
     ],
 )
-@pytest.mark.parametrize("fusion", ["attention", "concat", "mean", "late", "transformer", "agreement"])
+@pytest.mark.parametrize("fusion", ["attention", "concat", "mean", "late", "transformer", "agreement", "task"])
 def test_batched_non_transductive_prediction_equals_one_forward_per_query(encoders, fusion):
     """The vmapped protocol gives the loop's logits, with missing modalities in support and query."""
     from test_models import ENCODER_INPUTS, _batch

@@ -1,6 +1,7 @@
 """The command line end to end on tiny budgets: every command writes what it promises, runs resume
 exactly after a kill, comparisons use identical episodes, and bad input gives clear errors."""
 
+import csv
 import json
 import os
 import signal
@@ -139,9 +140,18 @@ def test_compare_uses_identical_episodes(tmp_path, capsys):
     assert a["fingerprint"] == b["fingerprint"] and a["episodes"] == b["episodes"] == 6
     baseline = json.loads((out / "centroid" / "results.json").read_text())  # added to every comparison
     assert baseline["fingerprint"] == a["fingerprint"] and baseline["iterations"] == 0
+    modalities = a["modalities"]
+    assert len(modalities) > 1
+    for m in modalities:  # and the centroid on each modality alone, on the same episodes
+        alone = json.loads((out / f"centroid-{m}" / "results.json").read_text())
+        assert alone["modalities"] == [m] and alone["fingerprint"] == a["fingerprint"]
     table = (out / "compare.md").read_text()
-    assert "| maml |" in table and "| reptile |" in table and "| centroid |" in table
-    assert (out / "compare.csv").is_file() and "accuracy (95% CI)" in capsys.readouterr().out
+    fused = "+".join(modalities)
+    assert f"| maml | {fused} |" in table and f"| reptile | {fused} |" in table and f"| centroid | {fused} |" in table
+    assert all(f"| centroid | {m} |" in table for m in modalities)
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["modalities"] for r in rows] == [fused] * 3 + list(modalities)
+    assert "accuracy (95% CI)" in capsys.readouterr().out
 
 
 def test_compare_leaves_the_baseline_out_when_told(tmp_path):

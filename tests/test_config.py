@@ -39,7 +39,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     "key,value,match",
     [
         ("algo.name", "mamal", "choose one of: anil, centroid, finetune, fomaml, maml"),
-        ("model.fusion", "sum", "attention, concat, late, mean, transformer"),
+        ("model.fusion", "sum", "attention, concat, late, mean, task, transformer"),
         ("data.ways", "five", "expected an integer"),
         ("data.ways", 0, "data.ways must be >= 2"),
         ("data.shots", 0, "data.shots must be >= 1"),
@@ -124,6 +124,12 @@ def test_a_config_file_of_metafusion_0_1_still_resolves():
     }  # fmt: skip
     cfg = resolve(from_dict(old))
     assert cfg.algo.options == {"metric": "euclidean"} and cfg.model.options == {}
-    assert cfg.data.options == {"num_classes": 300, "samples_per_class": 20, "noise": 1.0}
+    assert cfg.data.options == {
+        "num_classes": 300,
+        "samples_per_class": 20,
+        "noise": 1.0,
+        "nuisance": 0.0,
+        "prototypes": None,
+    }
     with pytest.raises(ConfigError, match="data.rotations"):  # not at its old default: it meant something
         resolve(from_dict({**old, "data": {"dataset": "synthetic", "rotations": True}}))

@@ -5,7 +5,7 @@ import time
 import torch
 
 from metafusion.data import EpisodeSampler, Standardizer, make_synthetic
-from metafusion.data.synthetic import decode_text, vocabulary
+from metafusion.data.synthetic import VOCAB_SIZE, decode_text, vocabulary
 
 
 def test_deterministic_from_seed():
@@ -36,8 +36,8 @@ def test_each_modality_is_ambiguous_but_the_tuple_is_unique():
 
 def _feature(batch, m):
     x = batch.inputs[m]
-    if m == "text":  # bag of words
-        return torch.zeros(len(x), 201).scatter_add_(1, x, torch.ones_like(x, dtype=torch.float))
+    if m == "text":  # bag of words (up to 8 synonyms of each keyword)
+        return torch.zeros(len(x), 8 * VOCAB_SIZE + 1).scatter_add_(1, x, torch.ones_like(x, dtype=torch.float))
     if m == "audio":  # magnitude spectrum: independent of the random phase
         return torch.fft.rfft(x.flatten(1)).abs()
     return x.flatten(1).float()
@@ -65,3 +65,26 @@ def test_fusing_modalities_beats_the_best_single_modality():
     single = {m: _nearest_neighbour_accuracy(ds, [m]) for m in ds.modalities}
     fused = _nearest_neighbour_accuracy(ds, list(ds.modalities))
     assert fused > max(single.values()) + 0.05, (single, fused)
+
+
+def test_nuisance_hides_the_classes_from_raw_inputs_but_not_from_what_a_learner_can_undo():
+    """With nuisance, nearest neighbour on raw inputs falls in every modality; merging the synonyms of each
+    keyword (what a learned embedding can do) brings the text back."""
+    plain = Standardizer.fit(make_synthetic(100, 12, seed=0))(make_synthetic(100, 12, seed=0))
+    hard = make_synthetic(100, 12, nuisance=1.0, seed=0)
+    assert hard.data["text"].max() > VOCAB_SIZE and len(hard.metadata["vocabulary"]) == 8 * VOCAB_SIZE + 1
+    hard = Standardizer.fit(hard)(hard)
+    for m in ("image", "tabular", "text"):
+        assert _nearest_neighbour_accuracy(hard, [m]) < _nearest_neighbour_accuracy(plain, [m]) - 0.15, m
+    merged = hard.data["text"].clone()
+    merged[merged > 0] = (merged[merged > 0] - 1) % VOCAB_SIZE + 1
+    hard.data["text"] = merged
+    raw = _nearest_neighbour_accuracy(make_synthetic(100, 12, nuisance=1.0, seed=0), ["text"])
+    assert _nearest_neighbour_accuracy(hard, ["text"]) > raw + 0.1
+
+
+def test_fewer_prototypes_make_each_modality_more_ambiguous_and_keep_classes_unique():
+    ds = make_synthetic(num_classes=300, samples_per_class=2, prototypes=6)
+    protos = ds.metadata["prototypes"]
+    assert [len(torch.unique(protos[:, j])) for j in range(protos.shape[1])] == [6, 6, 6, 6]
+    assert len(torch.unique(protos, dim=0)) == 300

@@ -89,6 +89,9 @@ def test_meta_test_reports_the_weights_of_corrupted_and_clean_modalities(tmp_pat
     if fusion == "mean":
         assert split["corrupted"] == pytest.approx(split["clean"])
     assert (run / "corrupted_weights.png").stat().st_size > 0
+    per_task = stage_meta_test(run, quiet=True)["task_weights"]
+    assert per_task["tasks"] == 8 and list(per_task["modalities"]) == ["tabular", "text", "audio"]
+    assert all(0 <= v["accuracy_alone"] <= 1 and 0 < v["weight"] < 1 for v in per_task["modalities"].values())
     clean = stage_meta_test(
         stage_meta_train(
             load_config(None, {**tiny, "data.corrupt_rate": 0.0, "algo.name": "protonet"}),
@@ -98,3 +101,45 @@ def test_meta_test_reports_the_weights_of_corrupted_and_clean_modalities(tmp_pat
         quiet=True,
     )
     assert clean["corrupted_weights"] == {}
+
+
+def test_accuracy_alone_scores_each_modality_by_its_own_nearest_class_mean():
+    """A modality that carries the class scores 1, one that is noise about chance, one no query carries NaN."""
+    from metafusion.data import Batch, Episode
+    from metafusion.engine.evaluate import accuracy_alone
+    from metafusion.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    ways, shots, queries = 4, 3, 50
+    labels = torch.arange(ways).repeat_interleave(shots + queries)
+    inputs = {"signal": 5 * torch.nn.functional.one_hot(labels, 8).float() + 0.1 * torch.randn(len(labels), 8)}
+    inputs |= {"noise": torch.randn(len(labels), 8), "gone": torch.randn(len(labels), 8)}
+    mask = torch.ones(len(labels), 3, dtype=torch.bool)
+    is_support = (torch.arange(len(labels)) % (shots + queries)) < shots
+    mask[~is_support, 2] = False  # no query carries "gone"
+    batch = Batch(inputs, mask, labels, ("signal", "noise", "gone"))
+    episode = Episode(batch.index(is_support), batch.index(~is_support), ways, shots, queries, tuple(range(ways)))
+    model = build_model(
+        ModelSpec({m: (8,) for m in inputs}), ways, width=16, hidden=16, encoders=dict.fromkeys(inputs, "mlp")
+    )
+    signal, noise, gone = accuracy_alone(model, episode).tolist()
+    assert signal == 1.0 and noise < 0.5 and np.isnan(gone)
+
+
+def test_task_weights_correlate_each_modalitys_weight_with_its_accuracy_alone():
+    from metafusion.engine.evaluate import TaskWeights
+
+    per_task = TaskWeights(("a", "b"))
+    for acc_a, acc_b in [(0.9, 0.5), (0.6, 0.7), (0.8, 0.4)]:
+        w_a = acc_a / (acc_a + acc_b)  # the weights follow the accuracies exactly
+        per_task.add(torch.tensor([[w_a, 1 - w_a]] * 5), torch.tensor([acc_a, acc_b]))
+    out = per_task.summary()
+    assert out["tasks"] == 3 and out["best_weighted"] == 1.0
+    assert out["modalities"]["a"]["correlation"] == pytest.approx(
+        np.corrcoef([0.9 / 1.4, 0.6 / 1.3, 0.8 / 1.2], [0.9, 0.6, 0.8])[0, 1], abs=1e-6
+    )
+    assert out["modalities"]["b"]["accuracy_alone"] == pytest.approx(0.5333333, abs=1e-6)
+    backwards = TaskWeights(("a", "b"))
+    for acc in (0.9, 0.3):
+        backwards.add(torch.tensor([[0.2, 0.8]]), torch.tensor([acc, 0.5]))
+    assert backwards.summary()["best_weighted"] == 0.5 and backwards.summary()["modalities"]["a"]["correlation"] is None

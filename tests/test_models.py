@@ -278,33 +278,61 @@ def test_a_sample_with_none_of_the_models_modalities_gets_the_head_bias_not_nan(
     assert all(torch.isfinite(p.grad).all() for p in algo.parameters() if p.grad is not None)
 
 
-def test_agreement_attention_is_the_seed_at_beta_zero_and_weighs_down_a_disagreeing_modality():
-    from metafusion.models.execution import support_statistics
-    from metafusion.models.fusion import AgreementAttention
-
-    torch.manual_seed(0)
-    fusion = AgreementAttention(3, 8)
-    seed = AttentionFusion(3, 8)
+def _episode_attention_at_zero_is_the_seed(fusion, strength: str, modalities: int) -> None:
+    """With its episode term's strength at 0 the fusion is the seed's attention; afterwards the strength is 1
+    and the seed's scores are 0, so that the episode term alone decides."""
+    seed = AttentionFusion(modalities, 8)
     seed.score.load_state_dict(fusion.score.state_dict())
-    h, mask = torch.randn(6, 3, 8), torch.ones(6, 3, dtype=torch.bool)
-    mask[1, 2] = False
+    h, mask = torch.randn(6, modalities, 8), torch.ones(6, modalities, dtype=torch.bool)
+    mask[1, -1] = False
     with torch.no_grad():
-        fusion.beta.zero_()
+        getattr(fusion, strength).zero_()
         assert torch.allclose(fusion(h, mask)[0], seed(h, mask)[0])
-        fusion.beta.fill_(1.0)
-        fusion.score.weight.zero_(), fusion.score.bias.zero_()  # the agreement term alone
-    # five classes, each the same direction in every modality; the last sample's modality 0 shows class 3
-    classes = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
-    h = torch.stack([classes[[0, 1, 2, 3, 4, 0]]] * 3, dim=1)  # (6, 3, 8)
-    h[5, 0] = classes[3]
-    _, weights = fusion(h, torch.ones(6, 3, dtype=torch.bool))
-    assert weights[5, 0] < 0.5 * weights[5, 1] and torch.isclose(weights[5, 1], weights[5, 2])
-    # against the recorded support set, a query's weights do not depend on the batch it comes in
+        getattr(fusion, strength).fill_(1.0)
+        fusion.score.weight.zero_(), fusion.score.bias.zero_()
+
+
+def _weights_against_the_support_set_do_not_depend_on_the_batch(fusion: str) -> None:
+    from metafusion.models.execution import support_statistics
+
     spec = ModelSpec({"a": (4,), "b": (4,)})
-    model = build_model(spec, ways=3, width=8, hidden=8, fusion="agreement", encoders={"a": "mlp", "b": "mlp"})
+    model = build_model(spec, ways=3, width=8, hidden=8, fusion=fusion, encoders={"a": "mlp", "b": "mlp"})
     support = _batch({m: torch.randn(6, 4) for m in "ab"})
     queries = _batch({m: torch.randn(5, 4) for m in "ab"})
     with support_statistics(model, support):
         together = model.modality_weights(queries)
         alone = model.modality_weights(queries.index(torch.tensor([2])))
     assert torch.allclose(together[2], alone[0])
+
+
+def test_agreement_attention_is_the_seed_at_beta_zero_and_weighs_down_a_disagreeing_modality():
+    from metafusion.models.fusion import AgreementAttention
+
+    torch.manual_seed(0)
+    fusion = AgreementAttention(3, 8)
+    _episode_attention_at_zero_is_the_seed(fusion, "beta", 3)
+    # five classes, each the same direction in every modality; the last sample's modality 0 shows class 3
+    classes = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    h = torch.stack([classes[[0, 1, 2, 3, 4, 0]]] * 3, dim=1)  # (6, 3, 8)
+    h[5, 0] = classes[3]
+    _, weights = fusion(h, torch.ones(6, 3, dtype=torch.bool))
+    assert weights[5, 0] < 0.5 * weights[5, 1] and torch.isclose(weights[5, 1], weights[5, 2])
+    _weights_against_the_support_set_do_not_depend_on_the_batch("agreement")
+
+
+def test_task_aware_attention_is_the_seed_at_gamma_zero_and_weighs_down_a_modality_that_cannot_separate_the_task():
+    from metafusion.models.fusion import TaskAwareAttention
+
+    torch.manual_seed(0)
+    fusion = TaskAwareAttention(2, 8)
+    _episode_attention_at_zero_is_the_seed(fusion, "gamma", 2)
+    # modality 0 places the five samples far apart, modality 1 nearly on one point: weights follow the
+    # mean pairwise cosine distances, the same for every sample of the task
+    base = torch.randn(8)
+    h = torch.stack([torch.randn(5, 8), base + 0.1 * torch.randn(5, 8)], dim=1)
+    _, weights = fusion(h, torch.ones(5, 2, dtype=torch.bool))
+    unit = torch.nn.functional.normalize(h, dim=-1)
+    spread = torch.stack([(1 - unit[:, i] @ unit[:, i].t()).sum() / 20 for i in range(2)])
+    assert torch.allclose(weights, (spread / spread.sum()).expand(5, 2), atol=1e-5)
+    assert (weights[:, 1] < 0.1 * weights[:, 0]).all()
+    _weights_against_the_support_set_do_not_depend_on_the_batch("task")

@@ -96,18 +96,29 @@ class SyntheticOptions:
     num_classes: int = 300
     samples_per_class: int = 20
     noise: float = 1.0  # scales every modality's noise
+    nuisance: float = 0.0  # variation without class information that raw inputs cannot see past (0 to 1)
+    prototypes: int | None = None  # per modality, shared by num_classes / prototypes classes (None: num_classes // 10)
 
     def __post_init__(self) -> None:
-        if self.num_classes < 10 or self.samples_per_class < 1 or not self.noise >= 0:
+        if (
+            self.num_classes < 10
+            or self.samples_per_class < 1
+            or not self.noise >= 0
+            or not 0 <= self.nuisance <= 1
+            or (self.prototypes or 2) < 2
+        ):
             raise ConfigError(
-                f"synthetic data needs data.num_classes >= 10, data.samples_per_class >= 1 and data.noise >= 0 "
-                f"(got {self.num_classes}, {self.samples_per_class}, {self.noise})"
+                f"synthetic data needs data.num_classes >= 10, data.samples_per_class >= 1, data.noise >= 0 and "
+                f"0 <= data.nuisance <= 1, data.prototypes >= 2 (got {self.num_classes}, {self.samples_per_class}, "
+                f"{self.noise}, {self.nuisance}, {self.prototypes})"
             )
 
 
 @DATASETS.register("synthetic", options=SyntheticOptions, expects="(built in; no files)", check=lambda root: "ok")
 def synthetic(cfg: DataConfig, opts: SyntheticOptions) -> MultimodalDataset:
-    return make_synthetic(opts.num_classes, opts.samples_per_class, opts.noise, seed=cfg.data_seed)
+    return make_synthetic(
+        opts.num_classes, opts.samples_per_class, opts.noise, opts.nuisance, opts.prototypes, seed=cfg.data_seed
+    )
 
 
 @dataclass

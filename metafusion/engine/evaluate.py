@@ -10,10 +10,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from ..algorithms import MetaAlgorithm
+from ..algorithms.protonet import proto_logits
 from ..data import Episode
 from ..data.episodes import fingerprint_of
 
@@ -36,6 +38,8 @@ class EvalResult:
     # Where the data has corrupted modalities (data.corrupt_rate): over query samples holding both a corrupted and
     # a clean modality, the mean weight of each kind, and histograms (10 bins over [0, 1]) of those weights.
     corrupted_weights: dict[str, Any] = field(default_factory=dict)
+    # Where a fusion weighs two or more modalities: per task, the weights against each modality's accuracy alone.
+    task_weights: dict[str, Any] = field(default_factory=dict)
     episodes_diverged: int = 0  # episodes with non-finite logits (their non-finite queries count as wrong)
     accuracies: list[float] = field(default_factory=list, repr=False)
 
@@ -84,6 +88,60 @@ class CorruptedWeights:
         return out
 
 
+@torch.no_grad()
+def accuracy_alone(model, episode: Episode) -> Tensor:
+    """``[M]``: for each of the model's modalities, the accuracy on the episode's query samples that carry it of
+    the nearest support class mean (cosine) over that modality's features from the meta-learned encoders
+    (before any adaptation): how much this task can be solved with that modality alone. NaN where no query
+    carries the modality."""
+    (hs, ms), (hq, mq) = model.encode(episode.support), model.encode(episode.query)
+    onehot = F.one_hot(episode.support.labels, episode.ways).to(hs.dtype)  # (S, ways)
+    out = []
+    for i in range(hs.shape[1]):
+        members = onehot * ms[:, i : i + 1].to(hs.dtype)  # support samples of each class that carry modality i
+        protos = members.T @ hs[:, i] / members.sum(0).clamp_min(1).unsqueeze(1)  # (ways, d)
+        hit = (proto_logits(hq[:, i], protos, hq.new_ones(())).argmax(1) == episode.query.labels)[mq[:, i]]
+        out.append(hit.to(hs.dtype).mean() if len(hit) else hs.new_tensor(float("nan")))
+    return torch.stack(out).cpu()
+
+
+class TaskWeights:
+    """Per task, the mean weight a fusion gives each modality over the query samples, against that modality's
+    accuracy alone on the task (``accuracy_alone``): do the weights follow what each modality is worth here?"""
+
+    def __init__(self, modalities: tuple[str, ...]):
+        self.modalities = modalities
+        self.weights: list[Tensor] = []  # per task, [M]
+        self.accuracies: list[Tensor] = []
+
+    def add(self, weights: Tensor, accuracies: Tensor) -> None:
+        self.weights.append(weights.mean(0))
+        self.accuracies.append(accuracies)
+
+    def summary(self) -> dict[str, Any]:
+        """Per modality: the Pearson correlation over tasks of its weight with its accuracy alone, and the
+        means of both; ``best_weighted``: the share of tasks whose most weighted modality is (one of) the most
+        accurate alone."""
+        if len(self.weights) < 2:
+            return {}
+        w, a = torch.stack(self.weights), torch.stack(self.accuracies)  # (T, M)
+        out: dict[str, Any] = {"tasks": len(self.weights), "modalities": {}}
+        for i, m in enumerate(self.modalities):
+            ok = torch.isfinite(a[:, i])
+            x, y = w[ok, i], a[ok, i]
+            x, y = x - x.mean(), y - y.mean()
+            r = (x * y).sum() / (x.norm() * y.norm())
+            out["modalities"][m] = {
+                "correlation": r.item() if torch.isfinite(r) else None,  # None: one of them never varies
+                "weight": w[ok, i].mean().item(),
+                "accuracy_alone": a[ok, i].mean().item(),
+            }
+        best = a.nan_to_num(-1.0)
+        top = best.gather(1, w.argmax(1, keepdim=True)).squeeze(1) >= best.max(1).values
+        out["best_weighted"] = top.to(w.dtype).mean().item()
+        return out
+
+
 def meta_test(
     algorithm: MetaAlgorithm,
     episodes: Sequence[Episode],
@@ -94,10 +152,12 @@ def meta_test(
 ) -> EvalResult:
     """Adapt on each episode's support set and score its query set; ``EPISODES_PER_CALL`` episodes at a
     time go to ``algorithm.evaluate_many`` (adapted together where that is faster). ``corrupted`` (``[N, M]``
-    over the dataset's rows, the model's modality order): report the weights of corrupted modalities."""
+    over the dataset's rows, the model's modality order): report the weights of corrupted modalities. Where the
+    fusion weighs several modalities, each task's weights are set against each modality's accuracy alone."""
     start = time.perf_counter()
     accs, f1s, losses, weights, diverged, fingerprints = [], [], [], [], 0, []
     split = CorruptedWeights(corrupted, algorithm.model.modalities) if corrupted is not None else None
+    per_task = TaskWeights(algorithm.model.modalities)
     bar = tqdm(total=len(episodes), desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
     stream = iter(episodes)  # drawn chunk by chunk: memory does not grow with the number of episodes
     while chunk := [e.to(device) for e in itertools.islice(stream, EPISODES_PER_CALL)]:
@@ -106,6 +166,8 @@ def meta_test(
             accs.append(m["accuracy"])
             if split is not None and "query_weights" in m:
                 split.add(e, m["query_weights"])
+            if "query_weights" in m and len(algorithm.model.modalities) > 1:
+                per_task.add(m["query_weights"], accuracy_alone(algorithm.model, e))
             f1s.append(m["macro_f1"])
             if m["diverged"]:
                 diverged += 1
@@ -135,6 +197,7 @@ def meta_test(
         time.perf_counter() - start,
         mw,
         split.summary() if split is not None else {},
+        per_task.summary(),
         diverged,
         accs,
     )

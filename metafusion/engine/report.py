@@ -73,6 +73,17 @@ def results_summary(r: dict[str, Any]) -> str:
             f"weight of a corrupted modality {split['corrupted']:.3f} against a clean one {split['clean']:.3f} "
             f"(mean over {split['samples']} query samples holding both)"
         )
+    if per_task := r.get("task_weights"):
+        cells = [
+            f"{m} r {'n/a' if v['correlation'] is None else format(v['correlation'], '+.2f')}"
+            for m, v in per_task["modalities"].items()
+        ]
+        lines.append(
+            f"weights per task against each modality's accuracy alone ({per_task['tasks']} tasks): correlation "
+            + ", ".join(cells)
+            + f"; the most weighted modality is the most accurate alone in {100 * per_task['best_weighted']:.0f} %"
+            + " of tasks"
+        )
     return "\n".join(lines)
 
 
@@ -198,6 +209,7 @@ def plot_confusion(path: Path, matrix: torch.Tensor, classes: list[str]) -> Path
 
 COMPARE_COLUMNS = [
     "algorithm",
+    "modalities",
     "accuracy_mean",
     "accuracy_ci95",
     "macro_f1",
@@ -212,13 +224,21 @@ COMPARE_COLUMNS = [
 def compare_table(rows: list[dict[str, Any]]) -> str:
     """Side-by-side Markdown table of several runs' results."""
     modalities = sorted({m for r in rows for m in (r.get("modality_weights") or {})})
-    head = ["algorithm", "accuracy (95% CI)", "macro-F1", "meta-train time", "tasks/s", "peak mem", "episodes"] + [
-        f"w[{m}]" for m in modalities
-    ]
+    head = [
+        "algorithm",
+        "modalities",
+        "accuracy (95% CI)",
+        "macro-F1",
+        "meta-train time",
+        "tasks/s",
+        "peak mem",
+        "episodes",
+    ] + [f"w[{m}]" for m in modalities]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             r["algorithm"],
+            "+".join(r["modalities"]),
             f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_ci95']:.2f} %",
             f"{r['macro_f1']:.3f}",
             f"{r['train_seconds']:.1f} s",
@@ -238,5 +258,5 @@ def write_compare(out: Path, rows: list[dict[str, Any]]) -> str:
     with (Path(out) / "compare.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COMPARE_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "modalities": "+".join(r["modalities"])} for r in rows)
     return table

@@ -361,8 +361,9 @@ def stage_compare(
 ) -> tuple[list[dict[str, Any]], str]:
     """Meta-train each algorithm on the same meta-train stream (same seed) and test all of them on the
     identical fixed test episodes; write compare.md / compare.csv and one run folder per algorithm.
-    ``baseline`` adds the ``centroid`` row (frozen features + nearest class mean, seconds to run): the
-    number every meta-learner in the table has to beat."""
+    ``baseline`` adds the rows a user tries first (frozen features + nearest class mean, seconds to run):
+    ``centroid`` on the model's modalities and, where there are several, on each modality alone -- the
+    numbers every meta-learner in the table has to beat, and what fusing is worth without learning."""
     if baseline and "centroid" not in algos:
         algos = [*algos, "centroid"]
     configs = []
@@ -372,10 +373,17 @@ def stage_compare(
         configs.append(resolve(c))
     out = check_out(out, overwrite)
     first = build_experiment(configs[0])  # bad data fails here, before the folder is touched
+    folders = [c.algo.name for c in configs]
+    if baseline and len(first.model.modalities) > 1:
+        for m in first.model.modalities:
+            c = copy.deepcopy(cfg)
+            c.algo.name, c.model.modalities = "centroid", [m]
+            configs.append(resolve(c))
+            folders.append(f"centroid-{m}")
     with new_run_folder(out, overwrite):
         rows = []
-        for i, c in enumerate(configs):
-            exp, _, run_dir = stage_meta_train(c, out / c.algo.name, quiet=quiet, experiment=first if i == 0 else None)
+        for i, (c, folder) in enumerate(zip(configs, folders)):
+            exp, _, run_dir = stage_meta_train(c, out / folder, quiet=quiet, experiment=first if i == 0 else None)
             rows.append(stage_meta_test(run_dir, quiet=quiet, experiment=exp))
         if len({r["fingerprint"] for r in rows}) != 1:  # internal invariant: the comparison would be unfair
             raise AssertionError("algorithms were tested on different episodes")

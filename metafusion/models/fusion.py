@@ -212,13 +212,32 @@ class TransformerFusion(Fusion):
         return (x * w.unsqueeze(-1)).sum(1), w
 
 
+class EpisodeAttention(AttentionFusion):
+    """The seed's attention with scores that also read the episode: a reference set of samples, which is the
+    batch itself or, under ``execution.support_statistics``, the support set (recorded as BatchNorm records
+    its statistics), so that a prediction depends on the support set and the sample alone."""
+
+    # ``execution.support_statistics``: "record" the reference of the batch at hand (the support set), "use" it
+    # for every later batch; None: the batch is its own reference.
+    statistics_mode: str | None = None
+    recorded: tuple[Tensor, Tensor] | None = None
+
+    def reference(self, unit: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """``(reference [R, M, d], its mask [R, M], whether it is the batch itself)`` for unit features."""
+        if self.statistics_mode == "record":
+            self.recorded = (unit.detach(), mask)
+        if self.statistics_mode == "use" and self.recorded is not None:
+            return (*self.recorded, False)
+        return unit, mask, True
+
+
 @dataclass
 class AgreementOptions:
     temperature: float = 0.1  # of the cosine similarities that place a sample among the reference samples
 
 
 @FUSIONS.register("agreement")
-class AgreementAttention(AttentionFusion):
+class AgreementAttention(EpisodeAttention):
     """Cross-modal agreement attention: the seed's scores plus how well each modality of a sample agrees with
     its other modalities about which samples of the episode it resembles,
 
@@ -234,10 +253,6 @@ class AgreementAttention(AttentionFusion):
     """
 
     Options = AgreementOptions
-    # ``execution.support_statistics``: "record" the reference of the batch at hand (the support set), "use" it
-    # for every later batch; None: the batch is its own reference.
-    statistics_mode: str | None = None
-    recorded: tuple[Tensor, Tensor] | None = None
 
     def __init__(self, num_modalities: int, dim: int, attention: str = "vector", temperature: float = 0.1):
         super().__init__(num_modalities, dim, attention)
@@ -246,11 +261,7 @@ class AgreementAttention(AttentionFusion):
 
     def attention(self, h: Tensor, mask: Tensor) -> Tensor:
         unit = F.normalize(h, dim=-1)
-        if self.statistics_mode == "record":
-            self.recorded = (unit.detach(), mask)
-        reference, ref_mask, itself = (unit, mask, True)
-        if self.statistics_mode == "use" and self.recorded is not None:
-            reference, ref_mask, itself = (*self.recorded, False)
+        reference, ref_mask, itself = self.reference(unit, mask)
         sim = torch.einsum("bmd,rmd->bmr", unit, reference) / self.temperature  # (B, M, R)
         allowed = ref_mask.t().unsqueeze(0).expand_as(sim)  # the reference samples that have the modality
         if itself:
@@ -262,6 +273,37 @@ class AgreementAttention(AttentionFusion):
         ).clamp_min(1)
         agreement = (p * others).sum(-1).clamp_min(1e-6)  # (B, M)
         scores = self.score(h) + self.beta * agreement.log().unsqueeze(-1)
+        return masked_softmax(scores, mask.unsqueeze(-1), dim=1)
+
+
+@FUSIONS.register("task")
+class TaskAwareAttention(EpisodeAttention):
+    """Task-aware attention: the seed's per-sample scores plus, per modality, how far apart that modality
+    places the samples of this task,
+
+        s_i = mean_{r != r'} (1 - cos(h_ri, h_r'i)),   a_i = softmax_i(W_a h_i + b_a + gamma * log s_i),
+        z = sum_i a_i * h_i,
+
+    over the pairs of reference samples that both carry modality i: the batch itself or, under
+    ``execution.support_statistics``, the support set. In a 1-shot support set every sample is its own
+    class, so s_i measures how well modality i separates this task's classes: a modality in which the
+    task's classes look alike (two shirts that differ only in colour, for the photo) is weighed down for
+    this task only. ``gamma`` is meta-learned (0 gives the seed). Task conditioning from the support set
+    as in TADAM (Oreshkin et al. 2018, which conditions the feature extractor on the mean of the class
+    prototypes), reduced here to one number per modality.
+    """
+
+    def __init__(self, num_modalities: int, dim: int, attention: str = "vector"):
+        super().__init__(num_modalities, dim, attention)
+        self.gamma = nn.Parameter(torch.ones(()))
+
+    def attention(self, h: Tensor, mask: Tensor) -> Tensor:
+        reference, ref_mask, _ = self.reference(F.normalize(h, dim=-1), mask)
+        distance = 1 - torch.einsum("rmd,smd->mrs", reference, reference)  # (M, R, R)
+        pairs = (ref_mask.t().unsqueeze(2) & ref_mask.t().unsqueeze(1)).to(h.dtype)  # (M, R, R)
+        pairs = pairs * (1 - torch.eye(pairs.shape[1], dtype=h.dtype, device=h.device))
+        spread = (distance * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp_min(1)  # (M,)
+        scores = self.score(h) + self.gamma * spread.clamp_min(1e-6).log().view(1, -1, 1)
         return masked_softmax(scores, mask.unsqueeze(-1), dim=1)
 
 
@@ -277,7 +319,9 @@ __all__ = [
     "MeanFusion",
     "LateFusion",
     "TransformerFusion",
+    "EpisodeAttention",
     "AgreementAttention",
+    "TaskAwareAttention",
     "LinearHead",
     "LateHead",
     "masked_softmax",
