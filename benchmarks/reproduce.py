@@ -179,7 +179,8 @@ def cell(row: Row, rows: list[Row], column: dict) -> str:
             f"{m} {'n/a' if v['correlation'] is None else format(v['correlation'], '+.2f')}"
             for m, v in per_task["modalities"].items()
         ]
-        return ", ".join(cells) + f"; best {100 * per_task['best_weighted']:.0f} %"
+        best = per_task["best_weighted"]
+        return ", ".join(cells) + ("" if best is None else f"; best {100 * best:.0f} %")
     if metric == "iterations":
         return f"{train.get('iterations', r.get('iterations', 0)):,}" if train or r else "—"
     if metric == "train_time":

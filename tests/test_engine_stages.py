@@ -143,3 +143,7 @@ def test_task_weights_correlate_each_modalitys_weight_with_its_accuracy_alone():
     for acc in (0.9, 0.3):
         backwards.add(torch.tensor([[0.2, 0.8]]), torch.tensor([acc, 0.5]))
     assert backwards.summary()["best_weighted"] == 0.5 and backwards.summary()["modalities"]["a"]["correlation"] is None
+    uniform = TaskWeights(("a", "b"))
+    for acc in (0.9, 0.3):
+        uniform.add(torch.tensor([[0.5, 0.5]]), torch.tensor([acc, 0.5]))
+    assert uniform.summary()["best_weighted"] is None  # no modality weighs most: nothing to count

@@ -120,8 +120,8 @@ class TaskWeights:
 
     def summary(self) -> dict[str, Any]:
         """Per modality: the Pearson correlation over tasks of its weight with its accuracy alone, and the
-        means of both; ``best_weighted``: the share of tasks whose most weighted modality is (one of) the most
-        accurate alone."""
+        means of both; ``best_weighted``: over the tasks where one modality weighs most, the share in which it
+        is (one of) the most accurate alone (None where weights never single one out, as mean fusion's)."""
         if len(self.weights) < 2:
             return {}
         w, a = torch.stack(self.weights), torch.stack(self.accuracies)  # (T, M)
@@ -138,7 +138,9 @@ class TaskWeights:
             }
         best = a.nan_to_num(-1.0)
         top = best.gather(1, w.argmax(1, keepdim=True)).squeeze(1) >= best.max(1).values
-        out["best_weighted"] = top.to(w.dtype).mean().item()
+        first, second = w.topk(2, dim=1).values.unbind(1)
+        decided = first > second + 1e-6
+        out["best_weighted"] = top[decided].to(w.dtype).mean().item() if decided.any() else None
         return out
 
 

@@ -81,8 +81,12 @@ def results_summary(r: dict[str, Any]) -> str:
         lines.append(
             f"weights per task against each modality's accuracy alone ({per_task['tasks']} tasks): correlation "
             + ", ".join(cells)
-            + f"; the most weighted modality is the most accurate alone in {100 * per_task['best_weighted']:.0f} %"
-            + " of tasks"
+            + (
+                f"; the most weighted modality is the most accurate alone in {100 * per_task['best_weighted']:.0f} %"
+                " of tasks"
+                if per_task["best_weighted"] is not None
+                else ""
+            )
         )
     return "\n".join(lines)
 
