@@ -381,9 +381,12 @@ def stage_compare(
             configs.append(resolve(c))
             folders.append(f"centroid-{m}")
     with new_run_folder(out, overwrite):
-        rows = []
+        rows, fused_data = [], None
         for i, (c, folder) in enumerate(zip(configs, folders)):
-            exp, _, run_dir = stage_meta_train(c, out / folder, quiet=quiet, experiment=first if i == 0 else None)
+            # the centroid on one modality reads the data the fused centroid row loaded: built once, not per row
+            given = first if i == 0 else build_experiment(c, fused_data) if folder != c.algo.name else None
+            exp, _, run_dir = stage_meta_train(c, out / folder, quiet=quiet, experiment=given)
+            fused_data = exp.dataset if folder == "centroid" else fused_data
             rows.append(stage_meta_test(run_dir, quiet=quiet, experiment=exp))
         if len({r["fingerprint"] for r in rows}) != 1:  # internal invariant: the comparison would be unfair
             raise AssertionError("algorithms were tested on different episodes")
