@@ -52,6 +52,8 @@ class DataConfig:
     # probability that a present modality of a sample holds that modality of a random sample of another class
     # (same split), in every split alike: unreliable modalities
     corrupt_rate: float = 0.0
+    # mask the corrupted entries as missing instead: the ceiling of any fusion weighting (an oracle that knows them)
+    corrupt_hidden: bool = False
     standardize: bool = True  # per-modality standardisation, statistics from meta-train only
     val_episodes: int = 100
     test_episodes: int = 600
@@ -367,6 +369,8 @@ def check_values(cfg: RunConfig) -> None:
     for key, value in rates.items():
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if d.corrupt_hidden and not d.corrupt_rate:
+        raise ConfigError("data.corrupt_hidden hides corrupted modalities, but data.corrupt_rate is 0: set both")
     at_least("model.width", cfg.model.width)
     at_least("model.hidden", cfg.model.hidden)
     at_least("train.iterations", t.iterations, minimum=0)

@@ -132,6 +132,16 @@ def test_a_corrupted_modality_holds_another_class_of_the_same_split(small_synthe
     assert small_synthetic.with_corruption(0.0) is small_synthetic
 
 
+def test_hidden_corruption_masks_the_same_entries_unless_nothing_clean_is_left(small_synthetic):
+    shown, hidden = (small_synthetic.with_corruption(0.5, seed=1, hide=hide) for hide in (False, True))
+    corrupted = shown.metadata["corrupted"]
+    assert hidden.metadata["corrupted"].equal(corrupted)
+    all_wrong = (corrupted == small_synthetic.present).all(1)  # every present modality corrupted
+    assert all_wrong.any() and hidden.present[all_wrong].equal(small_synthetic.present[all_wrong])
+    assert hidden.present[~all_wrong].equal((small_synthetic.present & ~corrupted)[~all_wrong])
+    assert hidden.present.any(1).all(), "a sample keeps at least one modality"
+
+
 def test_missing_and_corrupted_modalities_from_the_config():
     from metafusion.config import load_config
     from metafusion.engine.build import load_dataset
@@ -144,6 +154,8 @@ def test_missing_and_corrupted_modalities_from_the_config():
     assert ds.metadata["corrupted"].any() and not ds.metadata["corrupted"][~ds.present].any()
     with pytest.raises(ValueError, match=r"data.train_missing.image must be in \[0, 1\)"):
         load_config(None, {**tiny, "data.train_missing": {"image": 1.0}})
+    with pytest.raises(ValueError, match="data.corrupt_rate is 0"):
+        load_config(None, {**tiny, "data.corrupt_hidden": True})
 
 
 def test_modality_dropout_keeps_one_modality(small_synthetic):

@@ -1,6 +1,8 @@
 """Stages: a user's own data goes through the pipeline the model was meta-trained on, and a checkpoint
 carries what evaluation needs."""
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,14 @@ def test_meta_test_reports_the_weights_of_corrupted_and_clean_modalities(tmp_pat
     per_task = stage_meta_test(run, quiet=True)["task_weights"]
     assert per_task["tasks"] == 8 and list(per_task["modalities"]) == ["tabular", "text", "audio"]
     assert all(0 <= v["accuracy_alone"] <= 1 and 0 < v["weight"] < 1 for v in per_task["modalities"].values())
+    with (run / "task_weights.csv").open() as f:  # the numbers behind the summary, one row per task
+        tasks = list(csv.DictReader(f))
+    assert len(tasks) == 8 and list(tasks[0]) == ["task"] + [
+        f"{k}_{m}" for k in ("weight", "accuracy_alone") for m in ("tabular", "text", "audio")
+    ]
+    for m, v in per_task["modalities"].items():
+        assert sum(float(t[f"weight_{m}"]) for t in tasks) / 8 == pytest.approx(v["weight"], abs=1e-6)
+    assert (run / "task_weights.png").stat().st_size > 0
     clean = stage_meta_test(
         stage_meta_train(
             load_config(None, {**tiny, "data.corrupt_rate": 0.0, "algo.name": "protonet"}),

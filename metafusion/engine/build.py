@@ -42,7 +42,7 @@ def load_dataset(cfg: RunConfig) -> MultimodalDataset:
     for split, missing in (("train", d.train_missing), ("test", d.test_missing)):
         for modality, rate in missing.items():
             dataset = dataset.without_modality(modality, rate, dataset.splits.get(split, []), seed=d.data_seed + 2)
-    dataset = dataset.with_corruption(d.corrupt_rate, seed=d.data_seed + 3)
+    dataset = dataset.with_corruption(d.corrupt_rate, seed=d.data_seed + 3, hide=d.corrupt_hidden)
     dataset.metadata = {**dataset.metadata, "inputs": inputs}
     if d.standardize:
         standardizer = Standardizer.fit(dataset, "train", skip=dataset.metadata.get("unstandardized", ()))

@@ -42,9 +42,12 @@ class EvalResult:
     task_weights: dict[str, Any] = field(default_factory=dict)
     episodes_diverged: int = 0  # episodes with non-finite logits (their non-finite queries count as wrong)
     accuracies: list[float] = field(default_factory=list, repr=False)
+    # TaskWeights.rows(): one row per task, for task_weights.csv and its plot (too long for results.json).
+    per_task: list[dict[str, float]] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_accuracies: bool = False) -> dict:
         d = asdict(self)
+        d.pop("per_task")
         if not with_accuracies:
             d.pop("accuracies")
         return d
@@ -143,6 +146,14 @@ class TaskWeights:
         out["best_weighted"] = top[decided].to(w.dtype).mean().item() if decided.any() else None
         return out
 
+    def rows(self) -> list[dict[str, float]]:
+        """One row per task: each modality's mean weight and accuracy alone (NaN where no query carries it)."""
+        rows = []
+        for w, a in zip(self.weights, self.accuracies):
+            row = {f"weight_{m}": w[i].item() for i, m in enumerate(self.modalities)}
+            rows.append(row | {f"accuracy_alone_{m}": a[i].item() for i, m in enumerate(self.modalities)})
+        return rows
+
 
 def meta_test(
     algorithm: MetaAlgorithm,
@@ -202,4 +213,5 @@ def meta_test(
         per_task.summary(),
         diverged,
         accs,
+        per_task.rows() if len(per_task.weights) > 1 else [],
     )

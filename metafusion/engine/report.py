@@ -132,9 +132,21 @@ def prediction_summary(pred, out: Path) -> str:
     return "\n".join(lines)
 
 
-def plot_run(run_dir: Path, results: dict[str, Any]) -> list[Path]:
-    """learning_curve.png (meta-train loss, meta-val accuracy), attention.png (modality weights) and, with
-    corrupted modalities, corrupted_weights.png (histograms of the weights of corrupted and clean ones)."""
+def write_task_weights(run_dir: Path, rows: list[dict[str, float]]) -> Path:
+    """task_weights.csv: per test task, each modality's mean weight and its accuracy alone on the task."""
+    path = Path(run_dir) / "task_weights.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["task", *rows[0]])
+        writer.writeheader()
+        writer.writerows({"task": t, **row} for t, row in enumerate(rows))
+    return path
+
+
+def plot_run(run_dir: Path, results: dict[str, Any], per_task: list[dict[str, float]] = ()) -> list[Path]:
+    """learning_curve.png (meta-train loss, meta-val accuracy), attention.png (modality weights); with
+    corrupted modalities, corrupted_weights.png (histograms of the weights of corrupted and clean ones); with
+    ``per_task`` (``TaskWeights.rows``), task_weights.png (per modality, each task's weight against the
+    modality's accuracy alone on it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,6 +193,22 @@ def plot_run(run_dir: Path, results: dict[str, Any]) -> list[Path]:
         fig.savefig(run_dir / "corrupted_weights.png", dpi=110)
         plt.close(fig)
         written.append(run_dir / "corrupted_weights.png")
+    if per_task:  # does a task's weight on a modality follow what that modality is worth on the task?
+        summary = (results.get("task_weights") or {}).get("modalities", {})
+        modalities = [k.removeprefix("weight_") for k in per_task[0] if k.startswith("weight_")]
+        fig, axes = plt.subplots(1, len(modalities), figsize=(3 * len(modalities), 3), sharey=True, squeeze=False)
+        for ax, m in zip(axes[0], modalities):
+            ax.scatter(
+                [r[f"weight_{m}"] for r in per_task], [r[f"accuracy_alone_{m}"] for r in per_task], s=6, alpha=0.4
+            )
+            r = (summary.get(m) or {}).get("correlation")
+            ax.set_title(m if r is None else f"{m} (r = {r:+.2f})", fontsize=9)
+            ax.set_xlabel("mean weight in the task")
+        axes[0][0].set_ylabel("accuracy alone in the task")
+        fig.tight_layout()
+        fig.savefig(run_dir / "task_weights.png", dpi=110)
+        plt.close(fig)
+        written.append(run_dir / "task_weights.png")
     return written
 
 

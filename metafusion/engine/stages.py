@@ -1,7 +1,8 @@
 """The three stages (meta-train, meta-test, fine-tune) and `compare`, each writing into a run folder.
 
 A run folder holds: config.yaml (resolved), metrics.jsonl, tensorboard/, last.pt, best.pt,
-results.json, results.md, learning_curve.png, attention.png (and finetune/ after fine-tuning).
+results.json, results.md, learning_curve.png, attention.png (with a weighing fusion also task_weights.csv/.png,
+and corrupted_weights.png on corrupted data; finetune/ after fine-tuning).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .checkpoint import git_commit, hardware, library_versions, load_checkpoint
 from .evaluate import meta_test
 from .memory import peak_memory_mb
 from .predictor import PREDICT_PROTOCOL, Predictions, Predictor
-from .report import plot_run, write_compare, write_results
+from .report import plot_run, write_compare, write_results, write_task_weights
 from .resolve import resolve
 from .run_folder import RunFolderError, check_out, is_run_folder, locked, new_run_folder
 from .train import meta_train, stop_requests
@@ -183,7 +184,9 @@ def stage_meta_test(
         summary = _summary(exp, result, train, run_dir)
         summary["checkpoint"] = str(ckpt_path)
         write_results(run_dir, summary, RESULTS_STEM[exp.algorithm.evaluation_protocol])
-        plot_run(run_dir, summary)
+        if result.per_task:
+            write_task_weights(run_dir, result.per_task)
+        plot_run(run_dir, summary, result.per_task)
     return summary
 
 
