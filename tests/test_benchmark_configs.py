@@ -222,3 +222,31 @@ def test_evaluation_and_predict_benchmarks_documented_commands_run_at_toy_size(t
     assert len(rows) == 2 and all(r["off"]["accuracy"] == pytest.approx(r["on"]["accuracy"]) for r in rows)
     printed = _run_script("predict", "--samples", "20", "--config", "", monkeypatch=monkeypatch, capsys=capsys)
     assert all(f"{protocol}:" in printed for protocol in ("support", "transductive", "alone"))
+
+
+def test_agreement_scale_benchmark_meta_tests_one_run_at_each_beta(tmp_path, monkeypatch, capsys):
+    """The run's learned beta first, then each one asked for, each with the weights of corrupted and clean
+    modalities; a run of another fusion is refused in one line."""
+    from metafusion.config import load_config
+    from metafusion.engine.stages import stage_meta_train
+
+    tiny = {"data.num_classes": 30, "data.samples_per_class": 10, "data.queries": 3, "data.val_episodes": 2}
+    tiny |= {"model.width": 8, "model.hidden": 8, "train.iterations": 2, "data.corrupt_rate": 0.3}
+    run = stage_meta_train(load_config(None, {**tiny, "model.fusion": "agreement"}), tmp_path / "a", quiet=True)[2]
+    printed = _run_script(
+        "agreement_scale",
+        "--run",
+        str(run),
+        "--betas",
+        "0,4",
+        "--episodes",
+        "4",
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
+    lines = printed.strip().splitlines()
+    assert len(lines) == 4 and "(learned)" in lines[1] and lines[2].startswith("beta 0.000")
+    assert all("weight corrupted" in line for line in lines[1:])
+    other = stage_meta_train(load_config(None, {**tiny, "model.fusion": "mean"}), tmp_path / "m", quiet=True)[2]
+    with pytest.raises(SystemExit, match="needs 'agreement'"):
+        _run_script("agreement_scale", "--run", str(other), monkeypatch=monkeypatch, capsys=capsys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ def write_task_weights(run_dir: Path, rows: list[dict[str, float]]) -> Path:
     return path
 
 
-def plot_run(run_dir: Path, results: dict[str, Any], per_task: list[dict[str, float]] = ()) -> list[Path]:
+def plot_run(run_dir: Path, results: dict[str, Any], per_task: Sequence[dict[str, float]] = ()) -> list[Path]:
     """learning_curve.png (meta-train loss, meta-val accuracy), attention.png (modality weights); with
     corrupted modalities, corrupted_weights.png (histograms of the weights of corrupted and clean ones); with
     ``per_task`` (``TaskWeights.rows``), task_weights.png (per modality, each task's weight against the
