@@ -22,7 +22,7 @@ import torch
 from metafusion.config import from_dict
 from metafusion.engine import build_experiment, meta_test
 from metafusion.engine.build import load_trained
-from metafusion.engine.checkpoint import hardware, load_checkpoint
+from metafusion.engine.checkpoint import hardware, load_checkpoint, run_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,21 +32,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--episodes", type=int, default=200, help="fixed test episodes (the run's first ones)")
     args = p.parse_args(argv)
     run = Path(args.run)
-    state = load_checkpoint(run / "best.pt" if (run / "best.pt").exists() else run / "last.pt")
+    state = load_checkpoint(run_checkpoint(run))
     exp = build_experiment(from_dict(state["config"]))
     if exp.cfg.model.fusion != "agreement":
         raise SystemExit(f"{run} was trained with fusion {exp.cfg.model.fusion!r}; this benchmark needs 'agreement'")
     load_trained(exp.algorithm, state)
-    dataset, model = exp.dataset, exp.algorithm.model
-    corrupted = dataset.metadata.get("corrupted")
-    if corrupted is not None:
-        corrupted = corrupted[:, [dataset.modalities.index(m) for m in model.modalities]]
+    model = exp.algorithm.model
     learned = model.fusion.beta.item()
     print(f"{run.name}: {exp.cfg.algo.name}, {args.episodes} test episodes, {hardware(exp.cfg.train.device)}")
     for beta in [learned, *map(float, args.betas.split(","))]:
         with torch.no_grad():
             model.fusion.beta.fill_(beta)
-        r = meta_test(exp.algorithm, exp.test_episodes(args.episodes), corrupted=corrupted)
+        r = meta_test(exp.algorithm, exp.test_episodes(args.episodes), corrupted=exp.corrupted)
         split = r.corrupted_weights
         weights = f"  weight corrupted {split['corrupted']:.3f} / clean {split['clean']:.3f}" if split else ""
         label = f"beta {beta:.3f}" + (" (learned)" if beta == learned else "")

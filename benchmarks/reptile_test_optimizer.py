@@ -20,7 +20,7 @@ from pathlib import Path
 from metafusion.config import from_dict
 from metafusion.engine import meta_test
 from metafusion.engine.build import build_experiment, load_trained
-from metafusion.engine.checkpoint import hardware, load_checkpoint
+from metafusion.engine.checkpoint import hardware, load_checkpoint, run_checkpoint
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
 
     run = Path(args.run)
-    state = load_checkpoint(run / "best.pt" if (run / "best.pt").exists() else run / "last.pt")
+    state = load_checkpoint(run_checkpoint(run))
     cfg = from_dict(state["config"])
     cfg.data.shots = args.shots or cfg.data.shots
     exp = build_experiment(cfg)

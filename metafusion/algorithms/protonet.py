@@ -22,9 +22,9 @@ from .batched import State, functional, model_parameters
 
 
 def prototypes(z: Tensor, labels: Tensor, ways: int) -> Tensor:
-    """Class means ``[ways, D]`` of embeddings ``z [N, D]``."""
+    """Class means ``[ways, D]`` of embeddings ``z [N, D]`` (zeros for a class with no embedding)."""
     onehot = F.one_hot(labels, ways).to(z.dtype)  # (N, ways)
-    return onehot.T @ z / onehot.sum(0).unsqueeze(1)
+    return onehot.T @ z / onehot.sum(0).clamp_min(1).unsqueeze(1)
 
 
 def proto_logits(z: Tensor, protos: Tensor, scale: Tensor | None = None) -> Tensor:

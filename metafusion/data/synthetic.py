@@ -104,8 +104,9 @@ def _text(keywords: Tensor, noise: float, nuisance: float, g: torch.Generator) -
     p_keyword = min(0.9, max(0.1, 0.55 - 0.2 * (noise - 1.0) - 0.25 * nuisance))
     use_kw = torch.rand(n, TEXT_LENGTH, generator=g) < p_keyword
     kw = torch.gather(keywords, 1, torch.randint(0, keywords.shape[1], (n, TEXT_LENGTH), generator=g))
-    kw = kw + VOCAB_SIZE * torch.randint(0, synonyms(nuisance), kw.shape, generator=g)
-    background = torch.randint(1, VOCAB_SIZE * synonyms(nuisance) + 1, (n, TEXT_LENGTH), generator=g)
+    surface = synonyms(nuisance)
+    kw = kw + VOCAB_SIZE * torch.randint(0, surface, kw.shape, generator=g)
+    background = torch.randint(1, VOCAB_SIZE * surface + 1, (n, TEXT_LENGTH), generator=g)
     return torch.where(use_kw, kw, background)
 
 

@@ -7,6 +7,7 @@ from functools import cached_property
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..algorithms import ALGORITHMS, MetaAlgorithm
 from ..config import RunConfig, from_dict
@@ -105,6 +106,14 @@ class Experiment:
         """The fixed validation episodes, drawn when first needed (meta-test and fine-tune never need them)."""
         d = self.cfg.data
         return fixed_episodes(self.dataset, "val", d.ways, d.shots, d.queries, d.val_episodes, seed=d.episode_seed + 1)
+
+    @property
+    def corrupted(self) -> Tensor | None:
+        """``data.corrupt_rate``'s corrupted entries, ``[N, M]`` in the model's modality order (None: none)."""
+        corrupted = self.dataset.metadata.get("corrupted")
+        if corrupted is None:
+            return None
+        return corrupted[:, [self.dataset.modalities.index(m) for m in self.model.modalities]]
 
     def test_episodes(self, count: int | None = None, split: str = "test") -> FixedEpisodes:
         """The fixed evaluation episodes: a function of the data config and episode_seed only."""

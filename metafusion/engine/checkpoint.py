@@ -88,6 +88,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, key.astype(np.uint32), pos, has_gauss, cached_gauss))
 
 
+def run_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """A run folder's checkpoint to evaluate: ``best.pt`` (by meta-val accuracy) where it exists, else ``last.pt``."""
+    run_dir = Path(run_dir)
+    return run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically: a temp file in the same folder, then rename, so an
     interrupted run never leaves a truncated checkpoint behind."""

@@ -10,12 +10,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from ..algorithms import MetaAlgorithm
-from ..algorithms.protonet import proto_logits
+from ..algorithms.protonet import proto_logits, prototypes
 from ..data import Episode
 from ..data.episodes import fingerprint_of
 
@@ -98,11 +97,9 @@ def accuracy_alone(model, episode: Episode) -> Tensor:
     (before any adaptation): how much this task can be solved with that modality alone. NaN where no query
     carries the modality."""
     (hs, ms), (hq, mq) = model.encode(episode.support), model.encode(episode.query)
-    onehot = F.one_hot(episode.support.labels, episode.ways).to(hs.dtype)  # (S, ways)
     out = []
-    for i in range(hs.shape[1]):
-        members = onehot * ms[:, i : i + 1].to(hs.dtype)  # support samples of each class that carry modality i
-        protos = members.T @ hs[:, i] / members.sum(0).clamp_min(1).unsqueeze(1)  # (ways, d)
+    for i in range(hs.shape[1]):  # class means over the support samples that carry modality i
+        protos = prototypes(hs[ms[:, i], i], episode.support.labels[ms[:, i]], episode.ways)  # (ways, d)
         hit = (proto_logits(hq[:, i], protos, hq.new_ones(())).argmax(1) == episode.query.labels)[mq[:, i]]
         out.append(hit.to(hs.dtype).mean() if len(hit) else hs.new_tensor(float("nan")))
     return torch.stack(out).cpu()

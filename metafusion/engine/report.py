@@ -196,14 +196,14 @@ def plot_run(run_dir: Path, results: dict[str, Any], per_task: Sequence[dict[str
         written.append(run_dir / "corrupted_weights.png")
     if per_task:  # does a task's weight on a modality follow what that modality is worth on the task?
         summary = (results.get("task_weights") or {}).get("modalities", {})
-        modalities = [k.removeprefix("weight_") for k in per_task[0] if k.startswith("weight_")]
+        modalities = results["modalities"]
         fig, axes = plt.subplots(1, len(modalities), figsize=(3 * len(modalities), 3), sharey=True, squeeze=False)
         for ax, m in zip(axes[0], modalities):
             ax.scatter(
                 [r[f"weight_{m}"] for r in per_task], [r[f"accuracy_alone_{m}"] for r in per_task], s=6, alpha=0.4
             )
-            r = (summary.get(m) or {}).get("correlation")
-            ax.set_title(m if r is None else f"{m} (r = {r:+.2f})", fontsize=9)
+            correlation = (summary.get(m) or {}).get("correlation")
+            ax.set_title(m if correlation is None else f"{m} (r = {correlation:+.2f})", fontsize=9)
             ax.set_xlabel("mean weight in the task")
         axes[0][0].set_ylabel("accuracy alone in the task")
         fig.tight_layout()

@@ -24,7 +24,7 @@ from ..data import Episode, EpisodeSampler
 from ..errors import InputError, warn
 from . import distributed
 from .build import Experiment, TrainedModel, build_experiment, load_trained
-from .checkpoint import git_commit, hardware, library_versions, load_checkpoint
+from .checkpoint import git_commit, hardware, library_versions, load_checkpoint, run_checkpoint
 from .evaluate import meta_test
 from .memory import peak_memory_mb
 from .predictor import PREDICT_PROTOCOL, Predictions, Predictor
@@ -159,11 +159,7 @@ def stage_meta_test(
     (``MetaAlgorithm.predict_with_weights``); each protocol's results have their own files
     (``RESULTS_STEM``: ``results.json`` for the transductive one)."""
     run_dir = Path(run_dir)
-    ckpt_path = (
-        Path(checkpoint)
-        if checkpoint
-        else (run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt")
-    )
+    ckpt_path = Path(checkpoint) if checkpoint else run_checkpoint(run_dir)
     state = load_checkpoint(ckpt_path)
     exp = experiment or build_experiment(from_dict(state["config"]))
     load_trained(exp.algorithm, state)
@@ -175,10 +171,7 @@ def stage_meta_test(
         )
     with locked(run_dir):
         tests = exp.test_episodes(episodes)
-        corrupted = exp.dataset.metadata.get("corrupted")
-        if corrupted is not None:  # in the model's modality order
-            corrupted = corrupted[:, [exp.dataset.modalities.index(m) for m in exp.model.modalities]]
-        result = meta_test(exp.algorithm, tests, quiet=quiet, device=exp.cfg.train.device, corrupted=corrupted)
+        result = meta_test(exp.algorithm, tests, quiet=quiet, device=exp.cfg.train.device, corrupted=exp.corrupted)
         train_path = run_dir / "train.json"
         train = json.loads(train_path.read_text()) if train_path.exists() else None
         summary = _summary(exp, result, train, run_dir)
@@ -216,7 +209,7 @@ def stage_fine_tune(
     if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
         raise RunFolderError(f"--out {out} would hold the run folder {run_dir}; choose a folder of its own")
     check_out(out, overwrite)  # before the work: an earlier adapted model is kept unless --overwrite
-    state = load_checkpoint(run_dir / ("best.pt" if (run_dir / "best.pt").exists() else "last.pt"))
+    state = load_checkpoint(run_checkpoint(run_dir))
     query_ids = None
     if task == "heldout" or "model_args" not in state:  # checkpoints from before model_args rebuild from the data
         exp = build_experiment(from_dict(state["config"]))
@@ -384,12 +377,16 @@ def stage_compare(
             configs.append(resolve(c))
             folders.append(f"centroid-{m}")
     with new_run_folder(out, overwrite):
-        rows, fused_data = [], None
+        rows, centroid_data = [], None
         for i, (c, folder) in enumerate(zip(configs, folders)):
-            # the centroid on one modality reads the data the fused centroid row loaded: built once, not per row
-            given = first if i == 0 else build_experiment(c, fused_data) if folder != c.algo.name else None
+            given = None
+            if i == 0:
+                given = first
+            elif folder != c.algo.name:  # the centroid on one modality: the data the fused centroid row loaded
+                given = build_experiment(c, centroid_data)
             exp, _, run_dir = stage_meta_train(c, out / folder, quiet=quiet, experiment=given)
-            fused_data = exp.dataset if folder == "centroid" else fused_data
+            if folder == "centroid":
+                centroid_data = exp.dataset
             rows.append(stage_meta_test(run_dir, quiet=quiet, experiment=exp))
         if len({r["fingerprint"] for r in rows}) != 1:  # internal invariant: the comparison would be unfair
             raise AssertionError("algorithms were tested on different episodes")
