@@ -114,6 +114,32 @@ def test_reptile_one_step_matches_closed_form():
     assert torch.allclose(_flat(model.parameters()), expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["reptile", "protonet", "maml"])
+def test_a_fusions_own_loss_adds_its_gradient_to_the_meta_gradient(name):
+    """Matched attention's contrastive loss on the meta-batch's pooled samples adds to whatever meta-gradient
+    the algorithm left (Reptile's difference as much as a loss's gradient); the seed's attention adds nothing."""
+    from metafusion.data import Batch
+
+    torch.manual_seed(0)
+    episodes = [tiny_episode(seed=1), tiny_episode(seed=2)]
+    grads = {}
+    for with_auxiliary in (False, True):
+        torch.manual_seed(1)
+        model = tiny_tabular_model(fusion="matched")
+        algo = ALGORITHMS.get(name)(model, **COMMON) if name != "reptile" else _sgd_reptile(model, episodes, 0.1, 1)
+        algo.meta_backward(episodes)
+        if with_auxiliary:
+            assert set(algo.auxiliary_backward(episodes)) == {"auxiliary_loss"}
+        grads[with_auxiliary] = _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
+    model.zero_grad()
+    pooled = Batch.cat([b for e in episodes for b in (e.support, e.query)])
+    model.auxiliary_loss(pooled).backward()
+    expected = grads[False] + _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
+    assert torch.allclose(grads[True], expected, atol=1e-10) and not torch.equal(grads[True], grads[False])
+    seed = ProtoNet(tiny_tabular_model(), **COMMON)
+    assert seed.auxiliary_backward(episodes) == {}
+
+
 def test_reptile_k_steps_match_a_hand_rolled_loop():
     torch.manual_seed(0)
     model = tiny_tabular_model()

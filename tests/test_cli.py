@@ -65,7 +65,7 @@ def test_bad_usage_exits_non_zero_with_usage(argv, capsys):
         (["--algo", "mamal"], "choose one of: anil, centroid, finetune, fomaml, maml, metasgd, protonet, reptile"),
         (["--modalities", "image,smell"], "no modality 'smell'"),
         (["--dataset", "omniglot", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),
-        (["--fusion", "sum"], "attention, concat, late, mean, task, transformer"),
+        (["--fusion", "sum"], "attention, concat, late, matched, mean, task, transformer"),
         (["--set", "data.train_ways=10"], "only protonet (no classifier head) can train on more ways"),
         (["--set", "algo.metric=cosine"], "unknown config key 'algo.metric' for algorithm maml (algo.metric is an opt"),
         (

@@ -39,7 +39,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     "key,value,match",
     [
         ("algo.name", "mamal", "choose one of: anil, centroid, finetune, fomaml, maml"),
-        ("model.fusion", "sum", "attention, concat, late, mean, task, transformer"),
+        ("model.fusion", "sum", "attention, concat, late, matched, mean, task, transformer"),
         ("data.ways", "five", "expected an integer"),
         ("data.ways", 0, "data.ways must be >= 2"),
         ("data.shots", 0, "data.shots must be >= 1"),

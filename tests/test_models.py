@@ -1,5 +1,7 @@
 """Encoders, fusions and FusionModel: shapes, the attention formula, masking, higher-order gradients."""
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_tabular_model
@@ -75,6 +77,7 @@ MASK = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 1, 0], [1, 1, 0]], dty
         ("mean", "vector"),
         ("late", "vector"),
         ("transformer", "vector"),
+        ("matched", "vector"),
     ],
 )
 def test_weights_sum_to_one_over_present_modalities(fusion, mode):
@@ -336,3 +339,31 @@ def test_task_aware_attention_is_the_seed_at_gamma_zero_and_weighs_down_a_modali
     assert torch.allclose(weights, (spread / spread.sum()).expand(5, 2), atol=1e-5)
     assert (weights[:, 1] < 0.1 * weights[:, 0]).all()
     _weights_against_the_support_set_do_not_depend_on_the_batch("task")
+
+
+def test_matched_attention_is_the_seed_at_beta_zero_and_its_trained_matcher_weighs_down_a_swapped_modality():
+    from metafusion.models.fusion import MatchedAttention
+
+    torch.manual_seed(0)
+    fusion = MatchedAttention(3, 8)
+    _episode_attention_at_zero_is_the_seed(fusion, "beta", 3)
+    # three views of one latent through fixed linear maps; the matcher alone learns from the contrastive loss
+    maps = torch.randn(3, 8, 8)
+    views = lambda latent: torch.einsum("bk,mkd->bmd", latent, maps)  # noqa: E731
+    mask = torch.ones(64, 3, dtype=torch.bool)
+    optimizer = torch.optim.Adam(fusion.matchers.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        fusion.auxiliary_loss(views(torch.randn(64, 8)), mask).backward()
+        optimizer.step()
+    h = views(torch.randn(6, 8)).requires_grad_()
+    assert fusion.auxiliary_loss(h, mask[:6]) < 0.5 * math.log(6)  # each entry picks out its own sample
+    fusion.auxiliary_loss(h, mask[:6]).backward()
+    assert h.grad is None  # the matcher reads detached features: its loss leaves the classifier's alone
+    swapped = h.detach().clone()
+    swapped[5, 0] = views(torch.randn(1, 8))[0, 0]  # sample 5's first modality is another sample's
+    with torch.no_grad():
+        fusion.beta.fill_(5.0)
+        _, weights = fusion(swapped, mask[:6])
+    assert weights[5, 0] < 0.5 * weights[5, 1] and weights[5, 0] < 0.5 * weights[5, 2]
+    assert (weights[:5].max(1).values / weights[:5].min(1).values < 1.5).all()  # matched samples: near uniform

@@ -129,6 +129,17 @@ class MetaAlgorithm:
     def meta_backward(self, tasks: list[Episode]) -> dict[str, float]:
         raise NotImplementedError
 
+    def auxiliary_backward(self, tasks: list[Episode]) -> dict[str, float]:
+        """Add the gradient of the fusion's own loss (``Fusion.auxiliary_loss``) on the samples of the meta-
+        batch, pooled, to the meta-gradient ``meta_backward`` left in ``.grad``; every algorithm's meta-update
+        (a gradient, or Reptile's difference written as one) then carries it. Its metric: ``auxiliary_loss``."""
+        batch = Batch.cat([b for task in tasks for b in (task.support, task.query)])
+        loss = self.model.auxiliary_loss(batch)
+        if loss is None:
+            return {}
+        loss.backward()
+        return {"auxiliary_loss": loss.item()}
+
     def set_progress(self, fraction: float) -> None:
         """How far the run is (0 to 1) before each meta-batch, for algorithms with a schedule of their own."""
 

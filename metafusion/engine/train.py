@@ -276,7 +276,7 @@ def _meta_step(exp: Experiment, state: TrainState, session: _Session, clock: Cal
     mine = [t.to(cfg.device) for t in session.rank.shard(tasks)]
     opt.zero_grad(set_to_none=True)
     algo.set_progress(session.progress(state.step))
-    metrics = algo.meta_backward(mine)
+    metrics = algo.meta_backward(mine) | algo.auxiliary_backward(mine)
     now = clock()
     out_of_time = session.rank.main and cfg.budget_minutes is not None and now >= 60 * cfg.budget_minutes
     metrics, out_of_time, now = distributed.all_reduce_meta_batch(

@@ -70,6 +70,10 @@ class Fusion(nn.Module):
     def make_head(self, ways: int) -> nn.Module:
         return LinearHead(self.out_dim, ways)
 
+    def auxiliary_loss(self, h: Tensor, mask: Tensor) -> Tensor | None:
+        """A loss of the fusion's own, added to the meta-loss during meta-training (None: none)."""
+        return None
+
 
 @dataclass
 class AttentionOptions:
@@ -307,6 +311,77 @@ class TaskAwareAttention(EpisodeAttention):
         return masked_softmax(scores, mask.unsqueeze(-1), dim=1)
 
 
+@dataclass
+class MatchedOptions:
+    attention: Literal["vector", "scalar"] = "vector"
+    matching_weight: float = 1.0  # of the contrastive matching loss, added to the meta-loss
+    matching_temperature: float = 0.1  # of the contrastive loss's cosine similarities
+
+
+@FUSIONS.register("matched")
+class MatchedAttention(AttentionFusion):
+    """Matched attention: the seed's scores plus how well each modality of a sample matches the sample's other
+    modalities, as judged by a cross-modal matcher trained for exactly that,
+
+        u_bi = normalize(P_i h_bi),   c_bi = mean_{j != i present} u_bi . u_bj,
+        a_i = softmax_i(W_a h_i + b_a + beta * c_bi),   z = sum_i a_i * h_i,
+
+    where ``P_i`` (one two-layer MLP per modality into a shared space) is trained by a contrastive loss added
+    to the meta-loss (``auxiliary_loss``): for each pair of modalities, a sample's entry of one must pick out
+    the same sample's entry of the other among all the meta-batch's samples (symmetric InfoNCE as in CLIP,
+    Radford et al. 2021). A modality replaced by another product's (a wrong photo) matches neither of the
+    others and loses weight, whatever the task loss would have taught. The matcher reads the features
+    detached, so that its loss does not reshape what the classifier reads; ``beta`` is meta-learned
+    (0 gives the seed). Unlike ``agreement`` it needs no reference samples: a sample's weights are its own.
+    """
+
+    Options = MatchedOptions
+
+    def __init__(
+        self,
+        num_modalities: int,
+        dim: int,
+        attention: str = "vector",
+        matching_weight: float = 1.0,
+        matching_temperature: float = 0.1,
+    ):
+        super().__init__(num_modalities, dim, attention)
+        self.matchers = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) for _ in range(num_modalities)
+        )
+        # Start with the matcher's say about as large as the seed's scores' spread; meta-learning moves it.
+        self.beta = nn.Parameter(torch.full((), 5.0))
+        self.matching_weight = matching_weight
+        self.matching_temperature = matching_temperature
+
+    def matching_space(self, h: Tensor) -> Tensor:
+        """``u [B, M, d]``: each modality's features, detached, mapped into the shared space, unit length."""
+        return F.normalize(torch.stack([p(h[:, i].detach()) for i, p in enumerate(self.matchers)], 1), dim=-1)
+
+    def attention(self, h: Tensor, mask: Tensor) -> Tensor:
+        u = self.matching_space(h)
+        present = mask.to(u.dtype)  # (B, M)
+        cos = torch.einsum("bmd,bnd->bmn", u, u) * present.unsqueeze(1)  # (B, M, M), with present others only
+        others = (present.sum(1, keepdim=True) - present).clamp_min(1)  # (B, M)
+        match = (cos.sum(-1) - cos.diagonal(dim1=1, dim2=2)) / others  # (B, M); 0 with no other modality
+        scores = self.score(h) + self.beta * match.unsqueeze(-1)
+        return masked_softmax(scores, mask.unsqueeze(-1), dim=1)
+
+    def auxiliary_loss(self, h: Tensor, mask: Tensor) -> Tensor | None:
+        """``matching_weight`` x the symmetric InfoNCE loss, averaged over the pairs of modalities that at least
+        two samples carry together; None where there is none."""
+        u, losses = self.matching_space(h), []
+        for i in range(u.shape[1]):
+            for j in range(i + 1, u.shape[1]):
+                rows = torch.nonzero(mask[:, i] & mask[:, j]).flatten()
+                if len(rows) < 2:
+                    continue
+                logits = u[rows, i] @ u[rows, j].t() / self.matching_temperature  # (P, P)
+                target = torch.arange(len(rows), device=logits.device)
+                losses.append((F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2)
+        return self.matching_weight * torch.stack(losses).mean() if losses else None
+
+
 def build_fusion(name: str, num_modalities: int, dim: int, **options) -> Fusion:
     return FUSIONS.build(name, num_modalities, dim, **options)
 
@@ -322,6 +397,7 @@ __all__ = [
     "EpisodeAttention",
     "AgreementAttention",
     "TaskAwareAttention",
+    "MatchedAttention",
     "LinearHead",
     "LateHead",
     "masked_softmax",

@@ -12,7 +12,7 @@ from ..data.batch import Batch
 from ..errors import InputError
 from .encoders import default_encoder, encoder_for
 from .execution import decomposed_batchnorm, memory_format
-from .fusion import build_fusion
+from .fusion import Fusion, build_fusion
 from .spec import ModelSpec
 
 # Adaptation scope -> which parameters (by name) an inner loop adapts under it; the others are meta-learned
@@ -92,6 +92,12 @@ class FusionModel(nn.Module):
     def features(self, batch: Batch) -> Tensor:
         """The fused feature z alone (an embedding for prototypes)."""
         return self.forward_features(batch).z
+
+    def auxiliary_loss(self, batch: Batch) -> Tensor | None:
+        """The fusion's own loss on ``batch`` (e.g. matched attention's contrastive loss); None for most."""
+        if type(self.fusion).auxiliary_loss is Fusion.auxiliary_loss:
+            return None
+        return self.fusion.auxiliary_loss(*self.encode(batch))
 
     @torch.no_grad()
     def modality_weights(self, batch: Batch) -> Tensor | None:
