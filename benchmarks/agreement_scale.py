@@ -1,8 +1,8 @@
-"""Does cross-modal agreement pay when it counts for more? Meta-test one trained ``agreement`` run (the
-fusion's weights: ``softmax(W_a h_i + b_a + beta * log g_i)``, ``g_i`` how well modality i of a sample agrees
-with its other modalities about which samples of the episode it resembles) with ``beta`` set by hand, on
-the same fixed test episodes, and print each setting's accuracy and, on corrupted data, the mean weight of
-corrupted and clean modalities.
+"""Does cross-modal agreement pay when it counts for more? Meta-test one trained ``agreement`` or ``matched``
+run (the fusion's weights: ``softmax(W_a h_i + b_a + beta * s_i)``, ``s_i`` how well modality i of a sample
+agrees with its other modalities: ``log g_i`` about which samples of the episode it resembles, or the
+learned matcher's mean cosine ``c_i``) with ``beta`` set by hand, on the same fixed test episodes, and print
+each setting's accuracy and, on corrupted data, the mean weight of corrupted and clean modalities.
 
     python benchmarks/agreement_scale.py --run runs/fashion_fusion/fusion_corrupt0.3_protonet_agreement
     python benchmarks/agreement_scale.py --run RUN --betas 0,1,4 --episodes 600
@@ -27,15 +27,17 @@ from metafusion.engine.checkpoint import hardware, load_checkpoint, run_checkpoi
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a run folder meta-trained with --fusion agreement")
+    p.add_argument("--run", required=True, help="a run folder meta-trained with --fusion agreement or matched")
     p.add_argument("--betas", default="0,2,4,8", help="comma-separated values of beta to test")
     p.add_argument("--episodes", type=int, default=200, help="fixed test episodes (the run's first ones)")
     args = p.parse_args(argv)
     run = Path(args.run)
     state = load_checkpoint(run_checkpoint(run))
     exp = build_experiment(from_dict(state["config"]))
-    if exp.cfg.model.fusion != "agreement":
-        raise SystemExit(f"{run} was trained with fusion {exp.cfg.model.fusion!r}; this benchmark needs 'agreement'")
+    if exp.cfg.model.fusion not in ("agreement", "matched"):
+        raise SystemExit(
+            f"{run} was trained with fusion {exp.cfg.model.fusion!r}; this benchmark needs 'agreement' or 'matched'"
+        )
     load_trained(exp.algorithm, state)
     model = exp.algorithm.model
     learned = model.fusion.beta.item()

@@ -100,7 +100,7 @@ def pretrained_recipes() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metafusion",
-        description="Few-shot meta-learning (MAML, Reptile, ...) on multimodal data with attention fusion.",
+        description="Few-shot meta-learning (MAML, Reptile, ...) on multimodal data with learned fusion.",
         epilog="Run 'metafusion COMMAND --help' for a command's flags. Docs: docs/commands.md",
     )
     from .version import __version__

@@ -65,7 +65,9 @@ class DataConfig:
 class ModelConfig:
     width: int | None = None  # common fusion width d, every encoder projects to it (None: 64, or a recipe's)
     encoders: dict[str, str] = field(default_factory=dict)  # modality -> encoder (default per modality)
-    fusion: str = "attention"  # see FUSIONS
+    # see FUSIONS. mean: the fusion that measured best or close to it on every multimodal table (fashion, Omniglot
+    # + strokes, the synthetic set), where the seed's attention trails it on most (docs/results.md)
+    fusion: str = "mean"
     # parameters the inner loop adapts: all | head | fusion+head | encoders+head | all-but-pretrained (None: all,
     # or the algorithm's pretrained recipe)
     adapt: str | None = None

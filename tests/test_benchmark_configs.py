@@ -224,7 +224,8 @@ def test_evaluation_and_predict_benchmarks_documented_commands_run_at_toy_size(t
     assert all(f"{protocol}:" in printed for protocol in ("support", "transductive", "alone"))
 
 
-def test_agreement_scale_benchmark_meta_tests_one_run_at_each_beta(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fusion", ["agreement", "matched"])
+def test_agreement_scale_benchmark_meta_tests_one_run_at_each_beta(fusion, tmp_path, monkeypatch, capsys):
     """The run's learned beta first, then each one asked for, each with the weights of corrupted and clean
     modalities; a run of another fusion is refused in one line."""
     from metafusion.config import load_config
@@ -232,7 +233,7 @@ def test_agreement_scale_benchmark_meta_tests_one_run_at_each_beta(tmp_path, mon
 
     tiny = {"data.num_classes": 30, "data.samples_per_class": 10, "data.queries": 3, "data.val_episodes": 2}
     tiny |= {"model.width": 8, "model.hidden": 8, "train.iterations": 2, "data.corrupt_rate": 0.3}
-    run = stage_meta_train(load_config(None, {**tiny, "model.fusion": "agreement"}), tmp_path / "a", quiet=True)[2]
+    run = stage_meta_train(load_config(None, {**tiny, "model.fusion": fusion}), tmp_path / "a", quiet=True)[2]
     printed = _run_script(
         "agreement_scale",
         "--run",
@@ -248,5 +249,5 @@ def test_agreement_scale_benchmark_meta_tests_one_run_at_each_beta(tmp_path, mon
     assert len(lines) == 4 and "(learned)" in lines[1] and lines[2].startswith("beta 0.000")
     assert all("weight corrupted" in line for line in lines[1:])
     other = stage_meta_train(load_config(None, {**tiny, "model.fusion": "mean"}), tmp_path / "m", quiet=True)[2]
-    with pytest.raises(SystemExit, match="needs 'agreement'"):
+    with pytest.raises(SystemExit, match="needs 'agreement' or 'matched'"):
         _run_script("agreement_scale", "--run", str(other), monkeypatch=monkeypatch, capsys=capsys)
