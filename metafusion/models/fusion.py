@@ -329,8 +329,9 @@ class MatchedAttention(AttentionFusion):
     where ``P_i`` (one two-layer MLP per modality into a shared space) is trained by a contrastive loss added
     to the meta-loss (``auxiliary_loss``): for each pair of modalities, a sample's entry of one must pick out
     the same sample's entry of the other among all the meta-batch's samples (symmetric InfoNCE as in CLIP,
-    Radford et al. 2021). A modality replaced by another product's (a wrong photo) matches neither of the
-    others and loses weight, whatever the task loss would have taught. The matcher reads the features
+    Radford et al. 2021). A modality replaced by another product's (a wrong photo) should match neither of
+    the others and lose weight, a signal the task loss alone does not teach; how well it does depends on how
+    well the matcher tells them apart (docs/results.md, the fashion fusion tables). The matcher reads the features
     detached, so that its loss does not reshape what the classifier reads; ``beta`` is meta-learned
     (0 gives the seed). Unlike ``agreement`` it needs no reference samples: a sample's weights are its own.
     """
