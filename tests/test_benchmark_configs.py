@@ -251,3 +251,41 @@ def test_agreement_scale_benchmark_meta_tests_one_run_at_each_beta(fusion, tmp_p
     other = stage_meta_train(load_config(None, {**tiny, "model.fusion": "mean"}), tmp_path / "m", quiet=True)[2]
     with pytest.raises(SystemExit, match="needs 'agreement' or 'matched'"):
         _run_script("agreement_scale", "--run", str(other), monkeypatch=monkeypatch, capsys=capsys)
+
+
+def test_detection_auc_benchmark_scores_weights_and_a_matcher_on_a_corrupted_run(tmp_path, monkeypatch, capsys):
+    """Its AUC is Mann-Whitney's (ties half); a run's weights and a matcher trained apart each get one line with
+    an AUC per modality; a run without corruption is refused in one line."""
+    import re
+
+    import torch
+
+    from metafusion.config import load_config
+    from metafusion.engine.stages import stage_meta_train
+
+    auc = _script("detection_auc").auc
+    assert auc(torch.tensor([3.0, 1.0]), torch.tensor([2.0, 1.0])) == (1 + 1 + 0 + 0.5) / 4
+    tiny = {"data.num_classes": 30, "data.samples_per_class": 10, "data.queries": 3, "data.val_episodes": 2}
+    tiny |= {"model.width": 8, "model.hidden": 8, "train.iterations": 2, "model.fusion": "matched"}
+    run = stage_meta_train(load_config(None, {**tiny, "data.corrupt_rate": 0.3}), tmp_path / "c", quiet=True)[2]
+    printed = _run_script(
+        "detection_auc",
+        "--run",
+        str(run),
+        "--episodes",
+        "4",
+        "--matcher-steps",
+        "3",
+        "--matcher-batch",
+        "16",
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
+    lines = printed.strip().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("weights (4 test episodes)") and "matcher trained apart" in lines[2]
+    for printed_line in lines[1:]:
+        values = [float(v) for v in re.findall(r"(?:image|audio|text|tabular) (\d\.\d{3})", printed_line)]
+        assert len(values) == 4 and all(0 <= v <= 1 for v in values)
+    clean = stage_meta_train(load_config(None, tiny), tmp_path / "n", quiet=True)[2]
+    with pytest.raises(SystemExit, match="nothing to detect"):
+        _run_script("detection_auc", "--run", str(clean), monkeypatch=monkeypatch, capsys=capsys)

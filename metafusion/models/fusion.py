@@ -359,13 +359,16 @@ class MatchedAttention(AttentionFusion):
         """``u [B, M, d]``: each modality's features, detached, mapped into the shared space, unit length."""
         return F.normalize(torch.stack([p(h[:, i].detach()) for i, p in enumerate(self.matchers)], 1), dim=-1)
 
-    def attention(self, h: Tensor, mask: Tensor) -> Tensor:
+    def match(self, h: Tensor, mask: Tensor) -> Tensor:
+        """``c [B, M]``: each modality's mean cosine to the sample's other present modalities (0 with none)."""
         u = self.matching_space(h)
         present = mask.to(u.dtype)  # (B, M)
         cos = torch.einsum("bmd,bnd->bmn", u, u) * present.unsqueeze(1)  # (B, M, M), with present others only
         others = (present.sum(1, keepdim=True) - present).clamp_min(1)  # (B, M)
-        match = (cos.sum(-1) - cos.diagonal(dim1=1, dim2=2)) / others  # (B, M); 0 with no other modality
-        scores = self.score(h) + self.beta * match.unsqueeze(-1)
+        return (cos.sum(-1) - cos.diagonal(dim1=1, dim2=2)) / others
+
+    def attention(self, h: Tensor, mask: Tensor) -> Tensor:
+        scores = self.score(h) + self.beta * self.match(h, mask).unsqueeze(-1)
         return masked_softmax(scores, mask.unsqueeze(-1), dim=1)
 
     def auxiliary_loss(self, h: Tensor, mask: Tensor) -> Tensor | None:
