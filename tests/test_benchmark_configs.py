@@ -224,33 +224,28 @@ def test_evaluation_and_predict_benchmarks_documented_commands_run_at_toy_size(t
     assert all(f"{protocol}:" in printed for protocol in ("support", "transductive", "alone"))
 
 
-@pytest.mark.parametrize("fusion", ["agreement", "matched"])
-def test_agreement_scale_benchmark_meta_tests_one_run_at_each_beta(fusion, tmp_path, monkeypatch, capsys):
-    """The run's learned beta first, then each one asked for, each with the weights of corrupted and clean
-    modalities; a run of another fusion is refused in one line."""
+def _tiny_run(folder, settings: dict) -> str:
+    """A two-iteration run on a small synthetic set: what the scripts that read one trained run are tested on."""
     from metafusion.config import load_config
     from metafusion.engine.stages import stage_meta_train
 
     tiny = {"data.num_classes": 30, "data.samples_per_class": 10, "data.queries": 3, "data.val_episodes": 2}
-    tiny |= {"model.width": 8, "model.hidden": 8, "train.iterations": 2, "data.corrupt_rate": 0.3}
-    run = stage_meta_train(load_config(None, {**tiny, "model.fusion": fusion}), tmp_path / "a", quiet=True)[2]
-    printed = _run_script(
-        "agreement_scale",
-        "--run",
-        str(run),
-        "--betas",
-        "0,4",
-        "--episodes",
-        "4",
-        monkeypatch=monkeypatch,
-        capsys=capsys,
-    )
-    lines = printed.strip().splitlines()
+    tiny |= {"model.width": 8, "model.hidden": 8, "train.iterations": 2}
+    return str(stage_meta_train(load_config(None, {**tiny, **settings}), folder, quiet=True)[2])
+
+
+@pytest.mark.parametrize("fusion", ["agreement", "matched"])
+def test_agreement_scale_benchmark_meta_tests_one_run_at_each_beta(fusion, tmp_path, monkeypatch, capsys):
+    """The run's learned beta first, then each one asked for, each with the weights of corrupted and clean
+    modalities; a run of another fusion is refused in one line."""
+    run = _tiny_run(tmp_path / "a", {"model.fusion": fusion, "data.corrupt_rate": 0.3})
+    args = ["--run", run, "--betas", "0,4", "--episodes", "4"]
+    lines = _run_script("agreement_scale", *args, monkeypatch=monkeypatch, capsys=capsys).strip().splitlines()
     assert len(lines) == 4 and "(learned)" in lines[1] and lines[2].startswith("beta 0.000")
     assert all("weight corrupted" in line for line in lines[1:])
-    other = stage_meta_train(load_config(None, {**tiny, "model.fusion": "mean"}), tmp_path / "m", quiet=True)[2]
+    other = _tiny_run(tmp_path / "m", {"model.fusion": "mean", "data.corrupt_rate": 0.3})
     with pytest.raises(SystemExit, match="needs 'agreement' or 'matched'"):
-        _run_script("agreement_scale", "--run", str(other), monkeypatch=monkeypatch, capsys=capsys)
+        _run_script("agreement_scale", "--run", other, monkeypatch=monkeypatch, capsys=capsys)
 
 
 def test_detection_auc_benchmark_scores_weights_and_a_matcher_on_a_corrupted_run(tmp_path, monkeypatch, capsys):
@@ -260,32 +255,15 @@ def test_detection_auc_benchmark_scores_weights_and_a_matcher_on_a_corrupted_run
 
     import torch
 
-    from metafusion.config import load_config
-    from metafusion.engine.stages import stage_meta_train
-
     auc = _script("detection_auc").auc
     assert auc(torch.tensor([3.0, 1.0]), torch.tensor([2.0, 1.0])) == (1 + 1 + 0 + 0.5) / 4
-    tiny = {"data.num_classes": 30, "data.samples_per_class": 10, "data.queries": 3, "data.val_episodes": 2}
-    tiny |= {"model.width": 8, "model.hidden": 8, "train.iterations": 2, "model.fusion": "matched"}
-    run = stage_meta_train(load_config(None, {**tiny, "data.corrupt_rate": 0.3}), tmp_path / "c", quiet=True)[2]
-    printed = _run_script(
-        "detection_auc",
-        "--run",
-        str(run),
-        "--episodes",
-        "4",
-        "--matcher-steps",
-        "3",
-        "--matcher-batch",
-        "16",
-        monkeypatch=monkeypatch,
-        capsys=capsys,
-    )
-    lines = printed.strip().splitlines()
+    run = _tiny_run(tmp_path / "c", {"model.fusion": "matched", "data.corrupt_rate": 0.3})
+    args = ["--run", run, "--episodes", "4", "--matcher-steps", "3", "--matcher-batch", "16"]
+    lines = _run_script("detection_auc", *args, monkeypatch=monkeypatch, capsys=capsys).strip().splitlines()
     assert len(lines) == 3 and lines[1].startswith("weights (4 test episodes)") and "matcher trained apart" in lines[2]
     for printed_line in lines[1:]:
         values = [float(v) for v in re.findall(r"(?:image|audio|text|tabular) (\d\.\d{3})", printed_line)]
         assert len(values) == 4 and all(0 <= v <= 1 for v in values)
-    clean = stage_meta_train(load_config(None, tiny), tmp_path / "n", quiet=True)[2]
+    clean = _tiny_run(tmp_path / "n", {"model.fusion": "matched"})
     with pytest.raises(SystemExit, match="nothing to detect"):
-        _run_script("detection_auc", "--run", str(clean), monkeypatch=monkeypatch, capsys=capsys)
+        _run_script("detection_auc", "--run", clean, monkeypatch=monkeypatch, capsys=capsys)
