@@ -132,7 +132,10 @@ class MetaAlgorithm:
     def auxiliary_backward(self, tasks: list[Episode]) -> dict[str, float]:
         """Add the gradient of the fusion's own loss (``Fusion.auxiliary_loss``) on the samples of the meta-
         batch, pooled, to the meta-gradient ``meta_backward`` left in ``.grad``; every algorithm's meta-update
-        (a gradient, or Reptile's difference written as one) then carries it. Its metric: ``auxiliary_loss``."""
+        (a gradient, or Reptile's difference written as one) then carries it. Its metric: ``auxiliary_loss``.
+        Nothing at all (not even the pooling) for the fusions without such a loss: this runs every meta-step."""
+        if not self.model.has_auxiliary_loss:
+            return {}
         batch = Batch.cat([b for task in tasks for b in (task.support, task.query)])
         loss = self.model.auxiliary_loss(batch)
         if loss is None:

@@ -93,11 +93,14 @@ class FusionModel(nn.Module):
         """The fused feature z alone (an embedding for prototypes)."""
         return self.forward_features(batch).z
 
+    @property
+    def has_auxiliary_loss(self) -> bool:
+        """Whether the fusion trains a part of itself on a loss of its own (it overrides ``auxiliary_loss``)."""
+        return type(self.fusion).auxiliary_loss is not Fusion.auxiliary_loss
+
     def auxiliary_loss(self, batch: Batch) -> Tensor | None:
         """The fusion's own loss on ``batch`` (e.g. matched attention's contrastive loss); None for most."""
-        if type(self.fusion).auxiliary_loss is Fusion.auxiliary_loss:
-            return None
-        return self.fusion.auxiliary_loss(*self.encode(batch))
+        return self.fusion.auxiliary_loss(*self.encode(batch)) if self.has_auxiliary_loss else None
 
     @torch.no_grad()
     def modality_weights(self, batch: Batch) -> Tensor | None:
