@@ -21,6 +21,7 @@ import torch
 
 from metafusion.config import from_dict
 from metafusion.engine import build_experiment, meta_test
+from metafusion.engine.analysis import Analysis
 from metafusion.engine.build import load_trained
 from metafusion.engine.checkpoint import hardware, load_checkpoint, run_checkpoint
 
@@ -45,8 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     for beta in [learned, *map(float, args.betas.split(","))]:
         with torch.no_grad():
             model.fusion.beta.fill_(beta)
-        r = meta_test(exp.algorithm, exp.test_episodes(args.episodes), corrupted=exp.corrupted)
-        split = r.corrupted_weights
+        analysis = Analysis(exp.algorithm, exp.corrupted)
+        r = meta_test(exp.algorithm, exp.test_episodes(args.episodes), observe=analysis.add)
+        split = analysis.summary()["corrupted_weights"]
         weights = f"  weight corrupted {split['corrupted']:.3f} / clean {split['clean']:.3f}" if split else ""
         label = f"beta {beta:.3f}" + (" (learned)" if beta == learned else "")
         print(f"{label:<22} accuracy {100 * r.accuracy_mean:.2f} ± {100 * r.accuracy_ci95:.2f} %{weights}", flush=True)

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     if model.fusion.weighted:
         weights, corrupted = [], []
         for episode in tqdm(exp.test_episodes(args.episodes), desc="episodes", leave=False):
-            w = exp.algorithm.evaluate(episode).get("query_weights")
+            w = exp.algorithm.evaluate(episode).weights
             full = episode.query.mask[:, [episode.query.modalities.index(m) for m in modalities]].all(1).cpu()
             weights.append(w[full])
             corrupted.append(exp.corrupted[torch.tensor(episode.indices[len(episode.support) :])][full])

@@ -421,7 +421,7 @@ def time_sampler(n: int = 300) -> dict:
     )
     cfg = from_dict({"data": data})
     t = time.perf_counter()
-    dataset = load_dataset(cfg)
+    dataset = load_dataset(cfg).dataset
     load_s = time.perf_counter() - t
     sampler = EpisodeSampler(dataset, "train", 5, 1, 15, seed=0)
     sampler.sample()

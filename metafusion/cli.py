@@ -33,6 +33,10 @@ FLAGS = {
     "threads": ("train.threads", int),
 }
 BUG_REPORTS = "the project's issue tracker (issues)"
+TUNE_HELP = (
+    "fine-tune the model on each support set first, learning rates tune.lrs (0 included: kept unless beaten on "
+    "held-out or augmented support samples); see docs/commands.md"
+)
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint to test (default: RUN/best.pt); results go beside it")
     p.add_argument("--episodes", type=int, help="number of test episodes (default: the run's config)")
     _add_protocol_flags(p, "the run's algo.transductive (transductive by default)")
+    p.add_argument("--tune", action="store_true", help=TUNE_HELP)
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("fine-tune", help="adapt a meta-learned model to one new task and save it")
@@ -134,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="adaptation steps, >= 1 (default: algo.inner_steps_test)")
     p.add_argument("--out", help="folder for the adapted model (default: RUN/finetune)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapted model already in --out")
+    p.add_argument("--tune", action="store_true", help=TUNE_HELP)
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("predict", help="label new samples with a fine-tuned model (class names, probabilities)")
@@ -284,9 +290,14 @@ def cmd_meta_test(args: argparse.Namespace, extra: list[str]) -> int:
         raise InputError("meta-test needs --run RUN or --checkpoint PATH")
     run = args.run or str(Path(args.checkpoint).parent)
     r = stages.stage_meta_test(
-        run, checkpoint=args.checkpoint, episodes=args.episodes, protocol=_protocol(args), quiet=args.quiet
+        run,
+        checkpoint=args.checkpoint,
+        episodes=args.episodes,
+        protocol=_protocol(args),
+        quiet=args.quiet,
+        tune=args.tune,
     )
-    stem = stages.RESULTS_STEM[r["protocol"]]
+    stem = r["stem"]
     print(report.results_summary(r) + f"\nresults written to {run}/{stem}.json and {stem}.md")
     return 0
 
@@ -304,6 +315,7 @@ def cmd_fine_tune(args: argparse.Namespace, extra: list[str]) -> int:
         quiet=args.quiet,
         out=args.out,
         overwrite=args.overwrite,
+        tune=args.tune,
     )
     print(report.fine_tune_summary(r, args.task))
     return 0

@@ -111,11 +111,38 @@ class TrainConfig:
 
 
 @dataclass
+class SelectConfig:
+    """After meta-training, which model the run hands over: every (alpha, centroid weight) pair is scored on
+    the validation episodes and the best is kept (``engine.selection``); the start (alpha 0) and the
+    untrained centroid (weight 1) are candidates, so a run that meta-training made worse falls back."""
+
+    # weights = start + alpha * (trained - start) (WiSE-FT's interpolation); [1]: the trained weights alone
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    # prediction = (1 - w) log p_model + w log p_centroid (the nearest class mean on frozen features); [0]: off
+    centroid_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+@dataclass
+class TuneConfig:
+    """Test-time fine-tuning of the model on each task's support set before its learner is built, with a
+    learning-rate search that includes 0 (algorithms/test_time.py, P>M>F's recipe)."""
+
+    enabled: bool = False  # in fine-tune and meta-test (meta-test --tune / fine-tune --tune set it for one call)
+    lrs: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2])  # Adam rates tried; 0: as meta-learned
+    steps: int = 20  # Adam steps per rate
+    noise: float = 0.5  # std of the Gaussian noise of augmented copies (float inputs, standardised)
+    dropout: float = 0.1  # feature dropout of augmented copies
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     # Settings that apply only when that algorithm runs, e.g. {"reptile": {"algo": {"inner_lr": 0.001}}}:
     # lets one config hold each paper's recipe, so `compare` and `--algo` pick the right one.
     per_algorithm: dict[str, dict] = field(default_factory=dict)
@@ -386,3 +413,13 @@ def check_values(cfg: RunConfig) -> None:
         above(f"train.{key}", getattr(t, key))
     for key in ("inner_steps", "inner_steps_test"):
         at_least(f"algo.{key}", getattr(cfg.algo, key), minimum=0)
+    at_least("tune.steps", cfg.tune.steps)
+    if not cfg.tune.lrs or min(cfg.tune.lrs) < 0 or not 0 <= cfg.tune.dropout < 1 or cfg.tune.noise < 0:
+        raise ConfigError(
+            f"tune: lrs must be a non-empty list of rates >= 0, dropout in [0, 1) and noise >= 0 (got lrs "
+            f"{cfg.tune.lrs}, dropout {cfg.tune.dropout}, noise {cfg.tune.noise})"
+        )
+    for key in ("alphas", "centroid_weights"):
+        values = getattr(cfg.select, key)
+        if not values or not all(0.0 <= v <= 1.0 for v in values):
+            raise ConfigError(f"select.{key} must be a non-empty list of numbers in [0, 1], got {values}")

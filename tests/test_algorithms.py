@@ -447,11 +447,10 @@ def test_batched_evaluation_equals_the_per_episode_loop(name, settings, modaliti
     exp.algorithm.evaluate = None  # the batched path must not fall back to the loop
     batched = exp.algorithm.evaluate_many(episodes, batched=True)
     for a, b in zip(loop, batched):
-        assert a["accuracy"] == b["accuracy"] and a["macro_f1"] == b["macro_f1"]
-        assert abs(a["loss"] - b["loss"]) < 1e-10
-        assert a.keys() == b.keys()
-        for m, w in a.get("modality_weights", {}).items():
-            assert abs(w - b["modality_weights"][m]) < 1e-10
+        assert torch.allclose(a.logits, b.logits, atol=1e-10, rtol=0)
+        assert (a.weights is None) == (b.weights is None)
+        if a.weights is not None:
+            assert torch.allclose(a.weights, b.weights, atol=1e-10, rtol=0)
 
 
 def test_batched_evaluation_is_used_where_it_pays(small_synthetic):
@@ -483,8 +482,8 @@ def test_metasgd_resizes_its_head_rates_with_the_head():
     new_head = [r for (n, _), r in zip(model.named_parameters(), algo.wrapper.lrs) if n.startswith("head.")]
     assert [r.unique().item() for r in new_head] == pytest.approx(head_mean)
     episode = tiny_episode(ways=3)
-    assert 0 <= algo.evaluate(episode)["accuracy"] <= 1
-    assert algo.evaluate_many([episode], batched=True)[0]["accuracy"] == algo.evaluate(episode)["accuracy"]
+    assert algo.evaluate(episode).logits.shape == (len(episode.query), 3)
+    assert torch.allclose(algo.evaluate_many([episode], batched=True)[0].logits, algo.evaluate(episode).logits)
 
 
 def test_the_fine_tune_baseline_draws_its_task_head_from_its_seed_not_the_global_rng():
@@ -494,11 +493,11 @@ def test_the_fine_tune_baseline_draws_its_task_head_from_its_seed_not_the_global
     results = []
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)
-        results.append(algo.evaluate(episode))
-    assert results[0]["loss"] == results[1]["loss"]
+        results.append(algo.evaluate(episode).logits)
+    assert torch.equal(results[0], results[1])
     other = ALGORITHMS.build("finetune", tiny_tabular_model(ways=3), train_classes=[0, 1, 2, 3], seed=8, **COMMON)
     other.model.load_state_dict(algo.model.state_dict())
-    assert other.evaluate(episode)["loss"] != results[0]["loss"]  # the seed is what fixes the head
+    assert not torch.equal(other.evaluate(episode).logits, results[0])  # the seed is what fixes the head
 
 
 def test_reptile_keeps_a_parameter_without_gradient_where_a_modality_is_absent():
@@ -511,7 +510,7 @@ def test_reptile_keeps_a_parameter_without_gradient_where_a_modality_is_absent()
     absent = [n for n, _ in model.named_parameters() if n.startswith("encoders.tab1.")]
     moved = dict(learner.named_parameters())
     assert absent and all(torch.equal(moved[n], dict(model.named_parameters())[n]) for n in absent)
-    assert algo.evaluate_many([episode], batched=True)[0]["accuracy"] == algo.evaluate(episode)["accuracy"]
+    assert torch.allclose(algo.evaluate_many([episode], batched=True)[0].logits, algo.evaluate(episode).logits)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS.names())
@@ -588,7 +587,7 @@ def test_centroid_is_the_nearest_mean_of_l2_normalised_modalities():
 
 
 def test_centroid_reads_token_ids_as_a_bag_of_words():
-    from metafusion.algorithms.centroid import frozen_features
+    from metafusion.algorithms.nearest_mean import frozen_features
     from metafusion.data import Batch
 
     ids = torch.tensor([[3, 1, 3, 0], [2, 0, 0, 0]])  # 0 is padding

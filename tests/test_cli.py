@@ -118,9 +118,10 @@ def test_meta_train_test_fine_tune_write_what_they_promise(tmp_path, capsys):
     assert 0 <= ft["query_accuracy"] <= 1 and (run / "finetune" / "model.pt").is_file()
     assert "query accuracy" in capsys.readouterr().out
 
-    # A checkpoint alone is enough; results land beside it.
+    # A checkpoint alone is enough; results land beside it, named after it (the run's own results stay).
     assert run_cli("meta-test", "--checkpoint", run / "last.pt", "--episodes", 3, "--quiet") == 0
-    assert json.loads((run / "results.json").read_text())["episodes"] == 3
+    assert json.loads((run / "results_last.json").read_text())["episodes"] == 3
+    assert json.loads((run / "results.json").read_text())["episodes"] == 6
     assert run_cli("meta-test") == 2
     assert "needs --run RUN or --checkpoint PATH" in capsys.readouterr().err
 
@@ -383,7 +384,8 @@ def test_inline_text_longer_than_a_file_name_loads_as_text(tmp_path):
 
 def test_a_diverged_meta_test_is_reported_not_averaged_silently(tmp_path, capsys):
     run = tmp_path / "run"
-    assert run_cli("run", *TINY, "--iterations", 2, "--set", "algo.inner_lr_test=1e30", "--out", run) == 0
+    no_fallback = ["--set", "select.alphas=1", "--set", "select.centroid_weights=0"]  # keep the diverging model
+    assert run_cli("run", *TINY, "--iterations", 2, "--set", "algo.inner_lr_test=1e30", *no_fallback, "--out", run) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["episodes_diverged"] == results["episodes"] == 6 and results["accuracy_mean"] == 0.0
     assert "6 of 6 episodes diverged" in capsys.readouterr().out

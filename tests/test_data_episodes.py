@@ -113,8 +113,7 @@ def test_a_modality_goes_missing_in_the_classes_named_only(small_synthetic):
 
 
 def test_a_corrupted_modality_holds_another_class_of_the_same_split(small_synthetic):
-    ds = small_synthetic.with_corruption(0.3, seed=1)
-    corrupted = ds.metadata["corrupted"]
+    ds, corrupted = small_synthetic.with_corruption(0.3, seed=1)
     assert 0.25 < corrupted.float().mean().item() < 0.35 and ds.present.equal(small_synthetic.present)
     split_of = {c: name for name, classes in ds.splits.items() for c in classes}
     for j, m in enumerate(ds.modalities):
@@ -127,15 +126,16 @@ def test_a_corrupted_modality_holds_another_class_of_the_same_split(small_synthe
                 and split_of[int(ds.targets[d])] == split_of[int(ds.targets[row])]
                 for d in donors
             )
-    again = small_synthetic.with_corruption(0.3, seed=1)
+    again, _ = small_synthetic.with_corruption(0.3, seed=1)
     assert all(again.data[m].equal(ds.data[m]) for m in ds.modalities)
-    assert small_synthetic.with_corruption(0.0) is small_synthetic
+    assert small_synthetic.with_corruption(0.0) == (small_synthetic, None)
 
 
 def test_hidden_corruption_masks_the_same_entries_unless_nothing_clean_is_left(small_synthetic):
-    shown, hidden = (small_synthetic.with_corruption(0.5, seed=1, hide=hide) for hide in (False, True))
-    corrupted = shown.metadata["corrupted"]
-    assert hidden.metadata["corrupted"].equal(corrupted)
+    (shown, corrupted), (hidden, hidden_corrupted) = (
+        small_synthetic.with_corruption(0.5, seed=1, hide=hide) for hide in (False, True)
+    )
+    assert hidden_corrupted.equal(corrupted)
     all_wrong = (corrupted == small_synthetic.present).all(1)  # every present modality corrupted
     assert all_wrong.any() and hidden.present[all_wrong].equal(small_synthetic.present[all_wrong])
     assert hidden.present[~all_wrong].equal((small_synthetic.present & ~corrupted)[~all_wrong])
@@ -148,10 +148,12 @@ def test_missing_and_corrupted_modalities_from_the_config():
 
     tiny = {"data.num_classes": 30, "data.samples_per_class": 10, "data.standardize": False}
     cfg = load_config(None, {**tiny, "data.test_missing": {"audio": 0.5}, "data.corrupt_rate": 0.2})
-    ds = load_dataset(cfg)
+    prepared = load_dataset(cfg)
+    ds, corrupted = prepared.dataset, prepared.corrupted
     test = torch.isin(ds.targets, torch.tensor(ds.splits["test"]))
     assert not ds.present[test, 1].all() and ds.present[~test].all()
-    assert ds.metadata["corrupted"].any() and not ds.metadata["corrupted"][~ds.present].any()
+    assert corrupted.any() and not corrupted[~ds.present].any()
+    assert not {"corrupted", "standardizer", "inputs", "unstandardized"} & set(ds.metadata)  # the dataset's facts only
     with pytest.raises(ValueError, match=r"data.train_missing.image must be in \[0, 1\)"):
         load_config(None, {**tiny, "data.train_missing": {"image": 1.0}})
     with pytest.raises(ValueError, match="data.corrupt_rate is 0"):

@@ -51,7 +51,7 @@ def _crafted(path: Path, marker: Path, **fields) -> Path:
 def test_a_file_that_carries_code_is_refused_and_the_code_never_runs(trained, tmp_path, capsys, command):
     run, marker = _copy(trained, tmp_path), tmp_path / "owned"
     model = _crafted(run / "finetune" / "model.pt", marker)
-    for name in ("last.pt", "best.pt"):
+    for name in ("last.pt", "best.pt", "start.pt", "selected.pt"):
         _crafted(run / name, marker)
     if command == "load":
         with pytest.raises(CheckpointError, match="refused to open"):

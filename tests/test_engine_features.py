@@ -28,12 +28,13 @@ def test_frozen_features_are_computed_once_and_cached_by_content(tmp_path, monke
     monkeypatch.setattr(FrozenSpeechEmbedding, "__call__", counted)
     data = make_synthetic(num_classes=10, samples_per_class=3, missing_rate=0.2).select_modalities(["audio", "tabular"])
     cfg = resolve(load_config(None, {"model.encoders": {"audio": "speech-embedding"}}))
-    first = with_frozen_features(cfg, data)
+    first, activations = with_frozen_features(cfg, data)
+    assert activations == ()  # pooled features: standardised like any feature vector
     present = data.present[:, 0]
     assert first.data["audio"].shape == (30, 96) and sum(calls) == int(present.sum())  # present rows only
     assert (first.data["audio"][~present] == 0).all() and torch.equal(first.data["tabular"], data.data["tabular"])
     assert "samples through speech-embedding" in capsys.readouterr().err  # the time it took is reported
-    again = with_frozen_features(cfg, data)
+    again, _ = with_frozen_features(cfg, data)
     assert sum(calls) == int(present.sum()) and torch.equal(again.data["audio"], first.data["audio"])  # the cache
     data.data["audio"][0] += 1.0  # other contents: computed again
     with_frozen_features(cfg, data)

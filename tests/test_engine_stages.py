@@ -116,7 +116,7 @@ def test_meta_test_reports_the_weights_of_corrupted_and_clean_modalities(tmp_pat
 def test_accuracy_alone_scores_each_modality_by_its_own_nearest_class_mean():
     """A modality that carries the class scores 1, one that is noise about chance, one no query carries NaN."""
     from metafusion.data import Batch, Episode
-    from metafusion.engine.evaluate import accuracy_alone
+    from metafusion.engine.analysis import accuracy_alone
     from metafusion.models import ModelSpec, build_model
 
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_accuracy_alone_scores_each_modality_by_its_own_nearest_class_mean():
 
 
 def test_task_weights_correlate_each_modalitys_weight_with_its_accuracy_alone():
-    from metafusion.engine.evaluate import TaskWeights
+    from metafusion.engine.analysis import TaskWeights
 
     per_task = TaskWeights(("a", "b"))
     for acc_a, acc_b in [(0.9, 0.5), (0.6, 0.7), (0.8, 0.4)]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,8 @@ from ..models.model import FusionModel
 from ..models.spec import ModelSpec
 from ..registry import Registry
 from .batched import State, evaluate_batched, functional, predict_alone
+from .nearest_mean import CentroidClassifier, WithCentroid, mix
+from .test_time import SupportTuning
 
 ALGORITHMS: Registry = Registry("algorithm")
 # How query samples are classified after adaptation (``MetaAlgorithm.predict_with_weights``).
@@ -36,11 +38,20 @@ def published(**differences: Any) -> dict[str, Any]:
     return {**NO_INNER_LOOP, **differences}
 
 
+class TaskPrediction(NamedTuple):
+    """What an algorithm predicts for one episode's query set, after adapting on its support set."""
+
+    logits: Tensor  # (Q, ways); log-probabilities where mixed with the centroid
+    weights: Tensor | None  # (Q, M) modality weights in the model's order; None for fusions without them
+
+
 class MetaAlgorithm:
     """``meta_backward(tasks)`` fills ``.grad`` of the meta-parameters for one meta-batch and returns
     metrics; the training loop owns the optimizer, schedule, clipping and logging.
     ``adapt(support)`` returns a task-specific learner (a module mapping a Batch to logits) without
-    touching the meta-parameters; ``evaluate(episode)`` adapts on the support and scores the query.
+    touching the meta-parameters; ``task_learner(support)`` is that learner as the run hands it over (mixed
+    with the nearest class mean where validation chose it: ``centroid_weight``); ``evaluate(episode)``
+    predicts an episode's query set with it.
 
     Optionally, an algorithm also writes its test-time adaptation as pure functions
     (``functional_form`` / ``functional_adapt`` / ``functional_logits``): ``evaluate_many`` then adapts
@@ -80,7 +91,7 @@ class MetaAlgorithm:
         """The algorithm a resolved config describes, for ``model`` (``spec``: what the model was built for;
         ``train_classes``: the meta-train classes)."""
         a = cfg.algo
-        return cls(
+        algorithm = cls(
             model,
             inner_lr=a.inner_lr,
             inner_steps=a.inner_steps,
@@ -89,9 +100,13 @@ class MetaAlgorithm:
             transductive=a.transductive,
             adapt_scope=cfg.model.adapt,
             batched_eval=a.batched_eval,
+            vocab_size=spec.vocab_size,
             **a.options,
             **cls.config_kwargs(cfg, spec, train_classes),
         )
+        if cfg.tune.enabled and algorithm.meta_parameters:
+            algorithm.tuning = SupportTuning(cfg.tune)
+        return algorithm
 
     @classmethod
     def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict[str, Any]:
@@ -109,8 +124,14 @@ class MetaAlgorithm:
         transductive: bool = True,
         adapt_scope: str = "all",
         batched_eval: str = "auto",
+        vocab_size: int = 0,
     ):
         self.model = model
+        self.vocab_size = vocab_size  # token ids' range, for the frozen bag-of-words features of raw text
+        # The weight of the nearest class mean on frozen features in every prediction (0: the learner alone,
+        # 1: the centroid alone), chosen on validation after meta-training (engine.selection).
+        self.centroid_weight = 0.0
+        self.tuning: SupportTuning | None = None  # fine-tune on each support set first (``tune.enabled``)
         self.batched_eval = batched_eval
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
         self.inner_lr_test, self.inner_steps_test = inner_lr_test, inner_steps_test
@@ -148,6 +169,20 @@ class MetaAlgorithm:
 
     def adapt(self, support: Batch, steps: int | None = None) -> nn.Module:
         raise NotImplementedError
+
+    def centroid(self, support: Batch) -> CentroidClassifier:
+        """The nearest class mean on the frozen features of the model's modalities, fitted on ``support``."""
+        return CentroidClassifier.fit(support, self.model.modalities, self.vocab_size)
+
+    def task_learner(self, support: Batch, steps: int | None = None) -> nn.Module:
+        """``adapt(support, steps)`` -- by a copy fine-tuned on ``support`` first where ``tuning`` is set (and
+        ``steps`` is not 0) -- mixed with the centroid on ``support`` where ``centroid_weight`` says so: the
+        learner evaluation, fine-tune and predict use."""
+        algorithm = self.tuning.tuned(self, support)[0] if self.tuning is not None and steps != 0 else self
+        learner = algorithm.adapt(support, steps)
+        if self.centroid_weight == 0.0:
+            return learner
+        return WithCentroid(learner, self.centroid(support), self.centroid_weight)
 
     def reset_head(self, ways: int) -> None:
         """A fresh head for tasks of ``ways`` classes (a user's task with its own number of classes);
@@ -206,19 +241,11 @@ class MetaAlgorithm:
             with support_statistics(inner, episode.support) if protocol == "support" else nullcontext():
                 return learner(episode.query), None if inner is None else inner.modality_weights(episode.query)
 
-    def evaluate(self, episode: Episode) -> dict[str, float]:
-        learner = self.adapt(episode.support)
-        logits, weights = self.predict_with_weights(learner, episode)
-        return self._metrics(logits, weights, episode)
+    def evaluate(self, episode: Episode) -> TaskPrediction:
+        """The query set's logits and modality weights after adapting on the support set."""
+        return TaskPrediction(*self.predict_with_weights(self.task_learner(episode.support), episode))
 
-    def _metrics(self, logits: Tensor, weights: Tensor | None, episode: Episode) -> dict[str, float]:
-        metrics = classification_metrics(logits, episode.query.labels, episode.ways)
-        if weights is not None and bool(torch.isfinite(weights).all()):
-            metrics["modality_weights"] = dict(zip(self.model.modalities, weights.mean(0).tolist()))
-            metrics["query_weights"] = weights.detach().cpu()  # [Q, M], the model's modality order
-        return metrics
-
-    def evaluate_many(self, episodes: list[Episode], batched: bool | None = None) -> list[dict[str, float]]:
+    def evaluate_many(self, episodes: list[Episode], batched: bool | None = None) -> list[TaskPrediction]:
         """``evaluate`` of each episode. Batched (all adapted at once) where the algorithm has a functional
         form and ``batched`` (default: ``algo.batched_eval``, whose ``auto`` asks
         ``execution.episodes_vmap_pays``) says so; else one by one."""
@@ -228,10 +255,19 @@ class MetaAlgorithm:
                 self.batched_eval == "on" or self.batched_eval == "auto" and episodes_vmap_pays(self.model, device)
             )
         batched = batched and self.evaluation_protocol != "support"  # recorded statistics are module state
+        batched = batched and self.tuning is None  # each episode tunes a model of its own
         results = evaluate_batched(self, episodes) if batched and episodes else None
         if results is None:
             return [self.evaluate(e) for e in episodes]
-        return [self._metrics(logits, weights, e) for (logits, weights), e in zip(results, episodes)]
+        out = [TaskPrediction(logits, weights) for logits, weights in results]
+        if self.centroid_weight:
+            with torch.no_grad():
+                w = self.centroid_weight
+                out = [
+                    p._replace(logits=mix(p.logits, self.centroid(e.support)(e.query), w))
+                    for p, e in zip(out, episodes)
+                ]
+        return out
 
     # -- functional form of test-time adaptation (optional; see batched.py) ----------------------
     def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:

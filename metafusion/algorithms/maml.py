@@ -20,7 +20,7 @@ from ..models.fusion import LinearHead
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy, published
 from .batched import State, functional, model_parameters
-from .protonet import prototypes
+from .nearest_mean import prototypes
 
 # Finn et al. 2017, Omniglot 5-way: inner SGD lr 0.4, 1 step (10 at test), meta-batch 32, Adam 1e-3.
 MAML_DEFAULTS = published(inner_lr=0.4, inner_steps=1, inner_steps_test=10, meta_batch=32)

@@ -19,19 +19,7 @@ from ..errors import ConfigError
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, published
 from .batched import State, functional, model_parameters
-
-
-def prototypes(z: Tensor, labels: Tensor, ways: int) -> Tensor:
-    """Class means ``[ways, D]`` of embeddings ``z [N, D]`` (zeros for a class with no embedding)."""
-    onehot = F.one_hot(labels, ways).to(z.dtype)  # (N, ways)
-    return onehot.T @ z / onehot.sum(0).clamp_min(1).unsqueeze(1)
-
-
-def proto_logits(z: Tensor, protos: Tensor, scale: Tensor | None = None) -> Tensor:
-    """``-||z_i - p_c||^2`` (``scale`` None), else ``scale * cos(z_i, p_c)``; ``[N, ways]``."""
-    if scale is None:
-        return -torch.cdist(z, protos).pow(2)
-    return scale * F.normalize(z, dim=-1) @ F.normalize(protos, dim=-1).T
+from .nearest_mean import proto_logits, prototypes
 
 
 class Scale(nn.Module):

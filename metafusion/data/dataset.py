@@ -146,15 +146,17 @@ class MultimodalDataset(Dataset):
         data = {**self.data, modality: self.data[modality].clone()}  # absent rows are zeroed in the copy
         return MultimodalDataset(data, present, self.targets, self.modalities, self.splits, self.metadata, self.name)
 
-    def with_corruption(self, rate: float, seed: int = 0, hide: bool = False) -> MultimodalDataset:
+    def with_corruption(
+        self, rate: float, seed: int = 0, hide: bool = False
+    ) -> tuple[MultimodalDataset, Tensor | None]:
         """Replace, with probability ``rate`` independently per sample and present modality, the modality's
         content by that modality of a random sample of another class of the same split (a wrong photo, title
-        or attribute row: the fault of catalogue data). Which entries were replaced: ``metadata["corrupted"]``
-        (``[N, M]`` bool). ``hide``: the same entries are masked as missing instead, except in a sample whose
-        every present modality is corrupted (nothing clean to fall back on): what a fusion that knew which
-        entries are wrong, and gave them zero weight, would see."""
+        or attribute row: the fault of catalogue data). Returns the dataset and which entries were replaced
+        (``[N, M]`` bool; None where ``rate`` is 0). ``hide``: the same entries are masked as missing
+        instead, except in a sample whose every present modality is corrupted (nothing clean to fall back on):
+        what a fusion that knew which entries are wrong, and gave them zero weight, would see."""
         if rate <= 0:
-            return self
+            return self, None
         g = torch.Generator().manual_seed(seed)
         corrupted = (torch.rand(self.present.shape, generator=g) < rate) & self.present
         data = {m: x.clone() for m, x in self.data.items()}
@@ -175,11 +177,11 @@ class MultimodalDataset(Dataset):
                     continue
                 pick = (torch.rand(len(rows), generator=g) * (len(donors) - own)).long()
                 data[m][rows] = self.data[m][donors[torch.where(pick < start, pick, pick + own)]]
-        metadata = {**self.metadata, "corrupted": corrupted}
         present = self.present
         if hide:
             present = present & ~(corrupted & (present & ~corrupted).any(1, keepdim=True))
-        return MultimodalDataset(data, present, self.targets, self.modalities, self.splits, metadata, self.name)
+        out = MultimodalDataset(data, present, self.targets, self.modalities, self.splits, self.metadata, self.name)
+        return out, corrupted
 
     def _column(self, modality: str) -> int:
         if modality not in self.modalities:

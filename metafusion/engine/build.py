@@ -26,30 +26,44 @@ def raw_dataset(cfg: RunConfig) -> MultimodalDataset:
     return DATASETS.build(d.dataset, d, options_class(DATASETS, d.dataset)(**d.options))
 
 
-def load_dataset(cfg: RunConfig) -> MultimodalDataset:
+@dataclass
+class PreparedData:
+    """What ``load_dataset`` makes of a config's data: the samples as the model sees them, and the pipeline
+    that made them (which a trained model applies again to a user's files: ``TrainedModel.prepare``)."""
+
+    dataset: MultimodalDataset
+    inputs: InputFormat  # the raw samples' format, before any frozen encoder part
+    standardizer: Standardizer | None = None  # fitted on the meta-train split only
+    corrupted: Tensor | None = None  # [N, M]: the entries data.corrupt_rate replaced (None: none)
+
+    @staticmethod
+    def of(dataset: MultimodalDataset) -> PreparedData:
+        """A dataset taken as it is (no pipeline): what tests and benchmarks hand ``build_experiment``."""
+        return PreparedData(dataset, InputFormat.of(dataset))
+
+
+def load_dataset(cfg: RunConfig) -> PreparedData:
     """The dataset as the model will see it: chosen modalities, missing rate, the frozen parts of pretrained
     encoders (``features``), modalities missing in meta-train or test classes, corrupted ones, and
-    standardisation fitted on the meta-train split only (kept in ``metadata["standardizer"]``, so that a
-    user's own data later goes through the same statistics: ``TrainedModel.prepare``)."""
+    standardisation fitted on the meta-train split only (so that a user's own data later goes through the
+    same statistics)."""
     d = cfg.data
     dataset = raw_dataset(cfg)
     if d.modalities:
         dataset = dataset.select_modalities(d.modalities)
     dataset = dataset.with_missing(d.missing_rate, seed=d.data_seed + 1)
-    inputs = InputFormat.of(dataset)  # the raw samples' format, before any frozen encoder part
-    dataset = with_frozen_features(cfg, dataset)
+    inputs = InputFormat.of(dataset)
+    dataset, activations = with_frozen_features(cfg, dataset)
     # After the frozen encoder parts (their cache stays valid): a masked row's features are zeroed, a donor's
     # features are what encoding its content gives.
     for split, missing in (("train", d.train_missing), ("test", d.test_missing)):
         for modality, rate in missing.items():
             dataset = dataset.without_modality(modality, rate, dataset.splits.get(split, []), seed=d.data_seed + 2)
-    dataset = dataset.with_corruption(d.corrupt_rate, seed=d.data_seed + 3, hide=d.corrupt_hidden)
-    dataset.metadata = {**dataset.metadata, "inputs": inputs}
-    if d.standardize:
-        standardizer = Standardizer.fit(dataset, "train", skip=dataset.metadata.get("unstandardized", ()))
+    dataset, corrupted = dataset.with_corruption(d.corrupt_rate, seed=d.data_seed + 3, hide=d.corrupt_hidden)
+    standardizer = Standardizer.fit(dataset, "train", skip=activations) if d.standardize else None
+    if standardizer is not None:
         dataset = standardizer(dataset)
-        dataset.metadata["standardizer"] = standardizer
-    return dataset
+    return PreparedData(dataset, inputs, standardizer, corrupted)
 
 
 def model_spec(dataset: MultimodalDataset) -> ModelSpec:
@@ -96,10 +110,14 @@ def make_algorithm(cfg: RunConfig, model: FusionModel, spec: ModelSpec, train_cl
 @dataclass
 class Experiment:
     cfg: RunConfig  # resolved
-    dataset: MultimodalDataset
+    data: PreparedData
     model: FusionModel
     algorithm: MetaAlgorithm
     train_sampler: EpisodeSampler
+
+    @property
+    def dataset(self) -> MultimodalDataset:
+        return self.data.dataset
 
     @cached_property
     def val_episodes(self) -> FixedEpisodes:
@@ -110,7 +128,7 @@ class Experiment:
     @property
     def corrupted(self) -> Tensor | None:
         """``data.corrupt_rate``'s corrupted entries, ``[N, M]`` in the model's modality order (None: none)."""
-        corrupted = self.dataset.metadata.get("corrupted")
+        corrupted = self.data.corrupted
         if corrupted is None:
             return None
         return corrupted[:, [self.dataset.modalities.index(m) for m in self.model.modalities]]
@@ -123,11 +141,17 @@ class Experiment:
         )
 
 
-def build_experiment(cfg: RunConfig, dataset: MultimodalDataset | None = None) -> Experiment:
+def build_experiment(cfg: RunConfig, dataset: PreparedData | MultimodalDataset | None = None) -> Experiment:
+    """The experiment ``cfg`` describes, on ``dataset`` where given (prepared already, or a dataset taken as
+    it is), else on what ``load_dataset(cfg)`` prepares."""
     cfg = resolve(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    dataset = dataset if dataset is not None else load_dataset(cfg)
+    if dataset is None:
+        data = load_dataset(cfg)
+    else:
+        data = PreparedData.of(dataset) if isinstance(dataset, MultimodalDataset) else dataset
+    dataset = data.dataset
     torch.manual_seed(cfg.train.seed)
     spec = model_spec(dataset)
     model = make_model(cfg, spec).to(cfg.train.device)
@@ -143,7 +167,7 @@ def build_experiment(cfg: RunConfig, dataset: MultimodalDataset | None = None) -
         modality_dropout=d.modality_dropout,
     )
     EpisodeSampler(dataset, "val", d.ways, d.shots, d.queries)  # the val split can serve them: checked up front
-    return Experiment(cfg, dataset, model, algorithm, sampler)
+    return Experiment(cfg, data, model, algorithm, sampler)
 
 
 @dataclass
@@ -173,8 +197,8 @@ class TrainedModel:
             exp.algorithm,
             model_spec(d),
             train,
-            d.metadata.get("inputs") or InputFormat.of(d),
-            d.metadata.get("standardizer"),
+            exp.data.inputs,
+            exp.data.standardizer,
             [str(names[c]) for c in train] if names is not None and len(names) else None,
         )
 
@@ -197,7 +221,7 @@ class TrainedModel:
     def prepare(self, data: MultimodalDataset) -> MultimodalDataset:
         """A user's data through the pipeline the model was meta-trained on: frozen features where the
         encoder is frozen, then the meta-train split's standardisation (never refitted on the user's data)."""
-        data = with_frozen_features(self.cfg, data)
+        data, _ = with_frozen_features(self.cfg, data)
         return self.standardizer(data) if self.standardizer is not None else data
 
     @staticmethod
@@ -229,11 +253,13 @@ class TrainedModel:
 
 
 def load_trained(algorithm: MetaAlgorithm, state: dict[str, Any]) -> None:
-    """A checkpoint's meta-parameters into ``algorithm``, and the algorithm's own state where the checkpoint
-    holds it (Reptile's inner optimizer, which ``algo.warm_test_optimizer`` evaluates from)."""
+    """A checkpoint's meta-parameters into ``algorithm``, the algorithm's own state where the checkpoint
+    holds it (Reptile's inner optimizer, which ``algo.warm_test_optimizer`` evaluates from), and the centroid's
+    share of its predictions that selection chose (``engine.selection``; 0 where none ran)."""
     algorithm.module.load_state_dict(state["module"])
     if "algorithm" in state:
         algorithm.load_state_dict(state["algorithm"])
+    algorithm.centroid_weight = (state.get("selection") or {}).get("centroid_weight", 0.0)
 
 
 def model_args(exp: Experiment) -> dict[str, Any]:

@@ -89,9 +89,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def run_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """A run folder's checkpoint to evaluate: ``best.pt`` (by meta-val accuracy) where it exists, else ``last.pt``."""
+    """A run folder's checkpoint to evaluate: ``selected.pt`` (what selection on validation kept:
+    ``engine.selection``), else ``best.pt`` (by meta-val accuracy, the start included), else ``last.pt``."""
     run_dir = Path(run_dir)
-    return run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
+    for name in ("selected.pt", "best.pt"):
+        if (run_dir / name).exists():
+            return run_dir / name
+    return run_dir / "last.pt"
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:

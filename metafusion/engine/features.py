@@ -23,8 +23,10 @@ from ..models.encoders import default_encoder, encoder_for
 from ..models.encoders.pretrained import FrozenPart, PretrainedEncoder, content_key
 
 
-def with_frozen_features(cfg: RunConfig, dataset: MultimodalDataset) -> MultimodalDataset:
-    """``dataset`` with each modality read by a pretrained encoder replaced by its frozen part's output."""
+def with_frozen_features(cfg: RunConfig, dataset: MultimodalDataset) -> tuple[MultimodalDataset, tuple[str, ...]]:
+    """``dataset`` with each modality read by a pretrained encoder replaced by its frozen part's output, and
+    the modalities whose output is activations a pretrained top reads as they are (never standardised)."""
+    activations = []
     for m in dataset.modalities:
         if cfg.model.modalities and m not in cfg.model.modalities:
             continue  # the model does not read it
@@ -32,7 +34,9 @@ def with_frozen_features(cfg: RunConfig, dataset: MultimodalDataset) -> Multimod
         if issubclass(encoder, PretrainedEncoder):
             part = encoder.frozen_part(dataset.metadata, **cfg.model.options.get(m, {}))
             dataset = embed(dataset, m, part)
-    return dataset
+            if not part.standardize:
+                activations.append(m)
+    return dataset, tuple(activations)
 
 
 def embed(dataset: MultimodalDataset, modality: str, part: FrozenPart) -> MultimodalDataset:
@@ -51,10 +55,7 @@ def embed(dataset: MultimodalDataset, modality: str, part: FrozenPart) -> Multim
     features = cached(relative, lambda: _run(part, source, f"{dataset.name} {modality}"))
     full = features.new_zeros(len(dataset), *features.shape[1:])
     full[rows] = features
-    out = dataset.map_modality(modality, lambda _: full)
-    if not part.standardize:  # activations a pretrained top reads as they are
-        out.metadata = {**out.metadata, "unstandardized": [*out.metadata.get("unstandardized", []), modality]}
-    return out
+    return dataset.map_modality(modality, lambda _: full)
 
 
 class _Rows:

@@ -164,6 +164,7 @@ class Predictor:
                     "modalities": list(self.support.modalities),
                 },
                 "learner": self.learner.state_dict(),
+                "selection": {"centroid_weight": trained.algorithm.centroid_weight},
                 "versions": library_versions(),
                 **extra,
             },
@@ -186,7 +187,7 @@ class Predictor:
         s = state["support"]
         support = Batch(s["inputs"], s["mask"], s["labels"], tuple(s["modalities"])).to(device)
         with torch.random.fork_rng(devices=[]):  # structure only: the adapted state is loaded below
-            learner = trained.algorithm.adapt(support, 0)
+            learner = trained.algorithm.task_learner(support, 0)
         learner.load_state_dict(state["learner"])
         return Predictor(trained, learner, support, state["classes"], path)
 

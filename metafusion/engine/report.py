@@ -31,6 +31,8 @@ def results_markdown(r: dict[str, Any]) -> str:
         f"| episodes | {r['episodes']} (fingerprint `{r['fingerprint']}`), "
         f"{'transductive' if r.get('transductive', True) else 'non-transductive'} |",
         f"| macro-F1 | {r['macro_f1']:.4f} |",
+        *([f"| vs centroid (same episodes) | {against_centroid(r)} |"] if r.get("vs_centroid") else []),
+        *([f"| selection (validation) | {selection_cell(r['selection'])} |"] if r.get("selection") else []),
         f"| meta-train iterations | {r.get('iterations', '-')} |",
         f"| meta-train time | {r.get('train_seconds', 0):.1f} s |",
         f"| tasks/s | {r.get('tasks_per_s', 0):.2f} |",
@@ -54,6 +56,17 @@ def results_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def against_centroid(r: dict[str, Any]) -> str:
+    """The paired difference with the untrained centroid on the same test episodes, in points."""
+    d = r["vs_centroid"]
+    return f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f} points (centroid {100 * r['centroid_accuracy']:.2f} %)"
+
+
+def selection_cell(s: dict[str, Any]) -> str:
+    """What selection kept: alpha (0 = the start) and the centroid's weight (1 = the centroid alone)."""
+    return f"alpha {s['alpha']:g}, centroid weight {s['centroid_weight']:g}"
+
+
 # -- what the command line prints -------------------------------------------------------------------
 def results_summary(r: dict[str, Any]) -> str:
     """A meta-test's accuracy, interval, protocol and attention weights, with a warning for diverged episodes."""
@@ -67,6 +80,10 @@ def results_summary(r: dict[str, Any]) -> str:
             f"warning: {r['episodes_diverged']} of {r['episodes']} episodes diverged (non-finite logits; their "
             f"queries count as wrong): lower algo.inner_lr_test or algo.inner_steps_test"
         )
+    if r.get("vs_centroid"):
+        lines.append(f"against the untrained centroid on the same episodes (paired 95% CI): {against_centroid(r)}")
+    if r.get("selection"):
+        lines.append(f"model kept by selection on validation: {selection_cell(r['selection'])}")
     if r.get("modality_weights"):
         lines.append("attention weights: " + ", ".join(f"{m} {w:.3f}" for m, w in r["modality_weights"].items()))
     if split := r.get("corrupted_weights"):
@@ -261,6 +278,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
         "algorithm",
         "modalities",
         "accuracy (95% CI)",
+        "vs centroid (paired)",
         "macro-F1",
         "meta-train time",
         "tasks/s",
@@ -273,6 +291,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
             r["algorithm"],
             "+".join(r["modalities"]),
             f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_ci95']:.2f} %",
+            _paired_cell(r),
             f"{r['macro_f1']:.3f}",
             f"{r['train_seconds']:.1f} s",
             f"{r['tasks_per_s']:.1f}",
@@ -283,6 +302,11 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
         cells += [f"{weights[m]:.3f}" if m in weights else "—" for m in modalities]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _paired_cell(r: dict[str, Any]) -> str:
+    d = r.get("vs_centroid")
+    return f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f}" if d else "—"
 
 
 def write_compare(out: Path, rows: list[dict[str, Any]]) -> str:

@@ -23,7 +23,8 @@ from ..errors import InputError
 MARKER = ".metafusion-run"
 # Folders of metafusion 0.1 have no marker; one whose every entry is a name a run writes is one too.
 RUN_ENTRIES = {
-    "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "train.json", "tensorboard", "finetune",
+    "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "start.pt", "selected.pt", "selection.json",
+    "train.json", "tensorboard", "finetune", "task_weights.csv", "task_weights.png", "corrupted_weights.png",
     "learning_curve.png", "attention.png", "compare.md", "compare.csv", "model.pt", "finetune.json",
     "predictions.csv", "predictions.jsonl", "predictions.png",
 }  # fmt: skip

@@ -19,18 +19,21 @@ import torch
 import yaml
 
 from ..algorithms.base import classification_metrics
+from ..algorithms.test_time import SupportTuning
 from ..config import RunConfig, from_dict, to_dict
 from ..data import Episode, EpisodeSampler
 from ..errors import InputError, warn
 from . import distributed
+from .analysis import Analysis
 from .build import Experiment, TrainedModel, build_experiment, load_trained
 from .checkpoint import git_commit, hardware, library_versions, load_checkpoint, run_checkpoint
-from .evaluate import meta_test
+from .evaluate import centroid_accuracies, meta_test, paired_difference
 from .memory import peak_memory_mb
 from .predictor import PREDICT_PROTOCOL, Predictions, Predictor
 from .report import plot_run, write_compare, write_results, write_task_weights
 from .resolve import resolve
 from .run_folder import RunFolderError, check_out, is_run_folder, locked, new_run_folder
+from .selection import select_run
 from .train import meta_train, stop_requests
 
 # Where meta-test writes each protocol's results (the names of the published protocols' files stay).
@@ -130,6 +133,9 @@ def stage_meta_train(
         train["ranks"] = rank.world
         train["hardware"] = hardware(cfg.train.device)
         if rank.main:
+            chosen = select_run(exp, run_dir, (train.get("validation") or {}).get("episodes"), quiet=quiet)
+            if chosen is not None:
+                train["selection"] = {k: v for k, v in chosen.to_dict().items() if k != "candidates"}
             (run_dir / "train.json").write_text(json.dumps(train, indent=2) + "\n")
     return exp, train, run_dir
 
@@ -152,18 +158,28 @@ def stage_meta_test(
     protocol: str | None = None,
     quiet: bool = False,
     experiment: Experiment | None = None,
+    tune: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a run's best checkpoint (or ``checkpoint``) on the fixed test episodes.
+    """Evaluate a run's checkpoint (``run_checkpoint``: the selected model, or ``checkpoint``) on the fixed test
+    episodes, with the untrained centroid on the same episodes and the paired difference.
 
     ``protocol`` (default: the run's ``algo.transductive``) says how queries are classified
-    (``MetaAlgorithm.predict_with_weights``); each protocol's results have their own files
-    (``RESULTS_STEM``: ``results.json`` for the transductive one)."""
+    (``MetaAlgorithm.predict_with_weights``); ``tune``: fine-tune on each support set first
+    (``SupportTuning``). Each protocol's results have their own files (``RESULTS_STEM``: ``results.json`` for
+    the transductive one), suffixed with another checkpoint's name (``results_last.json``) and ``_tuned``."""
     run_dir = Path(run_dir)
     ckpt_path = Path(checkpoint) if checkpoint else run_checkpoint(run_dir)
     state = load_checkpoint(ckpt_path)
     exp = experiment or build_experiment(from_dict(state["config"]))
     load_trained(exp.algorithm, state)
     exp.algorithm.evaluation_protocol = exp.algorithm.protocol(protocol)
+    if tune and exp.algorithm.meta_parameters:
+        exp.algorithm.tuning = SupportTuning(exp.cfg.tune)
+    stem = RESULTS_STEM[exp.algorithm.evaluation_protocol]
+    if ckpt_path.resolve() != run_checkpoint(run_dir).resolve():
+        stem += f"_{ckpt_path.stem}"
+    if exp.algorithm.tuning is not None:
+        stem += "_tuned"
     if not is_run_folder(run_dir):  # results are written beside the checkpoint: only into a run folder
         raise RunFolderError(
             f"meta-test writes its results into {run_dir}, which is not a run folder; copy the checkpoint into a "
@@ -171,15 +187,29 @@ def stage_meta_test(
         )
     with locked(run_dir):
         tests = exp.test_episodes(episodes)
-        result = meta_test(exp.algorithm, tests, quiet=quiet, device=exp.cfg.train.device, corrupted=exp.corrupted)
+        analysis = Analysis(exp.algorithm, exp.corrupted)
+        device = exp.cfg.train.device
+        result = meta_test(exp.algorithm, tests, quiet=quiet, device=device, observe=analysis.add)
         train_path = run_dir / "train.json"
         train = json.loads(train_path.read_text()) if train_path.exists() else None
-        summary = _summary(exp, result, train, run_dir)
+        summary = _summary(exp, result, train, run_dir) | analysis.summary()
         summary["checkpoint"] = str(ckpt_path)
-        write_results(run_dir, summary, RESULTS_STEM[exp.algorithm.evaluation_protocol])
-        if result.per_task:
-            write_task_weights(run_dir, result.per_task)
-        plot_run(run_dir, summary, result.per_task)
+        summary["selection"] = state.get("selection")
+        tuning = exp.algorithm.tuning
+        summary["tuned"] = tuning is not None
+        if tuning is not None:  # how often each learning rate won (0: the meta-learned weights kept)
+            summary["tuning_rates"] = {f"{lr:g}": n for lr, n in sorted(tuning.chosen.items())}
+        summary["seconds_per_episode"] = result.seconds / max(result.episodes, 1)
+        summary["stem"] = stem
+        if exp.algorithm.meta_parameters:  # the untrained baseline on the same episodes, paired
+            centroid = centroid_accuracies(exp.algorithm, tests, device)
+            summary["centroid_accuracy"] = sum(centroid) / len(centroid)
+            summary["vs_centroid"] = paired_difference(result.accuracies, centroid)
+        write_results(run_dir, summary, stem)
+        per_task = analysis.rows()
+        if per_task:
+            write_task_weights(run_dir, per_task)
+        plot_run(run_dir, summary, per_task)
     return summary
 
 
@@ -192,6 +222,7 @@ def stage_fine_tune(
     quiet: bool = False,
     out: str | Path | None = None,
     overwrite: bool = False,
+    tune: bool = False,
 ) -> dict[str, Any]:
     """Adapt the meta-learned model to one new task and save it as a self-describing adapted model
     (``out/model.pt``, by default ``RUN/finetune/model.pt``, read by ``metafusion predict`` and
@@ -200,7 +231,8 @@ def stage_fine_tune(
     ``task="heldout"``: one N-way K-shot task drawn (with ``seed``) from the test classes.
     Otherwise ``task`` is a path to a user's folder or manifest (see docs/datasets.md); each of its
     classes gives ``shots`` support samples and the rest are queries. A user's task needs no training
-    data: the checkpoint rebuilds the model and its input pipeline.
+    data: the checkpoint rebuilds the model and its input pipeline. ``tune`` (or the run's ``tune.enabled``):
+    fine-tune the model on the support set first, with a learning-rate search that includes 0.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -217,6 +249,8 @@ def stage_fine_tune(
         trained = TrainedModel.of(exp)
     else:
         trained = TrainedModel.restore(state)
+    if tune and trained.algorithm.meta_parameters:
+        trained.algorithm.tuning = SupportTuning(trained.cfg.tune)
     d = trained.cfg.data
     if task == "heldout":
         episode = EpisodeSampler(exp.dataset, "test", d.ways, d.shots, d.queries, seed=seed).sample()
@@ -225,7 +259,7 @@ def stage_fine_tune(
     else:
         episode, classes, query_ids = user_task(task, trained, d.shots)
     episode = episode.to(trained.cfg.train.device)
-    learner = trained.algorithm.adapt(episode.support, steps)
+    learner = trained.algorithm.task_learner(episode.support, steps)
     logits = trained.algorithm.predict(learner, episode, PREDICT_PROTOCOL)  # as the saved model will predict
     metrics = classification_metrics(logits, episode.query.labels, episode.ways)
     finite = torch.isfinite(logits).all(1).tolist()
@@ -247,6 +281,8 @@ def stage_fine_tune(
             "query_ids": query_ids,
             "query_predictions": [classes[i] if ok else None for i, ok in zip(logits.argmax(1).tolist(), finite)],
             "steps": steps if steps is not None else trained.cfg.algo.inner_steps_test,
+            "tuned": trained.algorithm.tuning is not None,
+            "centroid_weight": trained.algorithm.centroid_weight,
             "model": str(model_path),
             "predict": f"metafusion predict --model {model_path} --data YOUR_FILES --out {out / 'predictions.csv'}",
         }
@@ -386,7 +422,7 @@ def stage_compare(
                 given = build_experiment(c, centroid_data)
             exp, _, run_dir = stage_meta_train(c, out / folder, quiet=quiet, experiment=given)
             if folder == "centroid":
-                centroid_data = exp.dataset
+                centroid_data = exp.data
             rows.append(stage_meta_test(run_dir, quiet=quiet, experiment=exp))
         if len({r["fingerprint"] for r in rows}) != 1:  # internal invariant: the comparison would be unfair
             raise AssertionError("algorithms were tested on different episodes")

@@ -23,6 +23,7 @@ from .evaluate import meta_test
 from .memory import PeakMemory, peak_memory_mb
 from .metrics_log import MetricsLog
 from .optimization import OPTIMIZERS, SCHEDULES
+from .selection import loaded
 
 
 class NonFiniteLossError(InputError, RuntimeError):
@@ -56,6 +57,8 @@ class TrainState:
 
     step: int = 0
     best: float = -1.0  # best meta-validation accuracy so far
+    best_step: int = -1  # the step best.pt holds (0: the start, before any meta-update)
+    start_accuracy: float | None = None  # the start's accuracy on the first validation's episodes
     elapsed: float = 0.0  # seconds of meta-training; validation time is not counted
     plan: ValidationPlan | None = None  # None until planned (train.val_interval = 0)
 
@@ -75,6 +78,7 @@ class _Session:
     stop_at: int | None
     progress: Callable[[int], float]  # how far the run is after that many iterations, 0 to 1
     val_seconds: float = 0.0  # time spent validating in this call (not meta-training time)
+    start: dict | None = None  # the checkpoint of the weights before any meta-update (a call begun at step 0)
 
 
 def plan_validation(exp: Experiment, step_seconds: float) -> tuple[ValidationPlan, float]:
@@ -194,6 +198,8 @@ def meta_train(
         exp.train_sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
         state.step, state.best, state.elapsed = ckpt["step"], ckpt["best_val_accuracy"], ckpt["elapsed"]
+        state.best_step = ckpt.get("best_step", -1)
+        state.start_accuracy = ckpt.get("start_accuracy")
         if ckpt.get("validation"):  # the interrupted run's plan, so the resumed run validates where it would have
             state.plan = ValidationPlan(**ckpt["validation"])
     distributed.broadcast_parameters(params)
@@ -219,6 +225,8 @@ def meta_train(
         "seconds": state.elapsed,
         "tasks_per_s": state.step * cfg.meta_batch / max(state.elapsed, 1e-9),
         "best_val_accuracy": state.best,
+        "best_step": state.best_step,
+        "start_val_accuracy": state.start_accuracy,
         "peak_memory_mb": memory.peak_mb,
         "validation": asdict(state.plan) if state.plan else None,
     }
@@ -232,6 +240,9 @@ def _loop(exp: Experiment, state: TrainState, session: _Session) -> None:
 
     def clock() -> float:
         return elapsed_before + time.perf_counter() - start - session.val_seconds
+
+    if state.step == 0 and session.rank.main:
+        _save_start(exp, state, session)
 
     while state.step < cfg.iterations:
         step_started = clock()
@@ -309,13 +320,33 @@ def _plan_validation(exp: Experiment, state: TrainState, session: _Session, step
         )
 
 
+def _save_start(exp: Experiment, state: TrainState, session: _Session) -> None:
+    """``start.pt``: the weights before any meta-update (a candidate for ``best.pt``, validated with the first
+    validation, and where selection interpolates from)."""
+    session.start = _payload(exp, state)
+    session.start["module"] = {k: v.clone() for k, v in session.start["module"].items()}
+    if session.run_dir:
+        save_checkpoint(session.run_dir / "start.pt", session.start)
+
+
 def _validate(exp: Experiment, state: TrainState, session: _Session) -> float:
-    """Meta-validate (on the plan's episodes), keeping ``best.pt`` when it is the best so far."""
+    """Meta-validate (on the plan's episodes), keeping ``best.pt`` when it is the best so far. The first
+    validation also scores the start on the same episodes: it is a candidate like every later state, so a
+    run that meta-training only made worse hands back where it started."""
     episodes = exp.val_episodes[: state.plan.episodes if state.plan else None]
-    val = meta_test(exp.algorithm, episodes, device=exp.cfg.train.device)
+    device = exp.cfg.train.device
+    if state.best_step < 0 and session.start is not None:
+        with loaded(exp.algorithm.module, session.start["module"]):
+            start = meta_test(exp.algorithm, episodes, device=device)
+        session.val_seconds += start.seconds
+        state.start_accuracy, state.best, state.best_step = start.accuracy_mean, start.accuracy_mean, 0
+        if session.run_dir:
+            kept = {"best_val_accuracy": state.best, "best_step": 0, "start_accuracy": state.start_accuracy}
+            save_checkpoint(session.run_dir / "best.pt", {**session.start, **kept})
+    val = meta_test(exp.algorithm, episodes, device=device)
     session.val_seconds += val.seconds
     if val.accuracy_mean > state.best:
-        state.best = val.accuracy_mean
+        state.best, state.best_step = val.accuracy_mean, state.step
         if session.run_dir:
             save_checkpoint(session.run_dir / "best.pt", _payload(exp, state, session.optimizer, session.scheduler))
     return val.accuracy_mean
@@ -366,6 +397,8 @@ def _payload(exp: Experiment, state: TrainState, opt=None, sched=None) -> dict:
         "rng": rng_state(),
         "step": state.step,
         "best_val_accuracy": state.best,
+        "best_step": state.best_step,
+        "start_accuracy": state.start_accuracy,
         "elapsed": state.elapsed,
         "config": to_dict(exp.cfg),
         "model_args": model_args(exp),
