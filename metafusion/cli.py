@@ -98,6 +98,12 @@ def pretrained_recipes() -> str:
         recipe = ALGORITHMS.get(name).pretrained_defaults
         if recipe:
             lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+    lines.append(
+        "Every run then hands over the model that selection on validation keeps among the start, the trained "
+        "weights, their interpolations (select.alphas) and mixtures with the untrained centroid "
+        "(select.centroid_weights): never below the start on validation. Test-time fine-tuning on each support "
+        "set (meta-test/fine-tune --tune, tune.*) is off: on the tables it rarely beat rate 0 (docs/results.md)."
+    )
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ def test_maml_on_synthetic_multimodal_learns_above_chance(small_synthetic):
             "model.hidden": 16,
             "data.queries": 5,
             "data.val_episodes": 5,
-            "train.iterations": 20,
+            "train.iterations": 40,
             "train.meta_batch": 4,
         },
     )
