@@ -58,7 +58,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any config key, e.g. --set model.attention=scalar (repeatable)",
+        help="any config key, e.g. --set train.meta_lr=0.0005 (repeatable)",
     )
     g.add_argument("--out", help="run folder (default: runs/<algo>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")

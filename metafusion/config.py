@@ -7,7 +7,7 @@ the component they belong to when the config is resolved (``metafusion.engine.re
 with a hyperparameter of its own is therefore one file and one registration; nothing here changes.
 
     data.<key>             the dataset's options (``--set data.image_size=80``)
-    model.<key>            the fusion's options (``--set model.attention=scalar``)
+    model.<key>            the fusion's options (``--set model.fusion=attention --set model.attention=scalar``)
     model.<modality>.<key> that modality's encoder's options (``--set model.image.input_size=112``)
     algo.<key>             the algorithm's options (``--set algo.metric=cosine``)
 

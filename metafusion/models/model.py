@@ -143,7 +143,7 @@ def build_model(
     ways: int,
     width: int = 64,
     hidden: int = 64,
-    fusion: str = "attention",
+    fusion: str = "mean",  # the config's default (config.ModelConfig.fusion)
     encoders: dict[str, str] | None = None,
     fusion_options: dict | None = None,
     encoder_options: dict[str, dict] | None = None,
