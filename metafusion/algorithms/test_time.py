@@ -32,15 +32,15 @@ class SupportTuning:
 
     def tuned(self, algorithm, support: Batch):
         """A copy of ``algorithm`` whose model is fine-tuned on ``support`` at the best-scoring rate (the copy
-        itself where 0 wins), plus the chosen rate."""
+        untouched where 0 wins; ``algorithm`` itself where there is nothing to tune), plus the chosen rate."""
         o = self.options
+        if not any(o.lrs) or not any(p.requires_grad for p in algorithm.module.parameters()):
+            self.chosen[0.0] = self.chosen.get(0.0, 0) + 1
+            return algorithm, 0.0
         gen = torch.Generator().manual_seed(o.seed)
         twin = copy.deepcopy(algorithm)
         twin.tuning = None
         params = [p for p in twin.module.parameters() if p.requires_grad]
-        if not params or not any(o.lrs):
-            self.chosen[0.0] = self.chosen.get(0.0, 0) + 1
-            return twin, 0.0
         fit, score_support, score_query = self._splits(support, gen)
         start = [p.detach().clone() for p in params]
         best_lr, best = 0.0, _score(twin, score_support, score_query)

@@ -48,7 +48,12 @@ class Selection:
             return "the centroid alone (no training): meta-training did not help on validation"
         if self.alpha == 0.0 and self.centroid_weight == 0.0:
             return "the start (untrained weights): meta-training did not help on validation"
-        parts = ["the trained weights" if self.alpha == 1.0 else f"weights {self.alpha:g} of the way from start"]
+        if self.alpha == 1.0:
+            parts = ["the trained weights"]
+        elif self.alpha == 0.0:
+            parts = ["the start (untrained weights)"]
+        else:
+            parts = [f"weights {self.alpha:g} of the way from the start to the trained ones"]
         if self.centroid_weight:
             parts.append(f"mixed with the centroid at weight {self.centroid_weight:g}")
         return " ".join(parts)
@@ -81,7 +86,7 @@ def select(
     as it was (the caller loads the chosen weights: ``interpolate(start, trained, selection.alpha)``)."""
     began = time.perf_counter()
     own_weight, algorithm.centroid_weight = algorithm.centroid_weight, 0.0
-    device = next(iter(start.values())).device
+    device = next(algorithm.module.parameters(), torch.empty(0)).device  # checkpoints load on the CPU
     episodes = [e.to(device) for e in episodes]
     labels = [e.query.labels for e in episodes]
     centroid = [algorithm.centroid(e.support)(e.query) for e in episodes]
@@ -97,7 +102,7 @@ def select(
                         for p in algorithm.evaluate_many(episodes[i : i + EPISODES_PER_CALL])
                     ]
             for w in sorted(set(weights)):
-                if w == 1.0 and candidates and any(c["centroid_weight"] == 1.0 for c in candidates):
+                if w == 1.0 and any(c["centroid_weight"] == 1.0 for c in candidates):
                     continue  # the centroid alone does not depend on alpha
                 logits = centroid if w == 1.0 else [mix(lg, c, w) for lg, c in zip(learned, centroid)]
                 accs = _accuracies(logits, labels)
