@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from conftest import tiny_episode, tiny_tabular_model
 
 from metafusion.algorithms import ALGORITHMS, FOMAML, MAML, Centroid, MetaSGD, ProtoNet, Reptile
+from metafusion.algorithms.centroid import CentroidOptions
+from metafusion.algorithms.maml import MAMLOptions
+from metafusion.algorithms.protonet import ProtoNetOptions
+from metafusion.algorithms.reptile import ReptileOptions
 from metafusion.config import load_config
 from metafusion.engine import build_experiment, meta_test, meta_train
 from metafusion.engine.resolve import resolve
@@ -78,8 +82,12 @@ def test_first_order_warmup_gives_fomamls_gradient_then_mamls():
     torch.manual_seed(0)
     model, episode = tiny_tabular_model(), tiny_episode()
     grads = {}
-    for name, algo_class, kwargs in [("fo", FOMAML, {}), ("so", MAML, {}), ("warm", MAML, {"first_order_warmup": 0.4})]:
-        algo = algo_class(copy.deepcopy(model), **kwargs, **COMMON)
+    for name, algo_class, options in [
+        ("fo", FOMAML, None),
+        ("so", MAML, None),
+        ("warm", MAML, MAMLOptions(first_order_warmup=0.4)),
+    ]:
+        algo = algo_class(copy.deepcopy(model), options, **COMMON)
         for progress in (0.0, 0.39, 0.4, 1.0):
             algo.model.zero_grad(set_to_none=True)
             algo.set_progress(progress)
@@ -97,7 +105,7 @@ def test_first_order_warmup_gives_fomamls_gradient_then_mamls():
 
 def _sgd_reptile(model, episodes, lr, steps):
     kwargs = dict(COMMON, inner_lr=lr, inner_steps=steps)
-    return Reptile(model, inner_batch=100, inner_optimizer="sgd", **kwargs)
+    return Reptile(model, ReptileOptions(inner_batch=100, inner_optimizer="sgd"), **kwargs)
 
 
 def test_reptile_one_step_matches_closed_form():
@@ -170,7 +178,7 @@ def test_reptile_inner_adam_matches_torch_adam_with_beta1_zero():
         opt.zero_grad()
         F.cross_entropy(hand(episode.support), episode.support.labels).backward()
         opt.step()
-    algo = Reptile(model, inner_batch=100, **dict(COMMON, inner_lr=0.01, inner_steps=4))
+    algo = Reptile(model, ReptileOptions(inner_batch=100), **dict(COMMON, inner_lr=0.01, inner_steps=4))
     algo.meta_backward([episode])  # .grad = -(theta~ - theta)
     assert torch.allclose(_flat([p - p.grad for p in model.parameters()]), _flat(hand.parameters()), atol=1e-12)
 
@@ -208,7 +216,7 @@ def test_maml_learned_per_layer_rates_are_meta_learned():
     plain_model, learned_model = tiny_tabular_model(), tiny_tabular_model()
     learned_model.load_state_dict(plain_model.state_dict())
     plain = MAML(plain_model, **COMMON)
-    learned = MAML(learned_model, learn_inner_lr=True, **COMMON)
+    learned = MAML(learned_model, MAMLOptions(learn_inner_lr=True), **COMMON)
     assert plain.layer_lrs is None and len(learned.layer_lrs) == len(list(learned_model.parameters()))
     episode = tiny_episode()
     plain.meta_backward([episode])
@@ -317,12 +325,12 @@ def test_task_batched_meta_gradient_equals_the_per_task_loop(name, steps, scope)
         algo = ALGORITHMS.build(
             name,
             model,
+            ALGORITHMS.get(name).Options(task_batched=batched),
             inner_lr=0.3,
             inner_steps=steps,
             inner_lr_test=0.3,
             inner_steps_test=1,
             adapt_scope=scope,
-            task_batched=batched,
         )
         model.zero_grad(set_to_none=True)
         metrics = algo.meta_backward(tasks)
@@ -336,11 +344,11 @@ def test_task_batched_refuses_what_it_cannot_batch():
     with pytest.raises(ValueError, match="algo.task_batched is an option of anil and fomaml and maml"):
         resolve(load_config(None, {"algo.name": "reptile", "algo.task_batched": True}))
     with pytest.raises(ValueError, match="learned inner learning rates"):
-        MetaSGD(tiny_tabular_model(), task_batched=True, **COMMON)
+        MetaSGD(tiny_tabular_model(), MAMLOptions(task_batched=True), **COMMON)
     model, a, b = tiny_tabular_model(), tiny_episode(seed=0), tiny_episode(seed=1)
     b.query.mask[0, 1] = False  # one query sample lacks a modality: the batched network cannot branch per task
     with pytest.raises(ValueError, match="same modality mask"):
-        MAML(model, task_batched=True, **COMMON).meta_backward([a, b])
+        MAML(model, MAMLOptions(task_batched=True), **COMMON).meta_backward([a, b])
 
 
 def test_reptile_warm_test_optimizer_steps_from_the_training_adams_moments():
@@ -350,7 +358,7 @@ def test_reptile_warm_test_optimizer_steps_from_the_training_adams_moments():
     torch.manual_seed(0)
     model, episode = tiny_tabular_model(), tiny_episode(seed=4)
     kwargs = dict(inner_lr=1e-3, inner_steps=3, inner_lr_test=0.01, inner_steps_test=1)
-    algo = Reptile(model, inner_batch=100, warm_test_optimizer=True, **kwargs)
+    algo = Reptile(model, ReptileOptions(inner_batch=100, warm_test_optimizer=True), **kwargs)
     algo.meta_backward([tiny_episode(seed=5), tiny_episode(seed=6)])  # 2 tasks x 3 inner Adam steps
     v0 = list(algo._unflatten(algo.adam.second_moment.clone(), algo.layout).values())
     assert set(algo.adam.steps.tolist()) == {6}
@@ -392,7 +400,7 @@ def test_reptile_loads_the_torch_adam_state_metafusion_0_1_checkpointed():
         p.grad = torch.randn_like(p)
     old.step()
     old.step()
-    algo = Reptile(model, inner_batch=100, **COMMON)
+    algo = Reptile(model, ReptileOptions(inner_batch=100), **COMMON)
     algo.load_state_dict({"inner_optimizer": old.state_dict(), "generator": torch.Generator().get_state()})
     expected = torch.cat([old.state[p]["exp_avg_sq"].flatten() for p in params])
     assert torch.equal(algo.adam.second_moment, expected) and set(algo.adam.steps.tolist()) == {2.0}
@@ -505,7 +513,7 @@ def test_reptile_keeps_a_parameter_without_gradient_where_a_modality_is_absent()
     and one episode at a time alike) leaves that encoder's weights where they are."""
     model, episode = tiny_tabular_model(), tiny_episode()
     episode.support.mask[:, 1] = False
-    algo = Reptile(model, inner_batch=10, **COMMON)
+    algo = Reptile(model, ReptileOptions(inner_batch=10), **COMMON)
     learner = algo.adapt(episode.support)
     absent = [n for n, _ in model.named_parameters() if n.startswith("encoders.tab1.")]
     moved = dict(learner.named_parameters())
@@ -581,7 +589,7 @@ def test_centroid_is_the_nearest_mean_of_l2_normalised_modalities():
     cosine = F.normalize(zq, dim=1) @ F.normalize(protos, dim=1).T
     learner = Centroid(model, **COMMON).adapt(episode.support)
     assert torch.allclose(learner(episode.query), 10 * cosine)
-    euclid = Centroid(model, metric="euclidean", **COMMON).adapt(episode.support)
+    euclid = Centroid(model, CentroidOptions(metric="euclidean"), **COMMON).adapt(episode.support)
     assert torch.allclose(euclid(episode.query), -(torch.cdist(zq, protos) ** 2))
     assert list(Centroid(model, **COMMON).parameters()) == []  # nothing to meta-learn
 
@@ -599,7 +607,7 @@ def test_centroid_reads_token_ids_as_a_bag_of_words():
 
 def test_protonet_cosine_uses_a_meta_learned_scale():
     model, episode = tiny_tabular_model(), tiny_episode()
-    algo = ProtoNet(model, metric="cosine", **COMMON)
+    algo = ProtoNet(model, ProtoNetOptions(metric="cosine"), **COMMON)
     algo.meta_backward([episode])
     scale = algo.scale.log_scale
     assert scale.grad is not None and scale.grad.abs() > 0
@@ -612,7 +620,7 @@ def test_protonet_cosine_uses_a_meta_learned_scale():
 
 def test_proto_maml_starts_the_head_at_the_prototypes_and_trains_the_encoder_through_them():
     model, episode = tiny_tabular_model(), tiny_episode()
-    algo = MAML(model, proto_init=True, **{**COMMON, "inner_steps_test": 0})
+    algo = MAML(model, MAMLOptions(proto_init=True), **{**COMMON, "inner_steps_test": 0})
     z_s, z_q = model.features(episode.support), model.features(episode.query)
     c = torch.stack([z_s[episode.support.labels == k].mean(0) for k in range(episode.ways)])
     expected = 2 * z_q @ c.T - (c**2).sum(1)  # = -||z - c||^2 + ||z||^2: ProtoNet's ranking

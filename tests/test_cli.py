@@ -14,8 +14,10 @@ import pytest
 import torch
 import yaml
 
+from metafusion.algorithms import ALGORITHMS
 from metafusion.cli import main
 from metafusion.engine.checkpoint import load_checkpoint
+from metafusion.models import FUSIONS
 
 TINY_RUN = [
     "--queries",
@@ -62,10 +64,10 @@ def test_bad_usage_exits_non_zero_with_usage(argv, capsys):
     "args,message",
     [
         (["--set", "train.iterationz=3"], "unknown config key 'train.iterationz'"),
-        (["--algo", "mamal"], "choose one of: anil, centroid, finetune, fomaml, maml, metasgd, protonet, reptile"),
+        (["--algo", "mamal"], "choose one of: " + ", ".join(ALGORITHMS.names())),
         (["--modalities", "image,smell"], "no modality 'smell'"),
         (["--dataset", "omniglot", "--data-root", "/nonexistent/data"], "/nonexistent/data does not exist"),
-        (["--fusion", "sum"], "attention, concat, late, matched, mean, task, transformer"),
+        (["--fusion", "sum"], "choose one of: " + ", ".join(FUSIONS.names())),
         (["--set", "data.train_ways=10"], "only protonet (no classifier head) can train on more ways"),
         (["--set", "algo.metric=cosine"], "unknown config key 'algo.metric' for algorithm maml (algo.metric is an opt"),
         (

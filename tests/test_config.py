@@ -2,10 +2,11 @@
 
 import pytest
 
-from metafusion.algorithms import Reptile
+from metafusion.algorithms import ALGORITHMS, Reptile
 from metafusion.config import load_config
 from metafusion.engine.resolve import resolve
 from metafusion.errors import ConfigError
+from metafusion.models import FUSIONS
 
 
 def configured(overrides: dict, path=None):
@@ -38,8 +39,8 @@ def test_unknown_key_lists_valid_keys(tmp_path):
 @pytest.mark.parametrize(
     "key,value,match",
     [
-        ("algo.name", "mamal", "choose one of: anil, centroid, finetune, fomaml, maml"),
-        ("model.fusion", "sum", "attention, concat, late, matched, mean, task, transformer"),
+        ("algo.name", "mamal", "choose one of: " + ", ".join(ALGORITHMS.names())),
+        ("model.fusion", "sum", "choose one of: " + ", ".join(FUSIONS.names())),
         ("data.ways", "five", "expected an integer"),
         ("data.ways", 0, "data.ways must be >= 2"),
         ("data.shots", 0, "data.shots must be >= 1"),

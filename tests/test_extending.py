@@ -84,10 +84,6 @@ def register_toys() -> None:
         defaults.update(optimizer="adam", schedule="constant")
         Options = ZeroStepOptions
 
-        def __init__(self, model, *, test_momentum: float = 0.0, **kwargs):
-            super().__init__(model, **kwargs)
-            self.test_momentum = test_momentum
-
         def meta_backward(self, tasks):
             tally = TaskTally()
             for task in tasks:
@@ -99,7 +95,7 @@ def register_toys() -> None:
 
         def adapt(self, support, steps=None):
             learner = copy.deepcopy(self.model)
-            opt = torch.optim.SGD(learner.parameters(), lr=self.inner_lr_test, momentum=self.test_momentum)
+            opt = torch.optim.SGD(learner.parameters(), lr=self.inner_lr_test, momentum=self.options.test_momentum)
             with torch.enable_grad():
                 for _ in range(self.inner_steps_test if steps is None else steps):
                     opt.zero_grad()
@@ -128,7 +124,7 @@ def test_a_dataset_encoder_fusion_and_algorithm_defined_in_one_file_run_every_st
     model = metafusion.load(run)  # the adapted model rebuilds from the registered names alone
     assert isinstance(model.trained.model.fusion, FUSIONS.get("toy-max"))
     assert type(model.trained.model.encoders["signal"]).__name__ == "ToyLinear"
-    assert model.algorithm.test_momentum == 0.5  # the option reached the algorithm, and travels with the model
+    assert model.algorithm.options.test_momentum == 0.5  # the option reached the algorithm, and travels with the model
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["per_class"] == 14 and saved["algo"]["test_momentum"] == 0.5
     assert len(exp_dataset(saved)) == 12 * 14

@@ -64,7 +64,7 @@ class MetaAlgorithm:
     # The recipe measured best when the model reads a modality through a pretrained encoder (docs/results.md):
     # dotted keys set where the config leaves them unset ("model.*.trainable": every pretrained encoder's)
     pretrained_defaults: dict[str, Any] = {}
-    Options: type = NoOptions  # its own algo.* keys (a dataclass; each field is an __init__ keyword)
+    Options: type = NoOptions  # its own algo.* keys (a dataclass; an instance is the second __init__ argument)
     inner_loop = True  # False: no gradient steps at test time (an inner learning rate of 0 is then fine)
     step_keys: tuple[str, ...] = ()  # the algo.* keys that count steps it takes (so they must be >= 1)
     scoped_adaptation = True  # False: it adapts no model parameter, so model.adapt means nothing to it
@@ -93,6 +93,7 @@ class MetaAlgorithm:
         a = cfg.algo
         algorithm = cls(
             model,
+            cls.Options(**a.options),
             inner_lr=a.inner_lr,
             inner_steps=a.inner_steps,
             inner_lr_test=a.inner_lr_test,
@@ -101,7 +102,6 @@ class MetaAlgorithm:
             adapt_scope=cfg.model.adapt,
             batched_eval=a.batched_eval,
             vocab_size=spec.vocab_size,
-            **a.options,
             **cls.config_kwargs(cfg, spec, train_classes),
         )
         if cfg.tune.enabled and algorithm.meta_parameters:
@@ -116,6 +116,7 @@ class MetaAlgorithm:
     def __init__(
         self,
         model: FusionModel,
+        options=None,
         *,
         inner_lr: float,
         inner_steps: int,
@@ -127,6 +128,7 @@ class MetaAlgorithm:
         vocab_size: int = 0,
     ):
         self.model = model
+        self.options = self.Options() if options is None else options  # its own algo.* keys, defaults in Options
         self.vocab_size = vocab_size  # token ids' range, for the frozen bag-of-words features of raw text
         # The weight of the nearest class mean on frozen features in every prediction (0: the learner alone,
         # 1: the centroid alone), chosen on validation after meta-training (engine.selection).

@@ -36,9 +36,9 @@ class Centroid(MetaAlgorithm):
     Options = CentroidOptions
     inner_loop = scoped_adaptation = meta_parameters = False
 
-    def __init__(self, model: FusionModel, *, metric: Metric = "cosine", **kwargs):
-        super().__init__(model, **kwargs)
-        self.metric = metric
+    def __init__(self, model: FusionModel, options: CentroidOptions | None = None, **kwargs):
+        super().__init__(model, options, **kwargs)
+        self.metric = self.options.metric
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return iter(())

@@ -47,8 +47,8 @@ class FineTuneBaseline(MetaAlgorithm):
     def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
         return dict(train_classes=train_classes, seed=cfg.train.seed)
 
-    def __init__(self, model: FusionModel, *, train_classes: list[int], seed: int = 0, **kwargs):
-        super().__init__(model, **kwargs)
+    def __init__(self, model: FusionModel, options=None, *, train_classes: list[int], seed: int = 0, **kwargs):
+        super().__init__(model, options, **kwargs)
         self.seed = seed
         self.class_index = {c: i for i, c in enumerate(sorted(train_classes))}
         model.reset_head(len(self.class_index))  # one head over every meta-train class

@@ -4,7 +4,7 @@ all on learn2learn's ``MAML`` / ``MetaSGD`` wrappers (``clone()`` + differentiab
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,21 +64,13 @@ class MAML(MetaAlgorithm):
     step_keys = ("inner_steps", "inner_steps_test")
     first_order = False  # FOMAML: True
 
-    def __init__(
-        self,
-        model: FusionModel,
-        *,
-        first_order: bool | None = None,
-        first_order_warmup: float = 0.0,
-        learn_inner_lr: bool = False,
-        task_batched: bool = False,
-        proto_init: bool = False,
-        **kwargs,
-    ):
-        super().__init__(model, **kwargs)
-        self.first_order = type(self).first_order if first_order is None else first_order
-        self.first_order_warmup = first_order_warmup
-        self.first_order_now = self.first_order or first_order_warmup > 0  # set_progress moves it on
+    def __init__(self, model: FusionModel, options: FirstOrderOptions | None = None, **kwargs):
+        super().__init__(model, options, **kwargs)
+        o = MAMLOptions(**asdict(self.options))  # a variant's Options are a subset of the family's
+        learn_inner_lr, task_batched, proto_init = o.learn_inner_lr, o.task_batched, o.proto_init
+        self.first_order = type(self).first_order
+        self.first_order_warmup = o.first_order_warmup
+        self.first_order_now = self.first_order or o.first_order_warmup > 0  # set_progress moves it on
         self.task_batched = task_batched
         self.proto_init = proto_init
         if proto_init and (task_batched or not isinstance(model.head, LinearHead)):
@@ -281,9 +273,9 @@ class ANIL(MAML):
         if cfg.model.adapt not in ("all", "head"):
             raise ConfigError("anil adapts the head only; model.adapt must be 'head' (or left at its default)")
 
-    def __init__(self, model: FusionModel, **kwargs):
+    def __init__(self, model: FusionModel, options: MAMLOptions | None = None, **kwargs):
         kwargs["adapt_scope"] = "head"
-        super().__init__(model, **kwargs)
+        super().__init__(model, options, **kwargs)
 
 
 @ALGORITHMS.register("metasgd")

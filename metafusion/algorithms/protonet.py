@@ -70,9 +70,9 @@ class ProtoNet(MetaAlgorithm):
         if cfg.model.fusion == "late":
             raise ConfigError("protonet needs a fused embedding; 'late' fusion has none (use attention/concat/...)")
 
-    def __init__(self, model: FusionModel, *, metric: Metric = "euclidean", **kwargs):
-        super().__init__(model, **kwargs)
-        self.scale = Scale().to(next(model.parameters()).device) if metric == "cosine" else None
+    def __init__(self, model: FusionModel, options: ProtoNetOptions | None = None, **kwargs):
+        super().__init__(model, options, **kwargs)
+        self.scale = Scale().to(next(model.parameters()).device) if self.options.metric == "cosine" else None
         # The checkpointed module: the model alone for the paper's Euclidean form (as before), the model
         # and its scale for the cosine form.
         self._module = model if self.scale is None else nn.ModuleDict({"model": model, "scale": self.scale})

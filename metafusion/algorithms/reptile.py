@@ -93,20 +93,11 @@ class Reptile(MetaAlgorithm):
     def config_kwargs(cls, cfg: RunConfig, spec: ModelSpec, train_classes: list[int]) -> dict:
         return dict(seed=cfg.train.seed)
 
-    def __init__(
-        self,
-        model: FusionModel,
-        *,
-        inner_batch: int = 10,
-        inner_optimizer: str = "adam",
-        warm_test_optimizer: bool = False,
-        seed: int = 0,
-        **kwargs,
-    ):
-        super().__init__(model, **kwargs)
-        self.inner_batch = inner_batch
-        self.inner_optimizer = inner_optimizer
-        self.warm_test_optimizer = warm_test_optimizer
+    def __init__(self, model: FusionModel, options: ReptileOptions | None = None, *, seed: int = 0, **kwargs):
+        super().__init__(model, options, **kwargs)
+        self.inner_batch = self.options.inner_batch
+        self.inner_optimizer = self.options.inner_optimizer
+        self.warm_test_optimizer = self.options.warm_test_optimizer
         # the training inner Adam's state, over the adapted parameters as meta-training sees them
         self.layout = self._layout()
         self.adam = AdamState.fresh(self._flat_parameters())

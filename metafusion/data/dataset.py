@@ -29,8 +29,7 @@ class MultimodalDataset(Dataset):
     splits:   split name ("train", "val", "test") -> class ids; disjoint, checked here.
     metadata: free-form per-dataset facts (class names, speakers, vocabulary, sample rate...).
 
-    ``dataset[i]`` returns ``({modality: tensor for present modalities}, label)``, the sample format
-    learn2learn's MetaDataset expects; ``dataset.batch(rows)`` gathers many rows in one indexing op.
+    ``dataset.batch(rows)`` gathers rows in one indexing op (learn2learn sees only the labels).
     """
 
     data: dict[str, Tensor]
@@ -73,13 +72,8 @@ class MultimodalDataset(Dataset):
         self.targets = self.targets.long()
         check_disjoint(self.splits, self.name)
 
-    # -- torch / learn2learn Dataset protocol -------------------------------------------------
     def __len__(self) -> int:
         return self.targets.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[dict[str, Tensor], int]:
-        sample = {m: self.data[m][i] for j, m in enumerate(self.modalities) if self.present[i, j]}
-        return sample, int(self.targets[i])
 
     # -- fast paths ---------------------------------------------------------------------------
     @property

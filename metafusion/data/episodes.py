@@ -133,10 +133,6 @@ class EpisodeSampler:
             batch = drop_modalities(batch, self.modality_dropout, self._torch)
         return batch
 
-    def __iter__(self) -> Iterator[Episode]:
-        while True:
-            yield self.sample()
-
     # Checkpoints store the sampler's position so a resumed run draws the same episodes.
     def state_dict(self) -> dict:
         return {"random": self._random.getstate(), "torch": self._torch.get_state()}

@@ -230,8 +230,3 @@ class Predictor:
 
         data = load_user_data(path, self.modalities, like=self.trained.inputs, skip_errors=skip_errors, labelled=False)
         return self.predict(data, protocol)
-
-
-def load(path: str | Path, device: str = "cpu") -> Predictor:
-    """``metafusion.load``: the adapted model saved by ``fine-tune`` (a file, its run folder or finetune/)."""
-    return Predictor.load(path, device)
