@@ -96,8 +96,9 @@ def _expand(experiment: str, entry: dict) -> list[Row]:
 
 def executable(command: str) -> list[str]:
     argv = shlex.split(command)
-    prefix = {"metafusion": ["-m", "metafusion"], "torchrun": ["-m", "torch.distributed.run"]}.get(argv[0])
-    return [sys.executable, *prefix, *argv[1:]] if prefix else argv
+    prefixes = {"metafusion": ["-m", "metafusion"], "torchrun": ["-m", "torch.distributed.run"], "python": []}
+    prefix = prefixes.get(argv[0])
+    return [sys.executable, *prefix, *argv[1:]] if prefix is not None else argv
 
 
 def run_row(row: Row) -> None:
@@ -207,6 +208,9 @@ def cell(row: Row, rows: list[Row], column: dict) -> str:
         return f"{train['peak_memory_mb']:,.0f} MiB" if train.get("peak_memory_mb") else "—"
     if metric == "tasks_per_s":
         return f"{train.get('tasks_per_s', 0):.1f}" if train.get("iterations") else "—"
+    if metric == "value":  # one number a benchmark script wrote (``key`` of the kept file ``stem``), formatted
+        v = (row.numbers.get(column["stem"]) or {}).get(column["key"])
+        return "—" if v is None else column.get("format", "{}").format(v)
     if metric == "hardware":
         return hardware(row)
     if metric == "commands":

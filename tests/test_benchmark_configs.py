@@ -85,6 +85,9 @@ def test_every_experiment_row_is_a_valid_command():
     rows = [row for spec in reproduce.load_experiments().values() for row in spec["rows"]]
     for row in rows:
         argv = shlex.split(row.commands[0])
+        if argv[0] == "python":  # a benchmark script: it exists and writes into the row's folder
+            assert (REPO / argv[1]).is_file() and argv[argv.index("--out") + 1] == str(row.out), row.name
+            continue
         argv = argv[argv.index("metafusion") + 1 :] if argv[0] == "torchrun" else argv[1:]
         args, extra = parser.parse_known_args(argv)
         assert args.out and str(row.out) == args.out, row.name
@@ -267,3 +270,18 @@ def test_detection_auc_benchmark_scores_weights_and_a_matcher_on_a_corrupted_run
     clean = _tiny_run(tmp_path / "n", {"model.fusion": "matched"})
     with pytest.raises(SystemExit, match="nothing to detect"):
         _run_script("detection_auc", "--run", clean, monkeypatch=monkeypatch, capsys=capsys)
+
+
+def test_video_cost_benchmark_documented_commands_run_at_toy_size(tmp_path, monkeypatch, capsys):
+    """The decoding row reads the clip it wrote in child processes; the features row times the frozen network."""
+    import json
+
+    out = tmp_path / "decode"
+    args = ["--decode", "1", "--repeats", "1", "--out", str(out)]
+    _run_script("video_cost", *args, monkeypatch=monkeypatch, capsys=capsys)
+    decoded = json.loads((out / "results_video.json").read_text())
+    assert decoded["clip_frames"] == 25 and 16 <= decoded["decoded"] <= 25 and decoded["seconds_per_clip"] > 0
+    out = tmp_path / "features"
+    args = ["--features", "32", "--clips", "4", "--out", str(out)]
+    _run_script("video_cost", *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert json.loads((out / "results_video.json").read_text())["frames_timed"] == 32

@@ -9,7 +9,7 @@ import torch
 
 from metafusion.data import DataError, EpisodeSampler
 from metafusion.data.manifest import load_user_data
-from metafusion.data.omniglot import encode_strokes, omniglot, omniglot_strokes, parse_strokes
+from metafusion.data.omniglot import encode_strokes, omniglot, omniglot_strokes, parse_strokes, render_drawing
 from metafusion.errors import InputWarning
 
 HERE = Path(__file__).parent / "data"
@@ -72,6 +72,28 @@ def test_omniglot_image_and_strokes_dataset(data_root):
     }
     ep = EpisodeSampler(ds, "test", 5, 1, 5, seed=0).sample()
     assert ep.query.inputs["strokes"].shape == (25, 64, 3)
+
+
+def test_a_drawing_video_shows_the_ink_laid_down_by_each_frames_time():
+    # an 'L': a stroke down over 0-100 ms, a pause, a stroke right over 300-400 ms
+    strokes = parse_strokes("START\n20,-20,0\n20,-80,100\nBREAK\n20,-80,300\n80,-80,400\nBREAK\n")
+    video = render_drawing(strokes, frames=4, size=105).astype(float) / 255  # frames at 100, 200, 300, 400 ms
+    vertical, horizontal = video[:, 0, 30:70, 18:23].mean((1, 2)), video[:, 0, 78:83, 40:75].mean((1, 2))
+    assert (vertical > 0.9).all()  # drawn by the first frame's time
+    assert (horizontal[:2] < 0.05).all() and horizontal[3] > 0.9  # the pause repeats frames; then the stroke
+    assert (np.diff(video.reshape(4, -1), axis=0) >= 0).all()  # ink is never taken away
+
+
+@pytest.mark.data
+def test_omniglot_drawing_videos_end_in_the_character_and_shuffle_per_sample(data_root):
+    ds = omniglot_strokes(data_root, video_frames=4)
+    assert ds.modalities == ("image", "strokes", "video") and ds.data["video"].shape == (4840, 4, 1, 28, 28)
+    last, image = ds.data["video"][:, -1].flatten(1), ds.data["image"].flatten(1)
+    agreement = torch.nn.functional.cosine_similarity(last - last.mean(), image - image.mean(), dim=1)
+    assert agreement.mean() > 0.9  # the last frame is the drawing the image shows (rendered, not the PNG)
+    shuffled = omniglot_strokes(data_root, video_frames=4, frame_order="shuffled").data["video"]
+    assert torch.equal(shuffled.sort(1).values, ds.data["video"].sort(1).values)
+    assert not torch.equal(shuffled, ds.data["video"])
 
 
 @pytest.mark.data

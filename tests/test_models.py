@@ -25,6 +25,7 @@ ENCODER_INPUTS = {
     "conv1d": ("strokes", (64, 3), lambda b: torch.randn(b, 64, 3)),
     "gru": ("strokes", (16, 3), lambda b: torch.randn(b, 16, 3)),
     "mlp": ("tabular", (16,), lambda b: torch.randn(b, 16)),
+    "r2plus1d": ("video", (4, 1, 16, 16), lambda b: torch.rand(b, 4, 1, 16, 16)),
 }
 
 

@@ -132,3 +132,19 @@ def test_a_pretrained_encoder_brings_each_algorithms_recipe_where_nothing_else_s
         resolved(**{"algo.name": "maml"}).algo.inner_lr == 0.4
         and resolved(**{"algo.name": "maml"}).model.adapt == "all"
     )
+
+
+def test_a_clips_frames_go_through_the_image_network_one_by_one():
+    clips = torch.rand(2, 3, 3, 40, 40, generator=torch.Generator().manual_seed(1))  # (clips, frames, C, H, W)
+    frozen = FrozenEfficientNet("efficientnet-lite0", input_size=64, trainable=0)
+    features = frozen(clips)
+    assert features.shape == (2, 3, 1280)
+    assert torch.allclose(features[1, 2], frozen(clips[1, 2:3])[0], atol=1e-5)
+    spec = ModelSpec({"video": (3, 1280), "image": (1280,)})
+    model = build_model(spec, ways=2, width=1280, hidden=8, encoders={"video": "efficientnet-lite0",
+                        "image": "efficientnet-lite0"})  # fmt: skip
+    # the projection starts as the identity and the pooling as the mean: a clip starts as its mean frame
+    video, image = model.encoders["video"], model.encoders["image"]
+    assert video.frames is not None and image.frames is None
+    assert torch.allclose(video(features), features.mean(1), atol=1e-5)
+    assert torch.allclose(image(features[:, 0]), features[:, 0], atol=1e-5)

@@ -13,7 +13,8 @@ TEXT_LENGTH = 32  # token ids per text when nothing says otherwise
 
 @dataclass
 class InputFormat:
-    """Per modality, the shape of one raw sample (``image`` ``[C, S, S]``, ``audio`` ``[1, L]``, ...);
+    """Per modality, the shape of one raw sample (``image`` ``[C, S, S]``, ``video`` ``[T, C, S, S]``,
+    ``audio`` ``[1, L]``, ...);
     for text, the number of token ids and the vocabulary that maps words to them."""
 
     modalities: tuple[str, ...]
@@ -21,6 +22,7 @@ class InputFormat:
     text_length: int = TEXT_LENGTH
     vocabulary: list[str] | None = None
     sample_rate: int = 8000
+    frame_rate: float | None = None  # video frames per second sampled from a clip's start (None: spread over it)
 
     @staticmethod
     def of(dataset: MultimodalDataset) -> InputFormat:
@@ -33,6 +35,7 @@ class InputFormat:
             text.shape[-1] if text is not None and not text.is_floating_point() else TEXT_LENGTH,
             dataset.metadata.get("vocabulary"),
             dataset.metadata.get("sample_rate", 8000),
+            dataset.metadata.get("frame_rate"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -46,4 +49,5 @@ class InputFormat:
             d["text_length"],
             d["vocabulary"],
             d["sample_rate"],
+            d.get("frame_rate"),  # absent from checkpoints written before video
         )

@@ -5,8 +5,9 @@ Manifest: one row per sample, a ``label`` column plus one column per modality ho
 missing for that sample. Optional columns: ``split`` (``train`` / ``val`` / ``test``: the class split,
 instead of the seeded 60/20/20 one) and ``id`` (names the sample in predictions).
 Folder: files with the same stem in a class folder are one sample; the extension picks the modality:
-png/jpg/jpeg -> image, wav/flac -> audio, txt -> text, npy/csv -> sequence (2-D, ``[T, C]``) or tabular
-(1-D). ``root/{train,val,test}/<class>/...`` gives the class split; files directly in ``root`` are
+png/jpg/jpeg -> image, mp4/avi/mov/mkv/webm/gif -> video (``video.read_video``: ``video_frames`` frames,
+``video_size`` pixels a side, colour), wav/flac -> audio, txt -> text, npy/csv -> sequence (2-D, ``[T, C]``)
+or tabular (1-D). ``root/{train,val,test}/<class>/...`` gives the class split; files directly in ``root`` are
 unlabelled samples (for ``predict``). A missing file masks that modality for that sample. A corrupt or
 unreadable file is an error naming the file and the reason, unless ``skip_errors=True``: then that
 modality is masked for that sample and the count is reported in ``metadata["skipped"]``.
@@ -31,6 +32,7 @@ from .dataset import DataError, MultimodalDataset, split_classes
 from .fsdd import read_wav
 from .images import read_image
 from .input_format import TEXT_LENGTH, InputFormat
+from .video import VIDEO_EXTENSIONS, read_video
 
 EXTENSIONS = {
     ".png": "image",
@@ -41,8 +43,9 @@ EXTENSIONS = {
     ".txt": "text",
     ".npy": "array",
     ".csv": "array",
+    **{ext: "video" for ext in VIDEO_EXTENSIONS},
 }
-MODALITY_ORDER = ("image", "audio", "text", "sequence", "tabular")
+MODALITY_ORDER = ("image", "video", "audio", "text", "sequence", "tabular")
 RESERVED_COLUMNS = ("label", "split", "id")  # manifest columns that are not modalities
 SPLITS = ("train", "val", "test")
 
@@ -113,6 +116,8 @@ def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any], co
     what = column or modality
     if modality == "image":
         array = read_image(path, opts["image_channels"], opts["image_size"])
+    elif modality == "video":
+        array = read_video(path, opts["video_frames"], opts["video_size"], opts["video_channels"], opts["frame_rate"])
     else:
         try:
             if modality == "audio":
@@ -185,7 +190,7 @@ def _rows_from_folder(root: Path) -> list[dict[str, str]]:
             add(class_dir, label=class_dir.name)
         add(root)  # files directly in root: samples without a label
     if not rows:
-        raise DataError(f"{root}: no samples found (expected {root}/<class>/<sample>.<png|wav|txt|npy|csv>)")
+        raise DataError(f"{root}: no samples found (expected {root}/<class>/<sample>.<png|mp4|wav|txt|npy|csv>)")
     return list(rows.values())
 
 
@@ -214,11 +219,16 @@ def load_user_data(
     skip_errors: bool = False,
     seed: int = 0,
     labelled: bool = True,
+    video_frames: int = 8,
+    video_size: int = 64,
+    frame_rate: float | None = None,
 ) -> MultimodalDataset:
     """Load a manifest file or a folder tree as a MultimodalDataset.
 
     ``like``: the input format (or a dataset of it) to match: image size and channels, audio length,
-    text vocabulary (e.g. the model's, when fine-tuning on or predicting a user's files). With ``like``,
+    text vocabulary, video frames and their sampling (e.g. the model's, when fine-tuning on or predicting a
+    user's files). Video: ``video_frames`` frames of ``video_size`` pixels a side, spread uniformly over each
+    clip, or at ``frame_rate`` frames per second from its start. With ``like``,
     a modality the files lack entirely is masked for every sample (``metadata["absent"]`` names it),
     and columns that are not among ``modalities`` are left unread (``metadata["ignored"]``).
     ``labelled=False``: labels are optional (``targets`` -1 where none; ``metadata["labelled"]`` says).
@@ -240,9 +250,13 @@ def load_user_data(
     columns = [c for c in found if c not in ignored]
     rate = fmt.sample_rate if fmt is not None else sample_rate
     opts = {"image_size": image_size, "image_channels": 1, "audio_length": int(seconds * rate), "sample_rate": rate}
+    opts |= {"video_frames": video_frames, "video_size": video_size, "video_channels": 3, "frame_rate": frame_rate}
     if fmt is not None:
         if "image" in fmt.shapes:
             opts["image_channels"], opts["image_size"] = fmt.shapes["image"][0], fmt.shapes["image"][-1]
+        if "video" in fmt.shapes:
+            opts["video_frames"], opts["video_channels"], _, opts["video_size"] = fmt.shapes["video"]
+            opts["frame_rate"] = fmt.frame_rate
         if "audio" in fmt.shapes:
             opts["audio_length"] = fmt.shapes["audio"][-1]
     raw: dict[str, list[Any]] = {c: [] for c in columns}
@@ -251,7 +265,7 @@ def load_user_data(
     for i, row in enumerate(rows):
         for c in columns:
             value = row.get(c)
-            reader = c if c in ("image", "audio", "text") else "array"
+            reader = c if c in ("image", "video", "audio", "text") else "array"
             if value in (None, ""):
                 raw[c].append(None)
                 continue
@@ -292,6 +306,7 @@ def load_user_data(
         "class_names": names,
         "skipped": skipped,
         "sample_rate": rate,
+        "frame_rate": opts["frame_rate"],
         "ids": [_sample_id(r, i) for i, r in enumerate(rows)],
         "labelled": labelled_rows,
         "absent": missing,

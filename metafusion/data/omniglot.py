@@ -16,6 +16,12 @@ flipped to image coordinates, t dropped) is resampled to ``length`` points space
 inked arc length of the whole drawing. Step k is ``(dx, dy, pen_up)``: the move from point k-1 to
 point k in units of the 105-pixel image width (for k = 0: from the image centre), and ``pen_up = 1``
 when the pen lifts after point k (the next step jumps to a new stroke; the last step is always 1).
+
+Drawing videos (``render_drawing``): the recording rendered as the video of the character being drawn, at
+its recorded pace -- frame k of T shows the ink laid down by time ``t_start + (k + 1) / T * (t_end -
+t_start)`` of the drawing's own clock (pauses between strokes are repeated frames; the last frame is the
+whole character). Rendered from the pen recordings, not filmed: lines 5 pixels wide on the 105-pixel
+canvas, resized to ``image_size`` as the images are.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .cache import cached, files_key
@@ -167,9 +173,31 @@ def encode_strokes(strokes: list[np.ndarray], length: int = 64, image_width: flo
     return torch.tensor(np.column_stack([delta, pen_up]), dtype=torch.float32)
 
 
-def load_strokes(root: str | Path, length: int = 64) -> dict[str, Tensor]:
-    """Encoded strokes keyed by ``split/Alphabet/characterNN/id_drawer`` from every stroke source present
-    (full zips and/or the minimal-split zips; duplicates across small1/small2 are read once)."""
+def render_drawing(strokes: list[np.ndarray], frames: int, size: int, width: int = 5) -> np.ndarray:
+    """Strokes (``[n, 3]`` of x, y, t) -> ``[frames, 1, size, size]`` uint8 frames of the drawing in progress
+    (ink = 255), drawn up to each frame's time; see the module docstring."""
+    times = np.concatenate([s[:, 2] for s in strokes if len(s)])
+    if not len(times):
+        raise ValueError("drawing has no stroke points")
+    begin, end = times.min(), times.max()
+    out = np.zeros((frames, 1, size, size), dtype=np.uint8)
+    for k in range(frames):
+        until = begin + (k + 1) / frames * (end - begin)
+        canvas = Image.new("L", (105, 105), 0)
+        draw = ImageDraw.Draw(canvas)
+        for s in strokes:
+            drawn = s[s[:, 2] <= until]
+            xy = [(float(x), float(-y)) for x, y in drawn[:, :2]]  # y flipped to image coordinates
+            if len(xy) > 1:
+                draw.line(xy, fill=255, width=width, joint="curve")
+            if xy:  # round ends (and lone points)
+                for x, y in (xy[0], xy[-1]):
+                    draw.ellipse((x - width / 2, y - width / 2, x + width / 2, y + width / 2), fill=255)
+        out[k, 0] = np.asarray(canvas.resize((size, size), resample=Image.LANCZOS) if size != 105 else canvas)
+    return out
+
+
+def _stroke_files(root: str | Path) -> tuple[Path, list[str]]:
     base = find_omniglot_root(root)
     present = [n for n in STROKE_SOURCES if (base / f"{n}.zip").exists() or (base / n).is_dir()]
     if not present:
@@ -177,17 +205,38 @@ def load_strokes(root: str | Path, length: int = 64) -> dict[str, Tensor]:
             f"no Omniglot stroke files under {base}: expected strokes_background.zip / "
             f"strokes_evaluation.zip or strokes_background_small1.zip / _small2.zip"
         )
+    return base, present
+
+
+def _each_recording(base: Path, present: list[str]):
+    """(``split/Alphabet/characterNN/id_drawer``, parsed strokes) of every recording, each once."""
+    seen = set()
+    for name in present:
+        split = "evaluation" if "evaluation" in name else "background"
+        for key, data in _members(base, name, ".txt").items():
+            full = f"{split}/{key}"
+            if full not in seen:
+                seen.add(full)
+                yield full, parse_strokes(data.decode() if isinstance(data, bytes) else Path(data).read_text())
+
+
+def load_drawing_videos(root: str | Path, frames: int = 8, size: int = 28) -> dict[str, Tensor]:
+    """Drawing videos ``[frames, 1, size, size]`` (uint8) keyed as ``load_strokes``' recordings."""
+    base, present = _stroke_files(root)
+
+    def render() -> dict[str, Tensor]:
+        return {key: torch.from_numpy(render_drawing(s, frames, size)) for key, s in _each_recording(base, present)}
+
+    return cached(f"omniglot/videos_w5_{frames}_{size}_{_source_key(base, present)}.pt", render)
+
+
+def load_strokes(root: str | Path, length: int = 64) -> dict[str, Tensor]:
+    """Encoded strokes keyed by ``split/Alphabet/characterNN/id_drawer`` from every stroke source present
+    (full zips and/or the minimal-split zips; duplicates across small1/small2 are read once)."""
+    base, present = _stroke_files(root)
 
     def encode() -> dict[str, Tensor]:
-        encoded: dict[str, Tensor] = {}
-        for name in present:
-            split = "evaluation" if "evaluation" in name else "background"
-            for key, data in _members(base, name, ".txt").items():
-                full = f"{split}/{key}"
-                if full not in encoded:
-                    text = data.decode() if isinstance(data, bytes) else Path(data).read_text()
-                    encoded[full] = encode_strokes(parse_strokes(text), length)
-        return encoded
+        return {key: encode_strokes(strokes, length) for key, strokes in _each_recording(base, present)}
 
     return cached(f"omniglot/strokes_v2_{length}_{_source_key(base, present)}.pt", encode)
 
@@ -239,10 +288,17 @@ def omniglot(
 
 
 def omniglot_strokes(
-    root: str | Path, image_size: int = 28, stroke_length: int = 64, seed: int = 0
+    root: str | Path,
+    image_size: int = 28,
+    stroke_length: int = 64,
+    video_frames: int = 0,
+    frame_order: str = "recorded",
+    seed: int = 0,
 ) -> MultimodalDataset:
     """Image + pen-stroke Omniglot: the characters whose drawings all have strokes, with their own
-    disjoint train/val/test class split (60/20/20, shuffled with ``seed``)."""
+    disjoint train/val/test class split (60/20/20, shuffled with ``seed``). ``video_frames > 0`` adds the
+    drawing videos (``render_drawing``) as modality ``video``; ``frame_order="shuffled"`` permutes each
+    video's frames (a fixed permutation per sample): what the temporal order is worth."""
     strokes = load_strokes(root, stroke_length)
     images, keys = _load_all_images(root, image_size)
     have = [i for i, k in enumerate(keys) if k in strokes]
@@ -257,12 +313,21 @@ def omniglot_strokes(
     index = {c: j for j, c in enumerate(chars)}
     targets = torch.tensor([index[character_of(keys[i])] for i in rows])
     data = {"image": images[rows], "strokes": torch.stack([strokes[keys[i]] for i in rows])}
+    if video_frames:
+        videos = load_drawing_videos(root, video_frames, image_size)
+        data["video"] = torch.stack([videos[keys[i]] for i in rows]).float() / 255
+        if frame_order == "shuffled":
+            gen = torch.Generator().manual_seed(seed)
+            order = torch.stack([torch.randperm(video_frames, generator=gen) for _ in rows])  # (N, T)
+            data["video"] = data["video"][torch.arange(len(rows))[:, None], order]
+        elif frame_order != "recorded":
+            raise DataError(f"unknown frame_order {frame_order!r}; choose recorded or shuffled")
     splits = split_classes(list(range(len(chars))), (0.6, 0.2, 0.2), seed)
     return MultimodalDataset(
         data,
-        torch.ones(len(rows), 2, dtype=torch.bool),
+        torch.ones(len(rows), len(data), dtype=torch.bool),
         targets,
-        ("image", "strokes"),
+        tuple(data),
         splits,
         {"class_names": chars, "keys": [keys[i] for i in rows]},
         "omniglot-strokes",

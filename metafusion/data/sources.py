@@ -148,6 +148,12 @@ def omniglot(cfg: DataConfig, opts: OmniglotOptions) -> MultimodalDataset:
 class OmniglotStrokesOptions:
     image_size: int = 28
     stroke_length: int = 64  # resampled (dx, dy, pen_up) steps
+    video_frames: int = 0  # > 0: the drawings rendered as videos of this many frames (modality video)
+    frame_order: Literal["recorded", "shuffled"] = "recorded"  # shuffled: each video's frames permuted
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.video_frames <= 64:
+            raise ConfigError(f"data.video_frames takes 0 (no video) to 64 (got {self.video_frames})")
 
 
 @DATASETS.register("fsdd", expects="fsdd/recordings/{digit}_{speaker}_{index}.wav", check=_check_fsdd)
@@ -177,7 +183,7 @@ _FROM_FILES = {
         "omniglot",
         "omniglot_strokes",
         OmniglotStrokesOptions,
-        "omniglot/images_background.zip + strokes_background*.zip (full or small1/small2)",
+        "omniglot/images_background.zip + strokes_background*.zip (full or small1/small2); video rendered from strokes",
         lambda root: _check_omniglot(root, strokes=True),
     ),
     "clinc150": (
@@ -203,6 +209,16 @@ for _name, (_module, _loader, _options, _expects, _check) in _FROM_FILES.items()
 class ManifestOptions:
     image_size: int = 28  # images are resized to this
     skip_unreadable: bool = False  # mask corrupt files (and count them) instead of failing
+    video_frames: int = 8  # frames sampled from each clip
+    video_size: int = 64  # video frames are resized to this
+    frame_rate: float | None = None  # sample frames at this rate from a clip's start (None: spread over the clip)
+
+    def __post_init__(self) -> None:
+        if self.video_frames < 1 or self.video_size < 8 or (self.frame_rate is not None and not self.frame_rate > 0):
+            raise ConfigError(
+                f"manifest data needs data.video_frames >= 1, data.video_size >= 8 and data.frame_rate > 0 or null "
+                f"(got {self.video_frames}, {self.video_size}, {self.frame_rate})"
+            )
 
 
 @DATASETS.register(
@@ -215,7 +231,13 @@ def manifest(cfg: DataConfig, opts: ManifestOptions) -> MultimodalDataset:
     from .manifest import load_user_data
 
     ds = load_user_data(
-        require_root(cfg, ""), image_size=opts.image_size, skip_errors=opts.skip_unreadable, seed=cfg.data_seed
+        require_root(cfg, ""),
+        image_size=opts.image_size,
+        skip_errors=opts.skip_unreadable,
+        seed=cfg.data_seed,
+        video_frames=opts.video_frames,
+        video_size=opts.video_size,
+        frame_rate=opts.frame_rate,
     )
     if not ds.splits:
         raise DataError(f"{cfg.root}: meta-training needs at least 5 classes to split into train/val/test")

@@ -54,3 +54,7 @@ class BatchNorm1d(BatchStatsNorm, nn.BatchNorm1d):
 
 class BatchNorm2d(BatchStatsNorm, nn.BatchNorm2d):
     pass
+
+
+class BatchNorm3d(BatchStatsNorm, nn.BatchNorm3d):
+    pass

@@ -75,9 +75,9 @@ def support_statistics(model: nn.Module | None, support) -> Iterator[None]:
 def episodes_vmap_pays(model: nn.Module, device: torch.device | str) -> bool:
     """Is adapting many evaluation episodes under ``torch.func.vmap`` faster than one after another?
     On a GPU, yes: the per-episode loop is bound by kernel launches. On a CPU only for models without
-    2-D convolutions: vmap turns those into NCHW grouped convolutions, which run no faster than one
-    channels_last convolution per episode, while MLP, embedding and 1-D models are bound by per-call
-    overhead and gain several times (docs/performance.md has the measurements)."""
+    2-D or 3-D convolutions: vmap turns those into grouped convolutions, which run no faster than one
+    convolution per episode (3-D ones several times slower), while MLP, embedding and 1-D models are bound
+    by per-call overhead and gain several times (docs/performance.md has the measurements)."""
     if torch.device(device).type == "cuda":
         return True
-    return not any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return not any(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in model.modules())

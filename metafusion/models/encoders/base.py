@@ -64,6 +64,7 @@ def conv_blocks(dims: int, in_channels: int, hidden: int, depth: int, kernel: in
 # The encoder each modality gets unless the config names another.
 DEFAULT_ENCODERS = {
     "image": "conv4",
+    "video": "r2plus1d",
     "audio": "melcnn",
     "text": "tokens",
     "strokes": "conv1d",

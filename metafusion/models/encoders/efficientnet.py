@@ -9,6 +9,10 @@ validation classes). The frozen part is the stem and every MBConv block below th
 ``trainable``; with ``trainable = 0`` it is the whole network and its output the pooled
 1280-d feature. Otherwise the top blocks, the 1x1 head convolution and its BatchNorm are the encoder's
 ``pretrained`` module, meta-trained with the rest (their BatchNorms keep the ImageNet statistics).
+
+Video (``--encoder video=efficientnet-lite0``): every sampled frame goes through the same network (its
+frozen features cached per clip, ``[T, 1280]``), the trainable part runs frame by frame, and the frames
+are pooled over time (``temporal``: mean, attention or a temporal convolution; ``temporal.TemporalPool``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor, nn
 from ...errors import ConfigError
 from .base import ENCODERS
 from .pretrained import FeatureProjection, FrozenPart, PretrainedEncoder, PretrainedTop
+from .temporal import Temporal, TemporalPool
 
 FEATURES = 1280  # the pooled feature of every Lite variant
 
@@ -30,6 +35,7 @@ FEATURES = 1280  # the pooled feature of every Lite variant
 class EfficientNetOptions:
     input_size: int = 160  # images are resized to this many pixels a side before the network
     trainable: int = 0  # top MBConv blocks (with the head convolution) meta-training updates
+    temporal: Temporal = "mean"  # video: how the frames' features are pooled over time
 
     def __post_init__(self) -> None:
         if not 32 <= self.input_size <= 1024 or not 0 <= self.trainable <= 8:
@@ -75,6 +81,8 @@ class FrozenEfficientNet(FrozenPart):
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
+        if images.dim() == 5:  # video clips (b, T, C, s, s): the frames through the network, per clip
+            return self(images.flatten(0, 1)).unflatten(0, images.shape[:2])
         net = self.net
         x = lite_input(images.float(), self.input_size).contiguous(memory_format=torch.channels_last)
         x = net._swish(net._bn0(net._conv_stem(x)))  # (b, 32, s/2, s/2)
@@ -103,14 +111,16 @@ class EfficientNetTop(PretrainedTop):
 @ENCODERS.register("efficientnet-lite0")
 class EfficientNetLite0(PretrainedEncoder):
     """ImageNet EfficientNet-Lite0 (4.7 M parameters; 18.8 MB of weights): frozen, or with its top blocks
-    meta-trained (``trainable``); then ``FeatureProjection`` 1280 -> d."""
+    meta-trained (``trainable``); then ``FeatureProjection`` 1280 -> d (per frame, then pooled over time,
+    for video)."""
 
     variant = "efficientnet-lite0"
-    modalities = ("image",)
+    modalities = ("image", "video")
     Options = EfficientNetOptions
 
     @classmethod
-    def frozen_part(cls, metadata: dict, input_size: int = 160, trainable: int = 0) -> FrozenPart:
+    def frozen_part(cls, metadata: dict, input_size: int = 160, trainable: int = 0, temporal: str = "mean"):
+        """The frozen network (``temporal`` pools the trainable part's output: not part of it)."""
         return FrozenEfficientNet(cls.variant, input_size, trainable)
 
     def __init__(
@@ -120,15 +130,23 @@ class EfficientNetLite0(PretrainedEncoder):
         input_shape: tuple[int, ...] = (FEATURES,),
         input_size: int = 160,
         trainable: int = 0,
+        temporal: Temporal = "mean",
     ):
         super().__init__()
+        # A clip's input has a frame axis in front of an image's: [T, 1280] features or [T, C, h, w] activations.
+        self.frames = TemporalPool(out_dim, temporal) if len(input_shape) in (2, 4) else None
         self.pretrained = None
         if trainable:
             self.pretrained = EfficientNetTop(pretrained_network(self.variant, input_size), trainable)
         self.proj = FeatureProjection(FEATURES, out_dim, hidden)
         self.out_dim = out_dim
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, 1280) or activations (B, C, h, w) -> (B, out_dim)
+    def forward(self, x: Tensor) -> Tensor:  # (B, [T,] 1280) or activations (B, [T,] C, h, w) -> (B, out_dim)
+        if self.frames is not None:  # video: each frame as an image, then pooled over time
+            return self.frames(self._frame(x.flatten(0, 1)).unflatten(0, x.shape[:2]))
+        return self._frame(x)
+
+    def _frame(self, x: Tensor) -> Tensor:
         return self.proj(x if self.pretrained is None else self.pretrained(x))
 
 
