@@ -17,12 +17,16 @@ The text modality is token ids (the default ``tokens`` encoder); the utterances 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from ..config import DataConfig
 from .dataset import DataError, MultimodalDataset, find_data_folder, split_classes
 from .manifest import token_ids
+from .sources import DATASETS, require_root
 
 SPLITS = ("protocol", "cross-domain")
 
@@ -71,3 +75,22 @@ def clinc150(root: str | Path, split: str = "protocol", text_length: int = 32, s
     return MultimodalDataset.of_one_modality(
         "text", ids, torch.tensor([index[i] for _, i in pairs]), splits, metadata, "clinc150"
     )
+
+
+def check_clinc150(root: Path) -> str:
+    data = json.loads((find_clinc150(root) / "data_full.json").read_text())
+    return f"ok: {sum(len(data.get(s, [])) for s in ('train', 'val', 'test'))} utterances"
+
+
+@dataclass
+class Clinc150Options:
+    # intents shuffled with data_seed, 90/30/30; or cross-domain: the 10 domains, 6/2/2 (test intents come
+    # from domains never seen in meta-training)
+    split: Literal["protocol", "cross-domain"] = "protocol"
+
+
+@DATASETS.register(
+    "clinc150", options=Clinc150Options, expects="clinc150/data_full.json + clinc150/domains.json", check=check_clinc150
+)
+def clinc150_dataset(cfg: DataConfig, opts: Clinc150Options) -> MultimodalDataset:
+    return clinc150(require_root(cfg, ""), opts.split, seed=cfg.data_seed)

@@ -25,6 +25,7 @@ import csv
 import io
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ..config import DataConfig
 from .cache import cached, files_key
 from .dataset import DataError, MultimodalDataset, find_data_folder, split_classes
 from .manifest import token_ids
+from .sources import DATASETS, require_root
 
 ATTRIBUTES = ("gender", "baseColour", "season", "usage", "year")
 REQUIRED_COLUMNS = ("id", "articleType", "productDisplayName", "has_image", *ATTRIBUTES)
@@ -159,3 +162,23 @@ def fashion(
         metadata,
         "fashion",
     )
+
+
+def check_fashion(root: Path) -> str:
+    rows = read_styles(find_fashion(root))
+    return f"ok: {len(rows)} products, {sum(r['has_image'] == '1' for r in rows)} with a photo"
+
+
+@dataclass
+class FashionOptions:
+    image_size: int = 28  # the photos (60x80) are padded to a square and resized to this
+
+
+@DATASETS.register(
+    "fashion",
+    options=FashionOptions,
+    expects="fashion/styles.csv + fashion/images.zip (images/<id>.jpg)",
+    check=check_fashion,
+)
+def fashion_dataset(cfg: DataConfig, opts: FashionOptions) -> MultimodalDataset:
+    return fashion(require_root(cfg, ""), opts.image_size, seed=cfg.data_seed)

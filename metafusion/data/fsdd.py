@@ -19,8 +19,10 @@ import numpy as np
 import soundfile
 import torch
 
+from ..config import DataConfig, NoOptions
 from .cache import cached, files_key
 from .dataset import DataError, MultimodalDataset
+from .sources import DATASETS, require_root
 
 SAMPLE_RATE = 8000
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
@@ -92,3 +94,13 @@ def fsdd(root: str | Path, seconds: float = 1.0, label: str = "digit_speaker") -
         {"sample_rate": SAMPLE_RATE, "digits": digits, "speakers": speakers, "class_names": names},
         "fsdd",
     )
+
+
+def check_fsdd(root: Path) -> str:
+    n = len(list(find_recordings(root).glob("*_*_*.wav")))
+    return f"ok: {n} recordings" + ("" if n == 3000 else " (upstream has 3000)")
+
+
+@DATASETS.register("fsdd", expects="fsdd/recordings/{digit}_{speaker}_{index}.wav", check=check_fsdd)
+def fsdd_dataset(cfg: DataConfig, opts: NoOptions) -> MultimodalDataset:
+    return fsdd(require_root(cfg, ""))

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import warn
+from ..config import DataConfig
+from ..errors import ConfigError, warn
 from .dataset import DataError, MultimodalDataset, split_classes
 from .fsdd import read_wav
 from .images import read_image
 from .input_format import TEXT_LENGTH, InputFormat
+from .sources import DATASETS, require_root
 from .video import VIDEO_EXTENSIONS, read_video
 
 EXTENSIONS = {
@@ -408,3 +411,40 @@ def _stack(values: list[np.ndarray | None], modality: str, path: Path, shape: tu
         else:
             out[i] = torch.from_numpy(v)
     return out
+
+
+@dataclass
+class ManifestOptions:
+    image_size: int = 28  # images are resized to this
+    skip_unreadable: bool = False  # mask corrupt files (and count them) instead of failing
+    video_frames: int = 8  # frames sampled from each clip
+    video_size: int = 64  # video frames are resized to this
+    frame_rate: float | None = None  # sample frames at this rate from a clip's start (None: spread over the clip)
+
+    def __post_init__(self) -> None:
+        if self.video_frames < 1 or self.video_size < 8 or (self.frame_rate is not None and not self.frame_rate > 0):
+            raise ConfigError(
+                f"manifest data needs data.video_frames >= 1, data.video_size >= 8 and data.frame_rate > 0 or null "
+                f"(got {self.video_frames}, {self.video_size}, {self.frame_rate})"
+            )
+
+
+@DATASETS.register(
+    "manifest",
+    options=ManifestOptions,
+    expects="a CSV/JSONL manifest or a root/<class>/<sample>.<ext> folder, given as data.root",
+    check=lambda root: "given per run as data.root (a manifest file or class folders)",
+)
+def manifest(cfg: DataConfig, opts: ManifestOptions) -> MultimodalDataset:
+    ds = load_user_data(
+        require_root(cfg, ""),
+        image_size=opts.image_size,
+        skip_errors=opts.skip_unreadable,
+        seed=cfg.data_seed,
+        video_frames=opts.video_frames,
+        video_size=opts.video_size,
+        frame_rate=opts.frame_rate,
+    )
+    if not ds.splits:
+        raise DataError(f"{cfg.root}: meta-training needs at least 5 classes to split into train/val/test")
+    return ds

@@ -29,15 +29,20 @@ from __future__ import annotations
 import io
 import urllib.request
 import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from ..config import DataConfig
+from ..errors import ConfigError
 from .cache import cached, files_key
 from .dataset import DataError, MultimodalDataset, split_classes
+from .sources import DATASETS, require_root
 
 IMAGE_SPLITS = ("background", "evaluation")
 STROKE_SOURCES = ("strokes_background", "strokes_evaluation", "strokes_background_small1", "strokes_background_small2")
@@ -332,3 +337,61 @@ def omniglot_strokes(
         {"class_names": chars, "keys": [keys[i] for i in rows]},
         "omniglot-strokes",
     )
+
+
+def check_omniglot(root: Path, strokes: bool = False) -> str:
+    """`metafusion datasets`' verdict on the Omniglot files under ``root``."""
+    base = find_omniglot_root(root)
+    parts = []
+    for split, expected in EXPECTED_CHARACTERS.items():
+        keys = _members(base, f"images_{split}", ".png")
+        chars = {character_of(k) for k in keys}
+        ok = len(chars) == expected and len(keys) == 20 * expected
+        parts.append(f"{split}: {len(chars)} characters, {len(keys)} images{'' if ok else ' (UNEXPECTED)'}")
+    if strokes:
+        found = [s for s in STROKE_SOURCES if (base / f"{s}.zip").exists() or (base / s).is_dir()]
+        parts.append("strokes: " + (", ".join(found) if found else "MISSING"))
+    return "ok: " + "; ".join(parts)
+
+
+@dataclass
+class OmniglotOptions:
+    image_size: int = 28
+    split: Literal["protocol", "background"] = "protocol"  # 1100/100/423 characters, or Lake's background/eval
+    rotations: bool = False  # 90/180/270 degree rotations as new classes (the MAML protocol)
+
+
+@DATASETS.register(
+    "omniglot",
+    options=OmniglotOptions,
+    expects="omniglot/images_background.zip, omniglot/images_evaluation.zip (or extracted folders)",
+    check=check_omniglot,
+)
+def omniglot_dataset(cfg: DataConfig, opts: OmniglotOptions) -> MultimodalDataset:
+    if "strokes" in (cfg.modalities or []):
+        raise DataError(
+            "dataset 'omniglot' has images only; its pen strokes are dataset 'omniglot-strokes' (image, strokes)"
+        )
+    return omniglot(require_root(cfg, ""), opts.image_size, opts.split, opts.rotations, seed=cfg.data_seed)
+
+
+@dataclass
+class OmniglotStrokesOptions:
+    image_size: int = 28
+    stroke_length: int = 64  # resampled (dx, dy, pen_up) steps
+    video_frames: int = 0  # > 0: the drawings rendered as videos of this many frames (modality video)
+    frame_order: Literal["recorded", "shuffled"] = "recorded"  # shuffled: each video's frames permuted
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.video_frames <= 64:
+            raise ConfigError(f"data.video_frames takes 0 (no video) to 64 (got {self.video_frames})")
+
+
+@DATASETS.register(
+    "omniglot-strokes",
+    options=OmniglotStrokesOptions,
+    expects="omniglot/images_background.zip + strokes_background*.zip (full or small1/small2)",
+    check=lambda root: check_omniglot(root, strokes=True),
+)
+def omniglot_strokes_dataset(cfg: DataConfig, opts: OmniglotStrokesOptions) -> MultimodalDataset:
+    return omniglot_strokes(require_root(cfg, ""), **asdict(opts), seed=cfg.data_seed)

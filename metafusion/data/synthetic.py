@@ -21,12 +21,15 @@ to their class prototypes and the centroid is hard to beat. Everything is a dete
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..config import DataConfig
+from ..errors import ConfigError, InputError
 from .dataset import MultimodalDataset, split_classes
+from .sources import DATASETS
 
 MODALITIES = ("image", "audio", "text", "tabular")
 SAMPLE_RATE = 8000
@@ -188,3 +191,33 @@ def make_synthetic(
 def decode_text(ids: Tensor, vocab: list[str]) -> str:
     """Token ids -> the sentence they encode (padding dropped)."""
     return " ".join(vocab[i] for i in ids.tolist() if i != 0)
+
+
+@dataclass
+class SyntheticOptions:
+    num_classes: int = 300
+    samples_per_class: int = 20
+    noise: float = 1.0  # scales every modality's noise
+    nuisance: float = 0.0  # variation without class information that raw inputs cannot see past (0 to 1)
+    prototypes: int | None = None  # per modality, shared by num_classes / prototypes classes (None: num_classes // 10)
+
+    def __post_init__(self) -> None:
+        if (
+            self.num_classes < 10
+            or self.samples_per_class < 1
+            or not self.noise >= 0
+            or not 0 <= self.nuisance <= 1
+            or (self.prototypes or 2) < 2
+        ):
+            raise ConfigError(
+                f"synthetic data needs data.num_classes >= 10, data.samples_per_class >= 1, data.noise >= 0 and "
+                f"0 <= data.nuisance <= 1, data.prototypes >= 2 (got {self.num_classes}, {self.samples_per_class}, "
+                f"{self.noise}, {self.nuisance}, {self.prototypes})"
+            )
+
+
+@DATASETS.register("synthetic", options=SyntheticOptions, expects="(built in; no files)", check=lambda root: "ok")
+def synthetic(cfg: DataConfig, opts: SyntheticOptions) -> MultimodalDataset:
+    return make_synthetic(
+        opts.num_classes, opts.samples_per_class, opts.noise, opts.nuisance, opts.prototypes, seed=cfg.data_seed
+    )
