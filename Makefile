@@ -1,6 +1,7 @@
 # metafusion: two commands do everything on a fresh machine that has Python 3.11 and pip.
 #   make demo   -- create the environment if needed, then compare MAML and Reptile on synthetic data
 #   make test   -- create the environment if needed, then lint (ruff) and run the test suite
+#   make test-fast -- the unit tests only (no `slow` or `data` marker), for the edit-test loop
 #   make reproduce-quick -- rerun the quick experiments of docs/results.md and regenerate it (< 30 min)
 #   make reproduce-all   -- rerun every CPU row of docs/results.md (many hours; benchmarks/reproduce.py --list)
 #   make throughput      -- metafusion vs learn2learn-example loops, side by side (docs/performance.md)
@@ -14,7 +15,7 @@ DEPS_FILES := pyproject.toml scripts/build_learn2learn.sh Makefile
 DEPS_HASH = $(shell cat $(DEPS_FILES) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.deps-$(DEPS_HASH)
 
-.PHONY: demo test env clean reproduce-quick reproduce-all throughput
+.PHONY: demo test test-fast env clean reproduce-quick reproduce-all throughput
 
 demo: env
 	$(VENV)/bin/metafusion compare --config benchmarks/configs/demo.yaml --out runs/demo --overwrite
@@ -23,6 +24,9 @@ test: env
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -n auto
+
+test-fast: env
+	$(PY) -m pytest -q -n auto -m "not slow and not data"
 
 reproduce-quick: env
 	$(PY) benchmarks/reproduce.py --quick

@@ -39,19 +39,44 @@ TUNE_HELP = (
 )
 
 
+def _registered() -> dict[str, str]:
+    """Flag -> the names its registry holds (help lists what is registered now, plugins included)."""
+    from .algorithms import ALGORITHMS
+    from .data import DATASETS
+    from .models import ENCODERS, FUSIONS
+    from .models.encoders import DEFAULT_ENCODERS
+
+    def reads(name: str) -> str:
+        modalities = ENCODERS.get(name).modalities
+        default = "/".join(m for m, e in DEFAULT_ENCODERS.items() if e == name)
+        return f"{name} ({'/'.join(modalities or ['any vector'])}{'; default for ' + default if default else ''})"
+
+    return {
+        "dataset": ", ".join(DATASETS.names()),
+        "algo": ", ".join(ALGORITHMS.names()),
+        "fusion": ", ".join(FUSIONS.names()),
+        "encoder": ", ".join(reads(n) for n in ENCODERS.names()),
+    }
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration (flags override the YAML file)")
     g.add_argument("--config", help="YAML config file (optional: flags alone run the synthetic dataset)")
+    names = _registered()
     for flag, (key, kind) in FLAGS.items():
         g.add_argument(
-            "--" + flag.replace("_", "-"), dest=flag, type=kind, metavar=flag.split("_")[-1].upper(), help=f"sets {key}"
+            "--" + flag.replace("_", "-"),
+            dest=flag,
+            type=kind,
+            metavar=flag.split("_")[-1].upper(),
+            help=f"sets {key}" + (f": {names[flag]}" if flag in names else ""),
         )
     g.add_argument(
         "--encoder",
         action="append",
         default=[],
         metavar="MODALITY=NAME",
-        help="encoder for one modality, e.g. --encoder text=minilm (repeatable)",
+        help=f"encoder for one modality, e.g. --encoder text=minilm (repeatable): {names['encoder']}",
     )
     g.add_argument(
         "--set",
@@ -200,6 +225,11 @@ def config_from_args(args: argparse.Namespace, extra: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        import_plugins()  # before the parser, whose help lists what the registries hold
+    except InputError as e:
+        print(f"metafusion: error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-")]
@@ -210,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
 
     show_input_warnings(args.command)
     try:
-        import_plugins()
         from .engine import distributed
 
         if distributed.launched_by_torchrun() and args.command != "meta-train":

@@ -72,10 +72,24 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path, c
 
 
 def test_a_process_reenters_its_own_lock(tmp_path):
-    with locked(tmp_path / "run"), locked(tmp_path / "run"):
-        pass
-    with locked(tmp_path / "run"):  # released: taken again
-        pass
+    import fcntl
+
+    def free() -> bool:  # can another holder (a new open file) take the lock now?
+        with open(tmp_path / "run" / MARKER) as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False
+            fcntl.flock(other, fcntl.LOCK_UN)
+            return True
+
+    with locked(tmp_path / "run"):
+        with locked(tmp_path / "run"):  # re-entered, not deadlocked
+            assert not free()
+        assert not free()  # the outer block still holds it
+    assert free()  # released with the outer block
+    with locked(tmp_path / "run"):  # and taken again
+        assert not free()
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_removes_what_it_wrote(tmp_path, monkeypatch, capsys):

@@ -152,8 +152,8 @@ def test_a_fallen_back_model_fine_tunes_and_predicts(fallen_back, tmp_path):
     assert all(p is not None for p in result["query_predictions"])
     predictor = Predictor.load(tmp_path / "adapted" / "model.pt")
     assert predictor.algorithm.centroid_weight == result["centroid_weight"]
-    data = raw_dataset(exp.cfg).select_modalities(["tabular"])
-    data.metadata = {**data.metadata, "labelled": False}
+    raw = raw_dataset(exp.cfg).select_modalities(["tabular"])
+    data = raw.unlabelled(torch.arange(len(raw)))  # the model's classes are not the data's: predict without labels
     predictions = predictor.predict(data)
     assert len(predictions) == len(data) and torch.isfinite(predictions.probabilities).all()
     assert set(predictions.predicted) <= set(result["classes"])

@@ -80,6 +80,11 @@ class MultimodalDataset(Dataset):
     def labels(self) -> list[int]:
         return self.targets.tolist()
 
+    @property
+    def labelled(self) -> bool:
+        """Does every sample have a label (a user's files for ``predict`` may have none: targets -1)?"""
+        return bool((self.targets >= 0).all())
+
     def batch(self, rows: Tensor) -> Batch:
         """Rows ``rows`` as a Batch (labels are the original class ids)."""
         return Batch(
@@ -192,7 +197,7 @@ class MultimodalDataset(Dataset):
 
     def unlabelled(self, rows: Tensor) -> MultimodalDataset:
         """Rows ``rows`` as a user's unlabelled files load (``predict``'s input; ids are the row numbers)."""
-        metadata = {**self.metadata, "labelled": False, "texts": None, "ids": [str(i) for i in rows.tolist()]}
+        metadata = {**self.metadata, "texts": None, "ids": [str(i) for i in rows.tolist()]}
         return MultimodalDataset(
             {m: x[rows] for m, x in self.data.items()},
             self.present[rows],

@@ -234,7 +234,7 @@ def load_user_data(
     clip, or at ``frame_rate`` frames per second from its start. With ``like``,
     a modality the files lack entirely is masked for every sample (``metadata["absent"]`` names it),
     and columns that are not among ``modalities`` are left unread (``metadata["ignored"]``).
-    ``labelled=False``: labels are optional (``targets`` -1 where none; ``metadata["labelled"]`` says).
+    ``labelled=False``: labels are optional (``targets`` -1 where none; ``dataset.labelled`` says).
     """
     path = Path(path)
     if not path.exists():
@@ -311,7 +311,6 @@ def load_user_data(
         "sample_rate": rate,
         "frame_rate": opts["frame_rate"],
         "ids": [_sample_id(r, i) for i, r in enumerate(rows)],
-        "labelled": labelled_rows,
         "absent": missing,
         "ignored": [c for c in ignored + [c for c in raw if c not in wanted] if c != "array"],
         "files": sorted(

@@ -196,7 +196,7 @@ class Predictor:
         """Predictions for every sample of ``data`` (as ``load_user_data`` reads it: the raw format,
         before the model's pipeline)."""
         labels = None
-        if data.metadata.get("labelled", True) and len(data.metadata.get("class_names", [])):
+        if data.labelled and len(data.metadata.get("class_names", [])):
             names = data.metadata["class_names"]
             unknown = sorted({names[t] for t in data.labels} - set(self.classes))
             if unknown:
