@@ -19,7 +19,7 @@ from ..errors import ConfigError, InputError
 from ..models.fusion import LinearHead
 from ..models.model import FusionModel
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, cross_entropy, published
-from .batched import State, functional, model_parameters
+from .batched import State, functional, model_parameters, stacked
 from .nearest_mean import prototypes
 
 # Finn et al. 2017, Omniglot 5-way: inner SGD lr 0.4, 1 step (10 at test), meta-batch 32, Adam 1e-3.
@@ -211,10 +211,6 @@ class MAML(MetaAlgorithm):
         named = list(self.model.named_parameters())
         rates = {n: self.inner_lr for (n, _), a in zip(named, self._adapted) if a}
         params = {n: p.detach() for n, p in named if p.requires_grad}  # frozen ones come from the module
-
-        def stacked(batches: list[Batch]) -> tuple[dict[str, Tensor], Tensor]:
-            inputs = {m: torch.stack([b.inputs[m] for b in batches]) for m in mods}
-            return inputs, torch.stack([b.labels for b in batches])
 
         def task_loss(p, s_inputs, s_labels, q_inputs, q_labels):
             support = Batch(s_inputs, first.support.mask, s_labels, mods)
