@@ -254,45 +254,9 @@ def load_user_data(
     rate = fmt.sample_rate if fmt is not None else sample_rate
     opts = {"image_size": image_size, "image_channels": 1, "audio_length": int(seconds * rate), "sample_rate": rate}
     opts |= {"video_frames": video_frames, "video_size": video_size, "video_channels": 3, "frame_rate": frame_rate}
-    if fmt is not None:
-        if "image" in fmt.shapes:
-            opts["image_channels"], opts["image_size"] = fmt.shapes["image"][0], fmt.shapes["image"][-1]
-        if "video" in fmt.shapes:
-            opts["video_frames"], opts["video_channels"], _, opts["video_size"] = fmt.shapes["video"]
-            opts["frame_rate"] = fmt.frame_rate
-        if "audio" in fmt.shapes:
-            opts["audio_length"] = fmt.shapes["audio"][-1]
-    raw: dict[str, list[Any]] = {c: [] for c in columns}
-    skipped = 0
-    not_files: dict[str, list[tuple[int, Path]]] = {c: [] for c in columns}  # cells naming no file
-    for i, row in enumerate(rows):
-        for c in columns:
-            value = row.get(c)
-            reader = c if c in ("image", "video", "audio", "text") else "array"
-            if value in (None, ""):
-                raw[c].append(None)
-                continue
-            try:
-                raw[c].append(_read(reader, value, base, opts, column=c))
-            except _NotAFile as e:
-                raw[c].append(None)
-                not_files[c].append((i, e.args[0]))
-            except DataError:
-                if not skip_errors:
-                    raise
-                skipped += 1
-                raw[c].append(None)
-    _check_paths(path, rows, not_files)
-    if skipped:
-        warn(f"{path}: skipped {skipped} unreadable files (skip_unreadable); those samples lack that modality")
+    opts |= _format_options(fmt)
+    raw, skipped = _read_cells(path, rows, columns, opts, skip_errors)
     _warn_duplicates(path, rows, columns)
-    # Folder layout: arrays become "sequence" (2-D) or "tabular" (1-D).
-    if "array" in raw:
-        arrays = raw.pop("array")
-        dims = {a.ndim for a in arrays if a is not None}
-        if len(dims) > 1:
-            raise DataError(f"{path}: .npy/.csv files mix 1-D and 2-D arrays; keep one shape per dataset")
-        raw["sequence" if dims == {2} else "tabular"] = arrays
     labelled_rows = all(has_label)
     names = sorted({str(r["label"]) for r in rows}) if labelled_rows else []
     targets = torch.tensor([names.index(str(r["label"])) if labelled_rows else -1 for r in rows])
@@ -321,15 +285,14 @@ def load_user_data(
         warn(f"{path}: column {c!r} ignored: the model takes {', '.join(wanted)}")
     data, present = {}, []
     for m in wanted:
-        values = raw[m]
-        present.append(torch.tensor([v is not None for v in values]))
+        present.append(torch.tensor([v is not None for v in raw[m]]))
         if m == "text":
-            texts = [v or "" for v in values]
+            texts = [v or "" for v in raw[m]]
             length = fmt.text_length if fmt is not None else text_length
             data[m], metadata["vocabulary"] = token_ids(texts, length, fmt.vocabulary if fmt is not None else None)
             metadata["texts"] = texts
         else:
-            data[m] = _stack(values, m, path, fmt.shapes.get(m) if fmt is not None else None)
+            data[m] = _stack(raw[m], m, path, fmt.shapes.get(m) if fmt is not None else None)
     present_t = torch.stack(present, 1) if present else torch.zeros(len(rows), 0, dtype=torch.bool)
     empty = ~present_t.any(1)
     if empty.any():
@@ -342,6 +305,60 @@ def load_user_data(
     if splits is None:
         splits = split_classes(list(range(len(names))), (0.6, 0.2, 0.2), seed) if len(names) >= 5 else {}
     return MultimodalDataset(data, present_t, targets, tuple(wanted), splits, metadata, path.name)
+
+
+def _format_options(fmt: InputFormat | None) -> dict[str, Any]:
+    """The readers' options a model's input format fixes (image size and channels, video frames and their
+    sampling, audio length)."""
+    if fmt is None:
+        return {}
+    opts: dict[str, Any] = {}
+    if "image" in fmt.shapes:
+        opts["image_channels"], opts["image_size"] = fmt.shapes["image"][0], fmt.shapes["image"][-1]
+    if "video" in fmt.shapes:
+        opts["video_frames"], opts["video_channels"], _, opts["video_size"] = fmt.shapes["video"]
+        opts["frame_rate"] = fmt.frame_rate
+    if "audio" in fmt.shapes:
+        opts["audio_length"] = fmt.shapes["audio"][-1]
+    return opts
+
+
+def _read_cells(
+    path: Path, rows: list[dict[str, str]], columns: list[str], opts: dict[str, Any], skip_errors: bool
+) -> tuple[dict[str, list[Any]], int]:
+    """Every cell of ``columns`` read (None where empty, naming no file, or unreadable and skipped), per
+    modality (a folder's arrays split into sequence or tabular), and how many unreadable files were skipped."""
+    base = path if path.is_dir() else path.parent
+    raw: dict[str, list[Any]] = {c: [] for c in columns}
+    skipped = 0
+    not_files: dict[str, list[tuple[int, Path]]] = {c: [] for c in columns}  # cells naming no file
+    for i, row in enumerate(rows):
+        for c in columns:
+            value = row.get(c)
+            if value in (None, ""):
+                raw[c].append(None)
+                continue
+            try:
+                reader = c if c in ("image", "video", "audio", "text") else "array"
+                raw[c].append(_read(reader, value, base, opts, column=c))
+            except _NotAFile as e:
+                raw[c].append(None)
+                not_files[c].append((i, e.args[0]))
+            except DataError:
+                if not skip_errors:
+                    raise
+                skipped += 1
+                raw[c].append(None)
+    _check_paths(path, rows, not_files)
+    if skipped:
+        warn(f"{path}: skipped {skipped} unreadable files (skip_unreadable); those samples lack that modality")
+    if "array" in raw:  # folder layout: arrays become "sequence" (2-D) or "tabular" (1-D)
+        arrays = raw.pop("array")
+        dims = {a.ndim for a in arrays if a is not None}
+        if len(dims) > 1:
+            raise DataError(f"{path}: .npy/.csv files mix 1-D and 2-D arrays; keep one shape per dataset")
+        raw["sequence" if dims == {2} else "tabular"] = arrays
+    return raw, skipped
 
 
 def _check_paths(path: Path, rows: list[dict[str, str]], not_files: dict[str, list[tuple[int, Path]]]) -> None:
