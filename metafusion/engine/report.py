@@ -164,70 +164,87 @@ def plot_run(run_dir: Path, results: dict[str, Any], per_task: Sequence[dict[str
     """learning_curve.png (meta-train loss, meta-val accuracy), attention.png (modality weights); with
     corrupted modalities, corrupted_weights.png (histograms of the weights of corrupted and clean ones); with
     ``per_task`` (``TaskWeights.rows``), task_weights.png (per modality, each task's weight against the
-    modality's accuracy alone on it)."""
+    modality's accuracy alone on it). Each is drawn where its numbers exist."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
+    plots = {
+        "learning_curve.png": _learning_curve,
+        "attention.png": _attention,
+        "corrupted_weights.png": _corrupted_weights,
+        "task_weights.png": _task_weights,
+    }
     written = []
-    records = read_metrics(run_dir)
-    if records:
-        fig, ax1 = plt.subplots(figsize=(6, 3.5))
-        ax1.plot([r["step"] for r in records], [r["loss"] for r in records], color="tab:blue", lw=1)
-        ax1.set_xlabel("meta-train iteration")
-        ax1.set_ylabel("meta-train loss", color="tab:blue")
-        val = [r for r in records if "val_accuracy" in r]
-        if val:
-            ax2 = ax1.twinx()
-            ax2.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", color="tab:red")
-            ax2.set_ylabel("meta-val accuracy", color="tab:red")
-        ax1.set_title(f"{results['algorithm']} on {results['dataset']}")
-        fig.tight_layout()
-        fig.savefig(run_dir / "learning_curve.png", dpi=110)
-        plt.close(fig)
-        written.append(run_dir / "learning_curve.png")
-    weights = results.get("modality_weights") or {}
-    if weights:
-        fig, ax = plt.subplots(figsize=(4.5, 3))
-        ax.bar(list(weights), list(weights.values()), color="tab:green")
-        ax.set_ylabel("mean attention weight")
-        ax.set_title("per-modality attention (meta-test queries)")
-        fig.tight_layout()
-        fig.savefig(run_dir / "attention.png", dpi=110)
-        plt.close(fig)
-        written.append(run_dir / "attention.png")
-    split = results.get("corrupted_weights") or {}
-    if split:  # how the fusion weighs corrupted against clean modalities of the same query samples
-        fig, ax = plt.subplots(figsize=(4.5, 3))
-        edges = [i / 10 for i in range(11)]
-        for kind, color in (("clean", "tab:green"), ("corrupted", "tab:red")):
-            ax.stairs(split[f"{kind}_histogram"], edges, color=color, label=f"{kind} (mean {split[kind]:.2f})")
-        ax.set_xlabel("modality weight")
-        ax.set_ylabel("query samples")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(run_dir / "corrupted_weights.png", dpi=110)
-        plt.close(fig)
-        written.append(run_dir / "corrupted_weights.png")
-    if per_task:  # does a task's weight on a modality follow what that modality is worth on the task?
-        summary = (results.get("task_weights") or {}).get("modalities", {})
-        modalities = results["modalities"]
-        fig, axes = plt.subplots(1, len(modalities), figsize=(3 * len(modalities), 3), sharey=True, squeeze=False)
-        for ax, m in zip(axes[0], modalities):
-            ax.scatter(
-                [r[f"weight_{m}"] for r in per_task], [r[f"accuracy_alone_{m}"] for r in per_task], s=6, alpha=0.4
-            )
-            correlation = (summary.get(m) or {}).get("correlation")
-            ax.set_title(m if correlation is None else f"{m} (r = {correlation:+.2f})", fontsize=9)
-            ax.set_xlabel("mean weight in the task")
-        axes[0][0].set_ylabel("accuracy alone in the task")
-        fig.tight_layout()
-        fig.savefig(run_dir / "task_weights.png", dpi=110)
-        plt.close(fig)
-        written.append(run_dir / "task_weights.png")
+    for name, draw in plots.items():
+        fig = draw(plt, run_dir, results, per_task)
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(run_dir / name, dpi=110)
+            plt.close(fig)
+            written.append(run_dir / name)
     return written
+
+
+def _learning_curve(plt, run_dir: Path, results: dict, per_task):
+    records = read_metrics(run_dir)
+    if not records:
+        return None
+    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    ax1.plot([r["step"] for r in records], [r["loss"] for r in records], color="tab:blue", lw=1)
+    ax1.set_xlabel("meta-train iteration")
+    ax1.set_ylabel("meta-train loss", color="tab:blue")
+    val = [r for r in records if "val_accuracy" in r]
+    if val:
+        ax2 = ax1.twinx()
+        ax2.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", color="tab:red")
+        ax2.set_ylabel("meta-val accuracy", color="tab:red")
+    ax1.set_title(f"{results['algorithm']} on {results['dataset']}")
+    return fig
+
+
+def _attention(plt, run_dir: Path, results: dict, per_task):
+    weights = results.get("modality_weights") or {}
+    if not weights:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    ax.bar(list(weights), list(weights.values()), color="tab:green")
+    ax.set_ylabel("mean attention weight")
+    ax.set_title("per-modality attention (meta-test queries)")
+    return fig
+
+
+def _corrupted_weights(plt, run_dir: Path, results: dict, per_task):
+    """How the fusion weighs corrupted against clean modalities of the same query samples."""
+    split = results.get("corrupted_weights") or {}
+    if not split:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    edges = [i / 10 for i in range(11)]
+    for kind, color in (("clean", "tab:green"), ("corrupted", "tab:red")):
+        ax.stairs(split[f"{kind}_histogram"], edges, color=color, label=f"{kind} (mean {split[kind]:.2f})")
+    ax.set_xlabel("modality weight")
+    ax.set_ylabel("query samples")
+    ax.legend()
+    return fig
+
+
+def _task_weights(plt, run_dir: Path, results: dict, per_task):
+    """Does a task's weight on a modality follow what that modality is worth on the task?"""
+    if not per_task:
+        return None
+    summary = (results.get("task_weights") or {}).get("modalities", {})
+    modalities = results["modalities"]
+    fig, axes = plt.subplots(1, len(modalities), figsize=(3 * len(modalities), 3), sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], modalities):
+        ax.scatter([r[f"weight_{m}"] for r in per_task], [r[f"accuracy_alone_{m}"] for r in per_task], s=6, alpha=0.4)
+        correlation = (summary.get(m) or {}).get("correlation")
+        ax.set_title(m if correlation is None else f"{m} (r = {correlation:+.2f})", fontsize=9)
+        ax.set_xlabel("mean weight in the task")
+    axes[0][0].set_ylabel("accuracy alone in the task")
+    return fig
 
 
 def plot_confusion(path: Path, matrix: torch.Tensor, classes: list[str]) -> Path:
