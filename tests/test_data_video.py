@@ -151,11 +151,17 @@ def _clip_folder(root, classes=5, per_class=3, bad=None):
 
 
 def test_a_folder_of_clips_and_images_is_a_two_modality_dataset(tmp_path):
-    ds = load_user_data(_clip_folder(tmp_path / "clips"), video_frames=3, video_size=8)
+    root = _clip_folder(tmp_path / "clips")
+    ds = load_user_data(root, video_frames=3, video_size=8)
     assert ds.modalities == ("image", "video")
     assert ds.data["video"].shape == (15, 3, 3, 8, 8) and ds.present.all()
     levels = ds.data["video"].mean((1, 2, 3, 4)) * 255
     assert ds.targets.tolist() == sorted(ds.targets.tolist()) and levels[0] < levels[-1]
+    (root / "c2" / "1.mp4").unlink()  # a sample without its clip: video masked, image kept
+    ds = load_user_data(root, video_frames=3, video_size=8)
+    row = ds.metadata["ids"].index("c2/1")
+    assert ds.present[row].tolist() == [True, False] and ds.data["video"][row].abs().sum() == 0
+    assert int(ds.present[:, 1].sum()) == 14
 
 
 def test_an_unreadable_clip_is_named_or_masked_and_counted(tmp_path):
