@@ -63,6 +63,7 @@ class MAML(MetaAlgorithm):
     Options = MAMLOptions
     step_keys = ("inner_steps", "inner_steps_test")
     first_order = False  # FOMAML: True
+    per_parameter_rates = False  # MetaSGD: True (a learned rate per parameter; the task-batched engine has none)
 
     def __init__(self, model: FusionModel, options: FirstOrderOptions | None = None, **kwargs):
         super().__init__(model, options, **kwargs)
@@ -78,7 +79,7 @@ class MAML(MetaAlgorithm):
                 "algo.proto_init needs one linear head on the fused feature (not 'late' fusion) "
                 "and the per-task loop (not algo.task_batched)"
             )
-        if task_batched and (learn_inner_lr or type(self)._update is not MAML._update):
+        if task_batched and (learn_inner_lr or self.per_parameter_rates):
             raise InputError(
                 "algo.task_batched runs plain MAML/FOMAML/ANIL inner SGD steps; it does not "
                 "support learned inner learning rates (learn_inner_lr, metasgd)"
@@ -283,6 +284,7 @@ class MetaSGD(MAML):
     defaults = {**MAML_DEFAULTS, "inner_steps_test": 1}
     pretrained_defaults = {"algo.inner_lr": 0.1}  # it adapts every parameter, each at its learned rate
     Options = NoOptions  # it always learns per-parameter rates
+    per_parameter_rates = True
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:

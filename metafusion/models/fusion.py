@@ -66,6 +66,7 @@ class Fusion(nn.Module):
     Options: type = NoOptions
     out_dim: int
     weighted = True  # False: ``weights`` is always None
+    has_auxiliary_loss = False  # True: ``auxiliary_loss`` returns a loss meta-training adds
 
     def make_head(self, ways: int) -> nn.Module:
         return LinearHead(self.out_dim, ways)
@@ -337,6 +338,7 @@ class MatchedAttention(AttentionFusion):
     """
 
     Options = MatchedOptions
+    has_auxiliary_loss = True
 
     def __init__(
         self,

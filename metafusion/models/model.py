@@ -12,7 +12,7 @@ from ..data.batch import Batch
 from ..errors import InputError
 from .encoders import default_encoder, encoder_for
 from .execution import decomposed_batchnorm, memory_format
-from .fusion import Fusion, build_fusion
+from .fusion import build_fusion
 from .spec import ModelSpec
 
 # Adaptation scope -> which parameters (by name) an inner loop adapts under it; the others are meta-learned
@@ -96,7 +96,7 @@ class FusionModel(nn.Module):
     @property
     def has_auxiliary_loss(self) -> bool:
         """Whether the fusion trains a part of itself on a loss of its own (it overrides ``auxiliary_loss``)."""
-        return type(self.fusion).auxiliary_loss is not Fusion.auxiliary_loss
+        return self.fusion.has_auxiliary_loss
 
     def auxiliary_loss(self, batch: Batch) -> Tensor | None:
         """The fusion's own loss on ``batch`` (e.g. matched attention's contrastive loss); None for most."""
