@@ -171,3 +171,13 @@ def test_decoded_data_is_cached_once_and_rekeyed_when_a_source_changes(tmp_path,
     src.write_bytes(b"12345")
     os.utime(src, (1, 1))
     assert files_key([src]) != key and files_key([src], 8000) != files_key([src])
+
+
+def test_an_empty_or_header_only_wav_is_no_recording(tmp_path):
+    import soundfile
+
+    from metafusion.data.fsdd import read_wav
+
+    soundfile.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 8000)
+    with pytest.raises(DataError, match="empty.wav holds no audio samples"):
+        read_wav(tmp_path / "empty.wav", 8000)

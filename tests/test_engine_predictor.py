@@ -239,3 +239,43 @@ def test_the_transductive_protocol_does_depend_on_the_batch(synthetic_model):
     alone = synthetic_model.predict(_raw_samples(synthetic_model, rows[:1]), "transductive")
     together = synthetic_model.predict(_raw_samples(synthetic_model, rows), "transductive")
     assert (together.probabilities[0] - alone.probabilities[0]).abs().max() > 1e-3
+
+
+def test_a_one_class_task_and_a_diverged_adaptation_are_errors_with_nothing_saved(tmp_path, monkeypatch):
+    import shutil
+
+    from metafusion.algorithms.base import MetaAlgorithm
+
+    run = tmp_path / "run"
+    assert main(["meta-train", *TINY_RUN, "--algo", "protonet", "--out", str(run)]) == 0
+    one = tmp_path / "one"
+    shutil.copytree(DATA / "tiny_folder" / "cat", one / "cat")
+    with pytest.raises(InputError, match="at least 2 classes"):
+        metafusion.fine_tune(run, one, out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    metafusion.fine_tune(run, DATA / "tiny_task.csv", out=tmp_path / "good")
+    monkeypatch.setattr(MetaAlgorithm, "predict", lambda self, learner, episode, protocol: torch.full(
+        (len(episode.query), episode.ways), float("nan")))  # fmt: skip
+    with pytest.raises(InputError, match="not finite on 4 of 4 query samples"):
+        metafusion.fine_tune(run, DATA / "tiny_task.csv", out=tmp_path / "b")
+    assert not (tmp_path / "b" / "model.pt").exists()
+    out = tmp_path / "p.csv"
+    monkeypatch.setattr(MetaAlgorithm, "predict_with_weights", lambda self, learner, episode, protocol: (
+        torch.full((len(episode.query), episode.ways), float("nan")), None))  # fmt: skip
+    assert main(["predict", "--model", str(tmp_path / "good"), "--data", str(_task_queries(tmp_path)),
+                 "--out", str(out)]) == 2 and not out.exists()  # fmt: skip
+
+
+def test_constant_features_are_centred_not_blown_up():
+    from metafusion.data import MultimodalDataset, Standardizer
+
+    x = torch.zeros(12, 3)
+    x[:, 0] = torch.arange(12.0)  # varies
+    x[:, 1] = 5.0  # constant on every split
+    x[:6, 2], x[6:, 2] = 1.0, torch.linspace(0, 2, 6)  # constant on the meta-train classes only
+    ds = MultimodalDataset({"t": x}, torch.ones(12, 1, dtype=torch.bool), torch.arange(12) // 2, ("t",),
+                           {"train": [0, 1, 2], "val": [3], "test": [4, 5]})  # fmt: skip
+    out = Standardizer.fit(ds)(ds).data["t"]
+    assert torch.allclose(out[:, 1], torch.zeros(12)) and torch.allclose(out[6:, 2], x[6:, 2] - 1.0)
+    train = x[:6, 0]  # classes 0-2: rows 0-5
+    assert torch.allclose(out[:, 0], (x[:, 0] - train.mean()) / train.std())  # a varying feature: scaled as before

@@ -43,6 +43,8 @@ def read_wav(path: Path, length: int, sample_rate: int = SAMPLE_RATE) -> np.ndar
         wave, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
+    if not len(wave):  # a header without samples is no recording (not a present, silent one)
+        raise DataError(f"{path} holds no audio samples (an empty or header-only file)")
     wave = wave.mean(1)
     if rate != sample_rate:  # a recording at another rate, brought to the model's (band-limited resampling)
         import torchaudio

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .dataset import MultimodalDataset
+
+CONSTANT = 1e-4  # a spread below this (relative to the feature's size) counts as constant
 
 
 @dataclass
@@ -36,7 +39,9 @@ class Standardizer:
                 mean, std = present.mean(0), present.std(0)
             else:
                 mean, std = present.mean(), present.std()
-            stats[m] = (mean, std.clamp_min(1e-6))
+            # A feature (nearly) constant on the meta-train split is centred, not scaled: dividing by its
+            # tiny spread would blow other splits' values up by orders of magnitude.
+            stats[m] = (mean, torch.where(std > CONSTANT * (1 + mean.abs()), std, torch.ones_like(std)))
         return Standardizer(stats)
 
     def __call__(self, dataset: MultimodalDataset) -> MultimodalDataset:

@@ -263,6 +263,12 @@ def stage_fine_tune(
     logits = trained.algorithm.predict(learner, episode, PREDICT_PROTOCOL)  # as the saved model will predict
     metrics = classification_metrics(logits, episode.query.labels, episode.ways)
     finite = torch.isfinite(logits).all(1).tolist()
+    if not all(finite):  # a model that answers NaN is no model: nothing is saved
+        raise InputError(
+            f"the adapted model's outputs are not finite on {finite.count(False)} of {len(finite)} query samples "
+            f"(it diverged); nothing saved. Fewer --steps, a lower algo.inner_lr_test, or features that vary "
+            f"on the meta-train data (constant ones) are the usual fixes"
+        )
     inside = run_dir.resolve() in out.resolve().parents
     with locked(run_dir) if inside else nullcontext(), new_run_folder(out, overwrite):
         model_path = Predictor(trained, learner, episode.support, classes).save(
@@ -317,6 +323,12 @@ def stage_predict(
     if data.is_dir() and data in target.parents:
         raise InputError(f"--out {out} is inside the data folder {data} (it would become part of the data)")
     predictions = predictor.predict(samples, protocol)
+    diverged = int(predictions.diverged.sum())
+    if diverged:  # no file of NaN probabilities and empty labels
+        raise InputError(
+            f"the model's outputs are not finite for {diverged} of {len(predictions)} samples (first: "
+            f"{predictions.ids[int(predictions.diverged.nonzero()[0])]}); nothing written"
+        )
     return predictions, predictions.write(out, overwrite=force)
 
 
@@ -328,6 +340,11 @@ def user_task(path: str, trained: TrainedModel, shots: int) -> tuple[Episode, li
     raw = load_user_data(path, modalities=trained.inputs.modalities, like=trained.inputs)
     data = trained.prepare(raw)
     names = data.metadata["class_names"]
+    if len(set(data.labels)) < 2:
+        raise InputError(
+            f"{path}: a task needs at least 2 classes to tell apart, it has {len(set(data.labels))} "
+            f"({', '.join(map(repr, names)) or 'none'})"
+        )
     support_rows, query_rows = [], []
     for c in sorted(set(data.labels)):
         rows = torch.nonzero(data.targets == c).flatten()
