@@ -35,9 +35,9 @@ def test_overwrite_replaces_a_run_folder_and_an_empty_folder_is_used(tmp_path, c
     assert (run / MARKER).is_file() and (run / "last.pt").is_file()
     assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", run) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
-    (run / "stale.txt").write_text("from the earlier run")  # inside a run folder: the run's to replace
+    (run / "results_last.json").write_text("{}")  # what an earlier meta-test of the run wrote: replaced
     assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", run, "--overwrite") == 0
-    assert not (run / "stale.txt").exists() and (run / "last.pt").is_file()
+    assert not (run / "results_last.json").exists() and (run / "last.pt").is_file()
 
 
 def test_a_run_folder_of_an_older_version_without_marker_is_recognised(tmp_path):
@@ -145,6 +145,25 @@ def test_fine_tune_keeps_an_earlier_adapted_model(tmp_path, capsys):
     assert (run / "finetune" / "model.pt").read_bytes() != first
     assert run_cli("fine-tune", "--run", run, "--out", run, "--overwrite") == 2  # never over the run itself
     assert "would hold the run folder" in capsys.readouterr().err
+
+
+def test_a_command_replaces_only_a_folder_of_its_own_kind_and_keeps_the_users_files(tmp_path, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    for folder in (run, other):
+        assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", folder) == 0
+    before = sorted(p.name for p in other.iterdir())
+    assert run_cli("fine-tune", "--run", run, "--out", other, "--overwrite", "--quiet") == 2  # another run
+    assert "is a meta-train folder; a fine-tune replaces only a fine-tune folder" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == before and (other / "best.pt").is_file()
+    assert run_cli("fine-tune", "--run", run, "--quiet") == 0
+    assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", run / "finetune", "--overwrite") == 2
+    assert (run / "finetune" / "model.pt").is_file()  # an adapted model is not a meta-training run's to replace
+    (run / "notes.md").write_text("mine")
+    (run / "mine").mkdir()
+    capsys.readouterr()
+    assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", run, "--overwrite") == 0
+    assert "kept your own mine, notes.md" in capsys.readouterr().err
+    assert (run / "notes.md").read_text() == "mine" and (run / "mine").is_dir() and (run / "best.pt").is_file()
 
 
 @pytest.fixture(scope="module")

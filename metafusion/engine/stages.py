@@ -112,14 +112,14 @@ def stage_meta_train(
     cfg = cfg if cfg is not None else experiment.cfg
     rank = distributed.init(cfg.train.device)
     if rank.main and not resume:
-        check_out(run_dir, overwrite)  # before the data loads: a taken folder fails in a second
+        check_out(run_dir, overwrite, kind="meta-train")  # before the data loads: a taken folder fails in a second
     cfg.train.device = distributed.device_for(cfg.train.device)
     exp = experiment or build_experiment(cfg)
     created = not run_dir.exists()
     if not rank.main:
         folder = nullcontext()
     else:
-        folder = locked(run_dir) if resume else new_run_folder(run_dir, overwrite)
+        folder = locked(run_dir) if resume else new_run_folder(run_dir, overwrite, kind="meta-train")
     with stop_requests(), folder:
         distributed.barrier()
         if rank.main and not resume:
@@ -240,7 +240,7 @@ def stage_fine_tune(
     out = Path(out) if out is not None else run_dir / "finetune"
     if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
         raise RunFolderError(f"--out {out} would hold the run folder {run_dir}; choose a folder of its own")
-    check_out(out, overwrite)  # before the work: an earlier adapted model is kept unless --overwrite
+    check_out(out, overwrite, kind="fine-tune")  # before the work: an earlier adapted model is kept unless --overwrite
     state = load_checkpoint(run_checkpoint(run_dir))
     query_ids = None
     if task == "heldout" or "model_args" not in state:  # checkpoints from before model_args rebuild from the data
@@ -270,7 +270,7 @@ def stage_fine_tune(
             f"on the meta-train data (constant ones) are the usual fixes"
         )
     inside = run_dir.resolve() in out.resolve().parents
-    with locked(run_dir) if inside else nullcontext(), new_run_folder(out, overwrite):
+    with locked(run_dir) if inside else nullcontext(), new_run_folder(out, overwrite, kind="fine-tune"):
         model_path = Predictor(trained, learner, episode.support, classes).save(
             out / "model.pt", task=task, seed=seed, steps=steps
         )
@@ -420,7 +420,7 @@ def stage_compare(
         c = copy.deepcopy(cfg)
         c.algo.name = name
         configs.append(resolve(c))
-    out = check_out(out, overwrite)
+    out = check_out(out, overwrite, kind="compare")
     first = build_experiment(configs[0])  # bad data fails here, before the folder is touched
     folders = [c.algo.name for c in configs]
     if baseline and len(first.model.modalities) > 1:
@@ -429,7 +429,7 @@ def stage_compare(
             c.algo.name, c.model.modalities = "centroid", [m]
             configs.append(resolve(c))
             folders.append(f"centroid-{m}")
-    with new_run_folder(out, overwrite):
+    with new_run_folder(out, overwrite, kind="compare"):
         rows, centroid_data = [], None
         for i, (c, folder) in enumerate(zip(configs, folders)):
             given = None
