@@ -326,6 +326,49 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+MAX_YAML_VALUES = 100_000  # a config has hundreds; more is an alias bomb (a few KB expanding to gigabytes)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (it would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(f"{mark.name}:{mark.line + 1}: key {key!r} appears twice in one mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A config file's values, or a ConfigError naming the file, line and problem: invalid YAML, a key given
+    twice, or aliases expanding to more than ``MAX_YAML_VALUES`` values."""
+    try:
+        with open(path, encoding="utf-8") as f:  # a stream names the file in marks
+            values = yaml.load(f, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    budget, stack = MAX_YAML_VALUES, [values]
+    while stack:  # aliases are shared objects: count what they expand to without expanding it
+        value = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"{path}: more than {MAX_YAML_VALUES:,} values once its aliases expand; not a config")
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return values
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults <- YAML file <- overrides (``{"train.iterations": 50, ...}``), values checked."""
     cfg = RunConfig()
@@ -333,13 +376,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         _apply(cfg, values)

@@ -79,6 +79,32 @@ def header_only(t):
     return [*_manifest_run(t / "m.csv"), t / "r"]
 
 
+def column_twice(t):
+    m = _copy_data(t)
+    lines = m.read_text().splitlines()
+    lines[0] = lines[0].replace("text", "image", 1)  # two 'image' columns
+    m.write_text("\n".join(lines) + "\n")
+    return [*_manifest_run(m), t / "r"]
+
+
+def _npy_run(t, array):
+    m = _copy_data(t)
+    np.save(t / "tiny_folder" / "cat" / "cat0.npy", array)
+    return [*_manifest_run(m), t / "r"]
+
+
+def complex_npy(t):
+    return _npy_run(t, np.ones(4, dtype=np.complex64) * (1 + 2j))
+
+
+def datetime_npy(t):
+    return _npy_run(t, np.array(["2026-01-01"] * 4, dtype="datetime64[D]"))
+
+
+def huge_value(t):
+    return _npy_run(t, np.array([1.0, 1e300, 0.0, 0.0]))
+
+
 def out_under_a_file(t):
     (t / "file").write_text("x")
     return ["meta-train", *TINY, "--iterations", 1, "--out", t / "file" / "run"]
@@ -96,6 +122,10 @@ CASES = {
     "ragged CSV row": (ragged_csv, "m.csv:26: the row has another number of cells than the header"),
     "JSONL line not an object": (jsonl_with_a_list, "m.jsonl:2: expected a JSON object"),
     "manifest without rows": (header_only, "m.csv: manifest has no rows"),
+    "a column named twice": (column_twice, "m.csv:1: column 'image' appears twice"),
+    "complex .npy": (complex_npy, "cat0.npy holds complex numbers"),
+    "datetime .npy": (datetime_npy, "cat0.npy holds datetime64[D] values, not numbers"),
+    "a value beyond float32": (huge_value, "1 values beyond float32's range (±3.4e38): 1e+300"),
     "model is a CSV": (lambda t: ["predict", "--model", DATA / "tiny_task.csv", "--data", DATA], "not a model (not a"),
     "model missing": (lambda t: ["predict", "--model", t / "none.pt", "--data", DATA], "model not found"),
     "checkpoint is a folder": (lambda t: ["meta-test", "--checkpoint", DATA], "is a folder, not a checkpoint file"),

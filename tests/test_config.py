@@ -134,3 +134,20 @@ def test_a_config_file_of_metafusion_0_1_still_resolves():
     }
     with pytest.raises(ConfigError, match="data.rotations"):  # not at its old default: it meant something
         resolve(from_dict({**old, "data": {"dataset": "synthetic", "rotations": True}}))
+
+
+def test_a_key_given_twice_and_an_alias_bomb_are_refused_and_aliases_still_work(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  iterations: 3\n  iterations: 5\n")
+    with pytest.raises(ConfigError, match=rf"{twice}:3: key 'iterations' appears twice"):
+        load_config(twice)
+    bomb = tmp_path / "bomb.yaml"
+    levels = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for prev, name in zip("abcdefg", "bcdefgh"):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    bomb.write_text("\n".join(levels) + "\n")  # 1 KB, 10^8 values expanded
+    with pytest.raises(ConfigError, match="more than 100,000 values once its aliases expand"):
+        load_config(bomb)
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("per_algorithm:\n  maml: &recipe\n    algo: {inner_lr: 0.2}\n  fomaml: *recipe\n")
+    assert resolve(load_config(shared, {"algo.name": "fomaml"})).algo.inner_lr == 0.2

@@ -181,3 +181,14 @@ def test_an_empty_or_header_only_wav_is_no_recording(tmp_path):
     soundfile.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 8000)
     with pytest.raises(DataError, match="empty.wav holds no audio samples"):
         read_wav(tmp_path / "empty.wav", 8000)
+
+
+def test_a_class_whose_files_sit_in_a_subfolder_is_named_not_dropped_silently(tmp_path):
+    import shutil
+
+    for c in ("cat", "dog"):
+        shutil.copytree(HERE / "tiny_folder" / c, tmp_path / c)
+    shutil.copytree(HERE / "tiny_folder" / "frog", tmp_path / "frog" / "photos")  # one level too deep
+    with pytest.warns(InputWarning, match="class 'frog' has no sample files, only subfolders \\(photos\\)"):
+        ds = load_user_data(tmp_path)
+    assert ds.metadata["class_names"] == ["cat", "dog"]

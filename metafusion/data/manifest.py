@@ -21,6 +21,7 @@ import io
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,14 @@ def token_ids(texts: list[str], length: int, vocabulary: list[str] | None = None
 
 
 def _read_array(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    return np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=1)
+    if path.suffix != ".npy":
+        return np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=1)
+    array = np.load(path, allow_pickle=False)
+    if np.iscomplexobj(array):
+        raise DataError(f"{path} holds complex numbers; save their real and imaginary parts as two channels")
+    if array.dtype.kind not in "biuf":  # datetimes, strings, records: not numbers a model reads
+        raise DataError(f"{path} holds {array.dtype} values, not numbers; save a numeric array")
+    return array
 
 
 def _is_file(path: Path) -> bool:
@@ -126,7 +132,11 @@ def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any], co
             if modality == "audio":
                 array = read_wav(path, opts["audio_length"], opts["sample_rate"])[None]
             else:
-                array = np.asarray(_read_array(path), dtype=np.float32)
+                values = _read_array(path)
+                big = np.isfinite(values) & (np.abs(values) > np.finfo(np.float32).max)
+                if big.any():
+                    raise DataError(f"{int(big.sum())} values beyond float32's range (±3.4e38): {values[big][0]:g}")
+                array = np.asarray(values, dtype=np.float32)
         except (OSError, ValueError, DataError) as e:
             raise DataError(f"cannot read {path} as {what}: {e}") from None
     bad = int(array.size - np.isfinite(array).sum())
@@ -148,7 +158,7 @@ def _rows_from_manifest(path: Path, labelled: bool) -> list[dict[str, str]]:
         for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line, object_pairs_hook=partial(_unique_keys, f"{path}:{i}"))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
                 if not isinstance(row, dict):
@@ -156,7 +166,9 @@ def _rows_from_manifest(path: Path, labelled: bool) -> list[dict[str, str]]:
                 rows.append({str(k): "" if v is None else str(v) for k, v in row.items()})
     elif path.suffix == ".csv":
         try:
-            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            _unique_keys(f"{path}:1", [(name, None) for name in reader.fieldnames or []])
+            rows = list(reader)
         except csv.Error as e:
             raise DataError(f"{path}: not a valid CSV file ({e})") from None
         short = next((i for i, r in enumerate(rows, 2) if None in r.values() or None in r), None)
@@ -171,17 +183,34 @@ def _rows_from_manifest(path: Path, labelled: bool) -> list[dict[str, str]]:
     return rows
 
 
+def _unique_keys(where: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``dict(pairs)``, or a DataError where a column is named twice (the last would silently win)."""
+    names = [k for k, _ in pairs]
+    twice = sorted({k for k in names if names.count(k) > 1})
+    if twice:
+        raise DataError(f"{where}: column {', '.join(map(repr, twice))} appears twice; name each column once")
+    return dict(pairs)
+
+
 def _rows_from_folder(root: Path) -> list[dict[str, str]]:
     """Samples of ``root/<class>/``, of ``root/{train,val,test}/<class>/`` (with their split), or, for
     files directly in ``root``, unlabelled samples."""
     rows: dict[tuple[str, str], dict[str, str]] = {}
 
     def add(folder: Path, **fields: str) -> None:
+        samples = 0
         for f in sorted(folder.iterdir()):
             kind = EXTENSIONS.get(f.suffix.lower())
             if kind is not None and f.is_file():
                 row = rows.setdefault((str(folder), f.stem), {**fields, "id": str(f.relative_to(root).with_suffix(""))})
                 row[kind] = str(f.relative_to(root))
+                samples += 1
+        nested = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if fields and not samples and nested:  # a class whose files sit one level too deep
+            warn(
+                f"{folder}: class {fields['label']!r} has no sample files, only subfolders ({', '.join(nested[:3])}); "
+                f"put its files directly in {folder}/ (it is left out)"
+            )
 
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     if folders and all(p.name in SPLITS for p in folders):
