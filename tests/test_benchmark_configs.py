@@ -238,6 +238,7 @@ def _tiny_run(folder, settings: dict) -> str:
 
     tiny = {"data.num_classes": 30, "data.samples_per_class": 10, "data.queries": 3, "data.val_episodes": 2}
     tiny |= {"model.width": 8, "model.hidden": 8, "train.iterations": 2}
+    tiny |= {"select.alphas": [1.0], "select.centroid_weights": [0.0]}  # no selection: the scripts read the run
     return str(stage_meta_train(load_config(None, {**tiny, **settings}), folder, quiet=True)[2])
 
 

@@ -131,15 +131,18 @@ def select_run(exp, run_dir: Path, episodes: int | None = None, quiet: bool = Fa
     validation used, so selection costs a few validations): between ``start.pt`` and the best trained state
     (``best.pt``, or ``last.pt`` where the best is the start), written as ``selected.pt`` (the checkpoint every
     later stage reads: ``run_checkpoint``) and ``selection.json``. ``exp.algorithm`` keeps its weights. None
-    where there is nothing to choose from (no meta-parameters, or a run from before ``start.pt``)."""
+    where there is nothing to choose from (no meta-parameters, a run from before ``start.pt``, or selection
+    switched off: ``select.alphas=1`` with ``select.centroid_weights=0``, the trained weights alone)."""
     run_dir = Path(run_dir)
+    cfg = exp.cfg.select
+    if set(cfg.alphas) == {1.0} and set(cfg.centroid_weights) == {0.0}:
+        return None
     if not exp.algorithm.meta_parameters or not (run_dir / "start.pt").is_file():
         return None
     start = load_checkpoint(run_dir / "start.pt")
     trained = load_checkpoint(run_dir / "best.pt")
     if trained["step"] == 0 and (run_dir / "last.pt").is_file():
         trained = load_checkpoint(run_dir / "last.pt")
-    cfg = exp.cfg.select
     val = exp.val_episodes[:episodes]
     chosen = select(exp.algorithm, start["module"], trained["module"], val, cfg.alphas, cfg.centroid_weights)
     payload = {
