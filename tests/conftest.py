@@ -17,6 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    """``rows`` (column -> value) as a CSV manifest at ``path``."""
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def real_data_root() -> Path | None:
     """$METAFUSION_DATA, else ../shared/data beside the repository (where CI has it)."""
     env = os.environ.get("METAFUSION_DATA")

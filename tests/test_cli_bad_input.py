@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_manifest
 from PIL import Image
 from test_cli import TINY, run_cli
 
@@ -34,14 +35,6 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def latin1_manifest(t):
     m = _copy_data(t)
     m.write_bytes(m.read_bytes().replace(b"cat,train", "caté,train".encode("latin-1"), 1))
@@ -59,7 +52,7 @@ def every_image_path_wrong(t):
     rows = _rows(m)
     for r in rows:
         r["image"] = r["image"].replace("tiny_folder/", "tiny-folder/")
-    return [*_manifest_run(_write(m, rows)), t / "r"]
+    return [*_manifest_run(write_manifest(m, rows)), t / "r"]
 
 
 def ragged_csv(t):
@@ -196,7 +189,7 @@ def test_paths_that_name_no_file_are_counted_and_warned(tmp_path):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     rows[0]["image"], rows[1]["image"], rows[2]["image"] = "tiny_folder/cat", "tiny_folder/cat/cat9.png", "loop"
     with pytest.warns(InputWarning, match=r"3 of 23 'image' paths are not files \(first: .*cat, a folder"):
-        ds = load_user_data(_write(manifest, rows))
+        ds = load_user_data(write_manifest(manifest, rows))
     assert not ds.present[:3, 0].any() and ds.present[3:, 0].sum() == 20  # (frog2 has no image cell)
 
 
@@ -204,7 +197,7 @@ def test_repeated_rows_are_warned(tmp_path):
     manifest = _copy_data(tmp_path)
     rows = _rows(manifest)
     with pytest.warns(InputWarning, match="2 samples repeat an earlier one's files and text"):
-        load_user_data(_write(manifest, rows + rows[:2]))
+        load_user_data(write_manifest(manifest, rows + rows[:2]))
 
 
 def test_fine_tuning_on_meta_train_classes_or_repeated_samples_is_warned(tmp_path, capsys):
@@ -217,7 +210,7 @@ def test_fine_tuning_on_meta_train_classes_or_repeated_samples_is_warned(tmp_pat
     for r in cats:
         r.update({k: str(DATA / v) for k, v in r.items() if k in ("image", "tabular") and v})
     cats.append(dict(cats[0]))  # a query equal to cat's support sample
-    task = _write(tmp_path / "task.csv", [{k: v for k, v in r.items() if k != "split"} for r in cats])
+    task = write_manifest(tmp_path / "task.csv", [{k: v for k, v in r.items() if k != "split"} for r in cats])
     assert run_cli("fine-tune", "--run", run, "--task", task, "--quiet") == 0
     err = capsys.readouterr().err
     assert "classes 'cat', 'dog' were meta-training classes" in err

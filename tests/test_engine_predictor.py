@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_manifest
 
 import metafusion
 from metafusion.cli import main
@@ -39,14 +40,6 @@ def _in_repo_layout(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def _write_manifest(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def _task_queries(tmp_path: Path, shots: int = 1) -> Path:
     """tiny_task.csv's query rows (all but the first ``shots`` of each class), in the order fine-tune
     batches them, with their file paths made absolute."""
@@ -54,7 +47,7 @@ def _task_queries(tmp_path: Path, shots: int = 1) -> Path:
     queries = [r for c in sorted({r["label"] for r in rows}) for r in [x for x in rows if x["label"] == c][shots:]]
     for r in queries:
         r["image"], r["tabular"] = str(DATA / r["image"]), str(DATA / r["tabular"])
-    return _write_manifest(tmp_path / "queries.csv", queries)
+    return write_manifest(tmp_path / "queries.csv", queries)
 
 
 def test_the_tutorial_runs_as_written(tmp_path, monkeypatch, capsys):
@@ -137,7 +130,7 @@ def test_predict_reports_accuracy_and_handles_mismatched_input(tmp_path, capsys)
     # A modality missing from the files is masked, with a warning; an unknown column is ignored.
     rows = [{"id": r["id"], "tabular": str(DATA / r["tabular"]), "colour": "red"} for r in
             csv.DictReader((DATA / "tiny_unlabelled.csv").open())]  # fmt: skip
-    partial = _write_manifest(tmp_path / "tabular_only.csv", rows)
+    partial = write_manifest(tmp_path / "tabular_only.csv", rows)
     assert main(["predict", "--model", str(run), "--data", str(partial), "--out", str(tmp_path / "t.csv")]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "has no image data" in err and "has no text data" in err
@@ -165,10 +158,10 @@ def test_the_manifest_split_column_is_honoured_and_checked(tmp_path):
         r["image"], r["tabular"] = (str(DATA / r[c]) if r[c] else "" for c in ("image", "tabular"))
     rows[1]["split"] = "test"  # the second cat
     with pytest.raises(InputError, match="class 'cat' is in both the 'train' and 'test' splits"):
-        load_user_data(_write_manifest(tmp_path / "two.csv", rows))
+        load_user_data(write_manifest(tmp_path / "two.csv", rows))
     rows[1]["split"] = "holdout"
     with pytest.raises(InputError, match="split 'holdout'; use one of: train, val, test"):
-        load_user_data(_write_manifest(tmp_path / "bad.csv", rows))
+        load_user_data(write_manifest(tmp_path / "bad.csv", rows))
 
 
 def test_split_folders_give_the_class_split(tmp_path):
