@@ -377,7 +377,17 @@ def cmd_meta_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .engine import distributed, report, stages
 
     if args.resume:
-        exp, train, run_dir = stages.stage_meta_train(None, args.resume, resume=True, quiet=args.quiet)
+        ignored = [f"--{f.replace('_', '-')}" for f in FLAGS if f != "iterations" and getattr(args, f) is not None]
+        ignored += ["--encoder"] * bool(args.encoder) + ["--set"] * bool(args.set or extra)
+        ignored += [f"--{f}" for f in ("config", "out", "overwrite") if getattr(args, f)]
+        if ignored:
+            raise InputError(
+                f"--resume continues the run with its own config ({args.resume}/config.yaml); {', '.join(ignored)} "
+                f"would not apply: drop {'them' if len(ignored) > 1 else 'it'} (--iterations may lengthen the run)"
+            )
+        exp, train, run_dir = stages.stage_meta_train(
+            None, args.resume, resume=True, quiet=args.quiet, iterations=args.iterations
+        )
     else:
         cfg = config_from_args(args, extra)
         out = args.out or f"runs/{cfg.algo.name}"

@@ -406,3 +406,16 @@ def test_a_bug_shows_its_traceback_and_says_it_is_one(monkeypatch, capsys, error
     assert run_cli("meta-train", *TINY, "--iterations", 1) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "a bug in metafusion" in err
+
+
+def test_resume_refuses_flags_it_would_not_apply_and_lengthens_a_run_with_iterations(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("meta-train", *TINY, "--iterations", 2, "--out", run) == 0
+    assert run_cli("meta-train", "--resume", run, "--set", "train.meta_lr=0.1", "--algo", "reptile") == 2
+    err = capsys.readouterr().err
+    assert "--algo, --set would not apply: drop them" in err and "\n" not in err.strip()
+    assert run_cli("meta-train", "--resume", run, "--iterations", 1) == 2
+    assert "already taken 2 steps" in capsys.readouterr().err
+    assert run_cli("meta-train", "--resume", run, "--iterations", 4, "--quiet") == 0
+    assert json.loads((run / "train.json").read_text())["iterations"] == 4
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["iterations"] == 4

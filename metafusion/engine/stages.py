@@ -99,16 +99,24 @@ def stage_meta_train(
     quiet: bool = False,
     stop_at: int | None = None,
     experiment: Experiment | None = None,
+    iterations: int | None = None,
 ) -> tuple[Experiment, dict[str, Any], Path]:
     """Meta-train into ``out``. Launched by torchrun, every rank runs this; rank 0 owns the folder.
 
     Data and model are built before the folder is touched, so bad input leaves an existing folder as it
     was. From the moment the folder is made, SIGINT/SIGTERM end the run after its next step with
-    ``last.pt`` written (resumable); a run that fails before its first checkpoint removes what it wrote."""
+    ``last.pt`` written (resumable); a run that fails before its first checkpoint removes what it wrote.
+    ``iterations`` (with ``resume``): the resumed run's new length, at least the steps it has taken."""
     run_dir = Path(out)
     if resume:
         require_checkpoint(run_dir)
         cfg = load_run_config(run_dir)
+        if iterations is not None:
+            done = load_checkpoint(run_dir / "last.pt")["step"]
+            if iterations < done:
+                raise InputError(f"--iterations {iterations}: the run has already taken {done} steps")
+            cfg.train.iterations = iterations
+            save_config(cfg, run_dir)  # the run's own config says how long it now is
     cfg = cfg if cfg is not None else experiment.cfg
     rank = distributed.init(cfg.train.device)
     if rank.main and not resume:
