@@ -97,3 +97,13 @@ def test_fashion_products_are_rgb_photo_masked_title_and_attributes(few_products
     assert episode.support.inputs["image"].shape[1:] == (3, 16, 16)
     with pytest.raises(DataError, match="only 0 article types have 7"):
         fashion(root, image_size=16, min_products=7)
+
+
+def test_text_in_any_script_tokenises_into_its_words_or_characters():
+    from metafusion.data.manifest import token_ids, tokenize
+
+    assert tokenize("Éveillé, it's 42!") == ["éveillé", "it's", "42"]
+    assert tokenize("שלום עולם") == ["שלום", "עולם"] and tokenize("Привет мир") == ["привет", "мир"]
+    assert tokenize("我喜欢机器学习") == list("我喜欢机器学习")  # no spaces between words: characters
+    ids, vocab = token_ids(["שלום עולם", "我喜欢"], 4)
+    assert len(vocab) == 6 and (ids > 0).sum() == 5  # every word or character has an id: not chance accuracy

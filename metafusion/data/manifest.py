@@ -54,8 +54,15 @@ RESERVED_COLUMNS = ("label", "split", "id")  # manifest columns that are not mod
 SPLITS = ("train", "val", "test")
 
 
+# Scripts written without spaces between words (Chinese, Japanese kana and kanji): one token per character.
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(rf"[{_UNSPACED}]|(?:[^\W_{_UNSPACED}]|')+")
+
+
 def tokenize(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
+    """Lower-cased words of any script (letters and digits, apostrophes kept inside), and single characters
+    of scripts written without spaces."""
+    return _TOKEN.findall(text.lower())
 
 
 def token_ids(texts: list[str], length: int, vocabulary: list[str] | None = None) -> tuple[Tensor, list[str]]:
