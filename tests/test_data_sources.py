@@ -192,3 +192,23 @@ def test_a_class_whose_files_sit_in_a_subfolder_is_named_not_dropped_silently(tm
     with pytest.warns(InputWarning, match="class 'frog' has no sample files, only subfolders \\(photos\\)"):
         ds = load_user_data(tmp_path)
     assert ds.metadata["class_names"] == ["cat", "dog"]
+
+
+def test_exif_orientation_is_applied_and_float_images_on_a_0_255_scale_are_not_white():
+    import io
+
+    from PIL import Image
+
+    from metafusion.data.images import read_image
+
+    pixels = np.zeros((20, 40), np.uint8)
+    pixels[:5, :5] = 255  # a white block at the top left of a landscape photo
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: viewers rotate it 90 degrees clockwise
+    jpeg = io.BytesIO()
+    Image.fromarray(pixels).save(jpeg, "JPEG", exif=exif.tobytes())
+    upright = read_image(jpeg.getvalue(), 1, 8)[0]
+    assert upright[0, -1] > 0.8 and upright[0, 0] < 0.1  # the block is at the top right, as viewers show it
+    tiff = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 127.5, np.float32), mode="F").save(tiff, "TIFF")
+    assert read_image(tiff.getvalue(), 1, 4) == pytest.approx(0.5)

@@ -1,8 +1,9 @@
 """Reading one image file the way every dataset does: safely, at any bit depth, to a fixed size.
 
-Images larger than PIL's decompression-bomb limit are refused before they are decoded; 16-bit grey
-images are scaled to [0, 1] (converted to 8-bit the PIL way they would clip to white); transparent
-pixels are composited onto white.
+Images larger than PIL's decompression-bomb limit are refused before they are decoded; EXIF orientation
+is applied; 16-bit grey images are scaled to [0, 1] (converted to 8-bit the PIL way they would clip to
+white), as are float images whose values are on a 0-255 or 0-65535 scale; transparent pixels are
+composited onto white.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dataset import DataError
 
@@ -28,6 +29,7 @@ def read_image(source: str | Path | bytes, channels: int, size: int, where: str 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             img.load()
+            img = ImageOps.exif_transpose(img)  # a phone photo's EXIF orientation: upright, as viewers show it
         return _to_array(img, channels, size)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise DataError(
@@ -40,7 +42,11 @@ def read_image(source: str | Path | bytes, channels: int, size: int, where: str 
 
 def _to_array(img: Image.Image, channels: int, size: int) -> np.ndarray:
     if img.mode in _HIGH_DEPTH:  # one channel of more than 8 bits: scale in float, resize in float
-        grey = np.asarray(img, dtype=np.float32) / _HIGH_DEPTH[img.mode]
+        grey = np.asarray(img, dtype=np.float32)
+        full = _HIGH_DEPTH[img.mode]
+        if img.mode == "F" and np.nanmax(grey, initial=0.0) > 1.0:  # float pixels on an 8- or 16-bit scale
+            full = 255.0 if np.nanmax(grey) <= 255.0 else 65535.0
+        grey = grey / full
         resized = Image.fromarray(np.clip(grey, 0.0, 1.0), mode="F").resize((size, size), resample=Image.LANCZOS)
         out = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)[None]
         return np.repeat(out, channels, axis=0)
