@@ -416,6 +416,11 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 
     cfg = config_from_args(args, extra)
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    if not algos:
+        raise InputError(f"--algos {args.algos!r} names no algorithm; e.g. --algos maml,reptile")
+    twice = sorted({a for a in algos if algos.count(a) > 1})
+    if twice:
+        raise InputError(f"--algos names {', '.join(twice)} twice; name each algorithm once")
     bad = [a for a in algos if a not in ALGORITHMS.names()]
     if bad:
         raise InputError(f"unknown algorithm {', '.join(bad)}; valid: {', '.join(ALGORITHMS.names())}")

@@ -98,6 +98,16 @@ def huge_value(t):
     return _npy_run(t, np.array([1.0, 1e300, 0.0, 0.0]))
 
 
+def semicolon_csv(t):
+    m = _copy_data(t)
+    m.write_text(m.read_text().replace(",", ";"))
+    return [*_manifest_run(m), t / "r"]
+
+
+def wrong_shape_npy(t):
+    return _npy_run(t, np.ones(7, np.float32))
+
+
 def out_under_a_file(t):
     (t / "file").write_text("x")
     return ["meta-train", *TINY, "--iterations", 1, "--out", t / "file" / "run"]
@@ -119,6 +129,20 @@ CASES = {
     "complex .npy": (complex_npy, "cat0.npy holds complex numbers"),
     "datetime .npy": (datetime_npy, "cat0.npy holds datetime64[D] values, not numbers"),
     "a value beyond float32": (huge_value, "1 values beyond float32's range (±3.4e38): 1e+300"),
+    "a manifest separated by ;": (semicolon_csv, "m.csv:1: the header is separated by ';', not commas"),
+    "an array of another shape": (wrong_shape_npy, "sample tiny_folder/cat/cat0.png (tabular) has shape (7,)"),
+    "an image given as the manifest": (
+        lambda t: [*_manifest_run(DATA / "tiny_folder" / "cat" / "cat0.png"), t / "r"],
+        "cat0.png: a manifest must be .csv or .jsonl",
+    ),
+    "image size 0": (lambda t: ["meta-train", "--set", "data.dataset=manifest", "--set", "data.image_size=0"],
+                     "data.image_size must be in [4, 4096] pixels (got 0)"),  # fmt: skip
+    "compare an algorithm twice": (lambda t: ["compare", "--algos", "maml,maml"], "names maml twice"),
+    "compare no algorithm": (lambda t: ["compare", "--algos", ","], "--algos ',' names no algorithm"),
+    "a class too small, by name": (
+        lambda t: [*_manifest_run(DATA / "tiny_manifest.csv"), t / "r", "--shots", "5"],
+        "classes have fewer than shots + queries = 5 + 1 = 6 samples ('",
+    ),
     "model is a CSV": (lambda t: ["predict", "--model", DATA / "tiny_task.csv", "--data", DATA], "not a model (not a"),
     "model missing": (lambda t: ["predict", "--model", t / "none.pt", "--data", DATA], "model not found"),
     "checkpoint is a folder": (lambda t: ["meta-test", "--checkpoint", DATA], "is a folder, not a checkpoint file"),

@@ -72,7 +72,9 @@ class EpisodeSampler:
         need = shots + queries
         short = [(c, counts.get(c, 0)) for c in classes if counts.get(c, 0) < need]
         if short:
-            shown = ", ".join(f"class {c} has {n}" for c, n in short[:5])
+            names = dataset.metadata.get("class_names") or []
+            label = (lambda c: repr(names[c])) if len(names) > max(c for c, _ in short) else (lambda c: f"class {c}")
+            shown = ", ".join(f"{label(c)} has {n}" for c, n in short[:5])
             raise DataError(
                 f"{dataset.name} {split!r} split: {len(short)} classes have fewer than "
                 f"shots + queries = {shots} + {queries} = {need} samples ({shown}"

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..config import DataConfig
 from .cache import cached, files_key
 from .dataset import DataError, MultimodalDataset, find_data_folder, split_classes
+from .images import check_image_size
 from .manifest import token_ids
 from .sources import DATASETS, require_root
 
@@ -172,6 +173,9 @@ def check_fashion(root: Path) -> str:
 @dataclass
 class FashionOptions:
     image_size: int = 28  # the photos (60x80) are padded to a square and resized to this
+
+    def __post_init__(self) -> None:
+        check_image_size(self.image_size)
 
 
 @DATASETS.register(

@@ -15,9 +15,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import ConfigError
 from .dataset import DataError
 
 _HIGH_DEPTH = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def check_image_size(size: int) -> None:
+    """A dataset option's image size, checked where it is set (not later, by blaming an image file)."""
+    if not 4 <= size <= 4096:
+        raise ConfigError(f"data.image_size must be in [4, 4096] pixels (got {size})")
 
 
 def read_image(source: str | Path | bytes, channels: int, size: int, where: str | None = None) -> np.ndarray:

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,7 @@ from ..config import DataConfig
 from ..errors import ConfigError, warn
 from .dataset import DataError, MultimodalDataset, split_classes
 from .fsdd import read_wav
-from .images import read_image
+from .images import check_image_size, read_image
 from .input_format import TEXT_LENGTH, InputFormat
 from .sources import DATASETS, require_root
 from .video import VIDEO_EXTENSIONS, read_video
@@ -156,6 +157,8 @@ def _read(modality: str, value: str | Path, base: Path, opts: dict[str, Any], co
 
 
 def _rows_from_manifest(path: Path, labelled: bool) -> list[dict[str, str]]:
+    if path.suffix not in (".csv", ".jsonl"):
+        raise DataError(f"{path}: a manifest must be .csv or .jsonl (or give a folder of class folders)")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's UTF-8 CSV) is not a column name
     except UnicodeDecodeError as e:
@@ -171,18 +174,20 @@ def _rows_from_manifest(path: Path, labelled: bool) -> list[dict[str, str]]:
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{i}: expected a JSON object (column -> value), got {type(row).__name__}")
                 rows.append({str(k): "" if v is None else str(v) for k, v in row.items()})
-    elif path.suffix == ".csv":
+    else:
         try:
             reader = csv.DictReader(io.StringIO(text, newline=""))
-            _unique_keys(f"{path}:1", [(name, None) for name in reader.fieldnames or []])
+            header = reader.fieldnames or []
+            if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+                sep = next(sep for sep in ";\t|" if sep in header[0])
+                raise DataError(f"{path}:1: the header is separated by {sep!r}, not commas; save a comma-separated CSV")
+            _unique_keys(f"{path}:1", [(name, None) for name in header])
             rows = list(reader)
         except csv.Error as e:
             raise DataError(f"{path}: not a valid CSV file ({e})") from None
         short = next((i for i, r in enumerate(rows, 2) if None in r.values() or None in r), None)
         if short is not None:
             raise DataError(f"{path}:{short}: the row has another number of cells than the header")
-    else:
-        raise DataError(f"{path}: a manifest must be .csv or .jsonl")
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
     if labelled and "label" not in rows[0]:
@@ -328,7 +333,7 @@ def load_user_data(
             data[m], metadata["vocabulary"] = token_ids(texts, length, fmt.vocabulary if fmt is not None else None)
             metadata["texts"] = texts
         else:
-            data[m] = _stack(raw[m], m, path, fmt.shapes.get(m) if fmt is not None else None)
+            data[m] = _stack(raw[m], m, path, fmt.shapes.get(m) if fmt is not None else None, metadata["ids"])
     present_t = torch.stack(present, 1) if present else torch.zeros(len(rows), 0, dtype=torch.bool)
     empty = ~present_t.any(1)
     if empty.any():
@@ -441,12 +446,12 @@ def _sample_id(row: dict[str, str], i: int) -> str:
     return str(files[0]) if files else f"row {i + 1}"
 
 
-def _stack(values: list[np.ndarray | None], modality: str, path: Path, shape: tuple | None) -> Tensor:
+def _stack(values: list[np.ndarray | None], modality: str, path: Path, shape: tuple | None, ids: list[str]) -> Tensor:
     arrays = [v for v in values if v is not None]
     if not arrays and shape is None:
         raise DataError(f"{path}: modality {modality!r} has no readable sample")
     if shape is None:
-        shape = arrays[0].shape
+        shape = Counter(a.shape for a in arrays).most_common(1)[0][0]  # the odd sample out is the one named
         if modality == "sequence":  # pad/trim sequences to the longest one
             shape = (max(a.shape[0] for a in arrays), *arrays[0].shape[1:])
     out = torch.zeros(len(values), *shape)
@@ -455,11 +460,11 @@ def _stack(values: list[np.ndarray | None], modality: str, path: Path, shape: tu
             continue
         if modality == "sequence":
             if v.shape[1:] != tuple(shape[1:]):
-                raise DataError(f"{path}: sample {i} of {modality!r} has {v.shape[1]} channels, expected {shape[1]}")
+                raise DataError(f"{path}: sample {ids[i]} ({modality}) has {v.shape[1]} channels, expected {shape[1]}")
             t = min(v.shape[0], shape[0])
             out[i, :t] = torch.from_numpy(v[:t])
         elif tuple(v.shape) != tuple(shape):
-            raise DataError(f"{path}: sample {i} of {modality!r} has shape {tuple(v.shape)}, expected {tuple(shape)}")
+            raise DataError(f"{path}: sample {ids[i]} ({modality}) has shape {tuple(v.shape)}, expected {tuple(shape)}")
         else:
             out[i] = torch.from_numpy(v)
     return out
@@ -474,6 +479,7 @@ class ManifestOptions:
     frame_rate: float | None = None  # sample frames at this rate from a clip's start (None: spread over the clip)
 
     def __post_init__(self) -> None:
+        check_image_size(self.image_size)
         if self.video_frames < 1 or self.video_size < 8 or (self.frame_rate is not None and not self.frame_rate > 0):
             raise ConfigError(
                 f"manifest data needs data.video_frames >= 1, data.video_size >= 8 and data.frame_rate > 0 or null "

@@ -42,6 +42,7 @@ from ..config import DataConfig
 from ..errors import ConfigError
 from .cache import cached, files_key
 from .dataset import DataError, MultimodalDataset, split_classes
+from .images import check_image_size
 from .sources import DATASETS, require_root
 
 IMAGE_SPLITS = ("background", "evaluation")
@@ -360,6 +361,9 @@ class OmniglotOptions:
     split: Literal["protocol", "background"] = "protocol"  # 1100/100/423 characters, or Lake's background/eval
     rotations: bool = False  # 90/180/270 degree rotations as new classes (the MAML protocol)
 
+    def __post_init__(self) -> None:
+        check_image_size(self.image_size)
+
 
 @DATASETS.register(
     "omniglot",
@@ -383,6 +387,7 @@ class OmniglotStrokesOptions:
     frame_order: Literal["recorded", "shuffled"] = "recorded"  # shuffled: each video's frames permuted
 
     def __post_init__(self) -> None:
+        check_image_size(self.image_size)
         if not 0 <= self.video_frames <= 64:
             raise ConfigError(f"data.video_frames takes 0 (no video) to 64 (got {self.video_frames})")
 
