@@ -61,3 +61,27 @@ def test_a_model_with_a_pretrained_top_runs_every_stage_on_a_users_files(tmp_pat
     assert model.trained.model.encoders["image"].pretrained is not None
     predictions = model.predict_files(DATA / "tiny_unlabelled.csv")
     assert len(predictions) == 6 and torch.isfinite(predictions.probabilities).all()
+
+
+def test_a_bad_cache_entry_is_rebuilt_and_a_full_disk_only_costs_the_saving(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from metafusion.data import cache
+
+    monkeypatch.setenv("METAFUSION_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "features").mkdir(parents=True)
+    torch.save(torch.zeros(3, 4), tmp_path / "cache" / "features" / "x.pt")  # an entry of the wrong shape
+    built = cache.cached("features/x.pt", lambda: torch.ones(5, 4), valid=lambda x: len(x) == 5)
+    assert torch.equal(built, torch.ones(5, 4))
+    assert torch.equal(torch.load(tmp_path / "cache" / "features" / "x.pt"), built)  # rebuilt and saved
+
+    def full_disk(value, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(cache.torch, "save", full_disk)
+    with pytest.warns(UserWarning, match=r"cannot write the cache .* \(No space left on device\)"):
+        assert torch.equal(cache.cached("features/y.pt", lambda: torch.ones(2)), torch.ones(2))
+    assert sorted(p.name for p in (tmp_path / "cache" / "features").iterdir()) == ["x.pt"]  # no .tmp left

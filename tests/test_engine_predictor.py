@@ -272,3 +272,26 @@ def test_constant_features_are_centred_not_blown_up():
     assert torch.allclose(out[:, 1], torch.zeros(12)) and torch.allclose(out[6:, 2], x[6:, 2] - 1.0)
     train = x[:6, 0]  # classes 0-2: rows 0-5
     assert torch.allclose(out[:, 0], (x[:, 0] - train.mean()) / train.std())  # a varying feature: scaled as before
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_full_disk_while_writing_predictions_leaves_no_file_behind(tmp_path, monkeypatch, suffix):
+    import errno
+
+    from metafusion.engine.predictor import Predictions
+
+    predictions = Predictions(["a", "b"], ["x", "y"], torch.tensor([[0.9, 0.1], [0.2, 0.8]]), ("image",),
+                              torch.ones(2, 1, dtype=torch.bool), None)  # fmt: skip
+    real_open = Path.open
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            with open(self, "wb") as f:  # part of it reached the disk
+                f.write(b"id,predi")
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        predictions.write(tmp_path / f"p{suffix}")
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ instead of a stale hit. Writes are atomic (temporary file + rename): parallel ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterable
@@ -30,17 +31,31 @@ def files_key(paths: Iterable[Path], *extra: object) -> str:
     return h.hexdigest()[:12]
 
 
-def cached(relative: str, build: Callable[[], Any]) -> Any:
-    """``build()``'s result, loaded from ``cache_root()/relative`` when present, else built and saved."""
+def cached(relative: str, build: Callable[[], Any], valid: Callable[[Any], bool] = lambda value: True) -> Any:
+    """``build()``'s result, loaded from ``cache_root()/relative`` when present and ``valid``, else built and
+    saved. A cache that cannot be written (read-only, full) costs the saving, not the result: a warning."""
+    from ..errors import warn
+
     path = cache_root() / relative
     if path.exists():
         try:
-            return torch.load(path, weights_only=True)
+            value = torch.load(path, weights_only=True)
+            if valid(value):
+                return value
         except Exception:  # a truncated or foreign entry (a killed write, a disk fault): built again below
+            pass
+        with contextlib.suppress(OSError):  # a read-only cache keeps its bad entry; the value is built anyway
             path.unlink(missing_ok=True)
     value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(value, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        warn(f"cannot write the cache {path} ({e.strerror}); continuing without it (set METAFUSION_CACHE elsewhere)")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return value

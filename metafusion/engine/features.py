@@ -52,7 +52,11 @@ def embed(dataset: MultimodalDataset, modality: str, part: FrozenPart) -> Multim
         source = _Rows(dataset.data[modality], rows)
         key = content_key(dataset.data[modality], rows)
     relative = f"features/{part.name}/{key}.pt"
-    features = cached(relative, lambda: _run(part, source, f"{dataset.name} {modality}"))
+    features = cached(
+        relative,
+        lambda: _run(part, source, f"{dataset.name} {modality}"),
+        valid=lambda x: isinstance(x, torch.Tensor) and x.is_floating_point() and len(x) == len(source),
+    )
     full = features.new_zeros(len(dataset), *features.shape[1:])
     full[rows] = features
     return dataset.map_modality(modality, lambda _: full)

@@ -108,14 +108,18 @@ class Predictions:
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
         tmp = path.with_name(f".{path.name}.tmp")
-        if path.suffix == ".jsonl":
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        else:
-            with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id", "predicted"])
-                writer.writeheader()
-                writer.writerows([{k: _spreadsheet_safe(v) for k, v in r.items()} for r in rows])
-        tmp.replace(path)
+        try:  # a full disk or an interrupt leaves neither a half-written file nor the temporary one
+            if path.suffix == ".jsonl":
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            else:
+                with tmp.open("w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id", "predicted"])
+                    writer.writeheader()
+                    writer.writerows([{k: _spreadsheet_safe(v) for k, v in r.items()} for r in rows])
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
 
