@@ -326,6 +326,7 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+MAX_WIDTH = 16_384  # model.width and model.hidden: 12x a pretrained encoder's widest feature
 MAX_YAML_VALUES = 100_000  # a config has hundreds; more is an alias bomb (a few KB expanding to gigabytes)
 
 
@@ -439,6 +440,9 @@ def check_values(cfg: RunConfig) -> None:
         raise ConfigError("data.corrupt_hidden hides corrupted modalities, but data.corrupt_rate is 0: set both")
     at_least("model.width", cfg.model.width)
     at_least("model.hidden", cfg.model.hidden)
+    for key in ("width", "hidden"):  # checked before anything is allocated: a width of 1e9 is 256 GB of weights
+        if (getattr(cfg.model, key) or 0) > MAX_WIDTH:
+            raise ConfigError(f"model.{key}={getattr(cfg.model, key)} is more than the largest supported, {MAX_WIDTH:,}")
     at_least("train.iterations", t.iterations, minimum=0)
     at_least("train.meta_batch", t.meta_batch)
     at_least("train.val_interval", t.val_interval, minimum=0)

@@ -137,6 +137,7 @@ CASES = {
     ),
     "image size 0": (lambda t: ["meta-train", "--set", "data.dataset=manifest", "--set", "data.image_size=0"],
                      "data.image_size must be in [4, 4096] pixels (got 0)"),  # fmt: skip
+    "a width of 1e9": (lambda t: ["meta-train", "--set", "model.width=1000000000"], "more than the largest supported"),
     "compare an algorithm twice": (lambda t: ["compare", "--algos", "maml,maml"], "names maml twice"),
     "compare no algorithm": (lambda t: ["compare", "--algos", ","], "--algos ',' names no algorithm"),
     "a class too small, by name": (
