@@ -441,8 +441,9 @@ def check_values(cfg: RunConfig) -> None:
     at_least("model.width", cfg.model.width)
     at_least("model.hidden", cfg.model.hidden)
     for key in ("width", "hidden"):  # checked before anything is allocated: a width of 1e9 is 256 GB of weights
-        if (getattr(cfg.model, key) or 0) > MAX_WIDTH:
-            raise ConfigError(f"model.{key}={getattr(cfg.model, key)} is more than the largest supported, {MAX_WIDTH:,}")
+        value = getattr(cfg.model, key) or 0
+        if value > MAX_WIDTH:
+            raise ConfigError(f"model.{key}={value} is more than the largest supported, {MAX_WIDTH:,}")
     at_least("train.iterations", t.iterations, minimum=0)
     at_least("train.meta_batch", t.meta_batch)
     at_least("train.val_interval", t.val_interval, minimum=0)
