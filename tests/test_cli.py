@@ -419,3 +419,8 @@ def test_resume_refuses_flags_it_would_not_apply_and_lengthens_a_run_with_iterat
     assert run_cli("meta-train", "--resume", run, "--iterations", 4, "--quiet") == 0
     assert json.loads((run / "train.json").read_text())["iterations"] == 4
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["iterations"] == 4
+    edited = yaml.safe_load((run / "config.yaml").read_text())
+    edited["model"]["width"] = 32
+    (run / "config.yaml").write_text(yaml.safe_dump(edited))
+    assert run_cli("meta-train", "--resume", run, "--iterations", 5) == 2
+    assert "config.yaml was edited since the run began (model.width)" in capsys.readouterr().err

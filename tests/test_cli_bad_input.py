@@ -108,6 +108,15 @@ def wrong_shape_npy(t):
     return _npy_run(t, np.ones(7, np.float32))
 
 
+def sequence_of_mixed_dims(t):
+    m = _copy_data(t)
+    rows = _rows(m)
+    for i, r in enumerate(rows):
+        np.save(t / f"s{i}.npy", np.ones((5, 2) if i else 5, np.float32))
+        r["sequence"] = f"s{i}.npy"
+    return [*_manifest_run(write_manifest(m, rows)), t / "r"]
+
+
 def out_under_a_file(t):
     (t / "file").write_text("x")
     return ["meta-train", *TINY, "--iterations", 1, "--out", t / "file" / "run"]
@@ -137,6 +146,7 @@ CASES = {
     ),
     "image size 0": (lambda t: ["meta-train", "--set", "data.dataset=manifest", "--set", "data.image_size=0"],
                      "data.image_size must be in [4, 4096] pixels (got 0)"),  # fmt: skip
+    "a sequence column of 1-D and 2-D arrays": (sequence_of_mixed_dims, "sequence mixes 1-D and 2-D arrays (sample"),
     "a width of 1e9": (lambda t: ["meta-train", "--set", "model.width=1000000000"], "more than the largest supported"),
     "compare an algorithm twice": (lambda t: ["compare", "--algos", "maml,maml"], "names maml twice"),
     "compare no algorithm": (lambda t: ["compare", "--algos", ","], "--algos ',' names no algorithm"),

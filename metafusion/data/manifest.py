@@ -450,6 +450,14 @@ def _stack(values: list[np.ndarray | None], modality: str, path: Path, shape: tu
     arrays = [v for v in values if v is not None]
     if not arrays and shape is None:
         raise DataError(f"{path}: modality {modality!r} has no readable sample")
+    dims = Counter(a.ndim for a in arrays)
+    if len(dims) > 1:
+        common = dims.most_common(1)[0][0]
+        odd = next(i for i, v in enumerate(values) if v is not None and v.ndim != common)
+        raise DataError(
+            f"{path}: {modality} mixes {' and '.join(f'{d}-D' for d in sorted(dims))} arrays (sample {ids[odd]} is "
+            f"{values[odd].ndim}-D); keep one shape per modality"
+        )
     if shape is None:
         shape = Counter(a.shape for a in arrays).most_common(1)[0][0]  # the odd sample out is the one named
         if modality == "sequence":  # pad/trim sequences to the longest one

@@ -90,6 +90,25 @@ def _summary(exp: Experiment, result, train: dict[str, Any] | None, run_dir: Pat
     }
 
 
+def _check_unedited(cfg: RunConfig, began: dict[str, Any], run_dir: Path) -> None:
+    """A resumed run continues as it began: its config.yaml may differ from the checkpoint's config in its
+    length (``--iterations`` writes it) and nothing else."""
+
+    def flat(values: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in values.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    now, then = flat(to_dict(cfg)), flat(to_dict(from_dict(began)))
+    edited = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k) and k != "train.iterations")
+    if edited:
+        raise InputError(
+            f"{run_dir}/config.yaml was edited since the run began ({', '.join(edited[:5])}); --resume continues "
+            f"the run as it began: undo the edit, or start a new run with the new config"
+        )
+
+
 def stage_meta_train(
     cfg: RunConfig,
     out: str | Path,
@@ -111,6 +130,7 @@ def stage_meta_train(
     if resume:
         require_checkpoint(run_dir)
         cfg = load_run_config(run_dir)
+        _check_unedited(cfg, load_checkpoint(run_dir / "last.pt")["config"], run_dir)
         if iterations is not None:
             done = load_checkpoint(run_dir / "last.pt")["step"]
             if iterations < done:
