@@ -61,6 +61,7 @@ def test_fast_recipes_keep_the_papers_protocol(path, algo):
     assert fast.algo.inner_steps_test == paper.algo.inner_steps_test
 
 
+@pytest.mark.slow
 @pytest.mark.data
 def test_omniglot_protocol_config_builds_the_published_splits(data_root):
     cfg = resolve(load_config(CONFIGS[0].parent / "omniglot_5w1s.yaml", {"data.root": str(data_root)}))
@@ -80,6 +81,7 @@ def _script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_every_experiment_row_is_a_valid_command():
     from metafusion.cli import build_parser, config_from_args
 
@@ -109,6 +111,7 @@ def test_results_md_is_what_the_experiments_and_their_numbers_render():
     assert reproduce.RESULTS_MD.read_text() == reproduce.render(reproduce.load_experiments())
 
 
+@pytest.mark.slow
 def test_a_row_runs_and_its_numbers_render(tmp_path, monkeypatch):
     """The runner at toy size (`reproduce.py --experiments toy`, its two rows side by side): each row runs its
     command, keeps its numbers in results/<experiment>/<row>.json and renders them; the numbers then render
@@ -142,6 +145,7 @@ def test_a_row_runs_and_its_numbers_render(tmp_path, monkeypatch):
     assert "| protonet |" in text and "not run" not in text and "Tested on every row: identical test episodes" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["maml-1", "fomaml-5", "reptile-5", "protonet", "meta-test"])
 def test_throughput_benchmark_compares_equal_gradients(variant):
     """The benchmark times nothing unless metafusion's meta-gradient equals the reference loop's."""
@@ -149,6 +153,7 @@ def test_throughput_benchmark_compares_equal_gradients(variant):
     assert throughput.gradient_check("conv4", variant, "cpu", 2) <= 1e-5
 
 
+@pytest.mark.slow
 def test_reptile_test_optimizer_benchmark_evaluates_one_checkpoint_fresh_and_warm(tmp_path, monkeypatch):
     """Both evaluation modes, each with a fresh and a warm test-time Adam, on the same episodes; --episodes takes
     the first N; other algorithms' runs are refused by name."""
@@ -190,6 +195,7 @@ def _run_script(name: str, *args: str, monkeypatch, capsys) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_documented_command_runs_at_toy_size(tmp_path, monkeypatch, capsys):
     """docs/performance.md's quick command, cut to one variant and one meta-batch of 2, with its 2-rank row
     (the script imported by its own name from benchmarks/, where the row's ranks find it too)."""
@@ -217,6 +223,7 @@ def test_throughput_benchmark_documented_command_runs_at_toy_size(tmp_path, monk
     assert row["grad_rel_err_fp64"] <= 1e-5 and row["distributed_tasks_per_s"] > 0 and row["metafusion_tasks_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_evaluation_and_predict_benchmarks_documented_commands_run_at_toy_size(tmp_path, monkeypatch, capsys):
     import json
 
@@ -242,6 +249,7 @@ def _tiny_run(folder, settings: dict) -> str:
     return str(stage_meta_train(load_config(None, {**tiny, **settings}), folder, quiet=True)[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["agreement", "matched"])
 def test_agreement_scale_benchmark_meta_tests_one_run_at_each_beta(fusion, tmp_path, monkeypatch, capsys):
     """The run's learned beta first, then each one asked for, each with the weights of corrupted and clean
@@ -256,6 +264,7 @@ def test_agreement_scale_benchmark_meta_tests_one_run_at_each_beta(fusion, tmp_p
         _run_script("agreement_scale", "--run", other, monkeypatch=monkeypatch, capsys=capsys)
 
 
+@pytest.mark.slow
 def test_detection_auc_benchmark_scores_weights_and_a_matcher_on_a_corrupted_run(tmp_path, monkeypatch, capsys):
     """Its AUC is Mann-Whitney's (ties half); a run's weights and a matcher trained apart each get one line with
     an AUC per modality; a run without corruption is refused in one line."""
@@ -277,6 +286,7 @@ def test_detection_auc_benchmark_scores_weights_and_a_matcher_on_a_corrupted_run
         _run_script("detection_auc", "--run", clean, monkeypatch=monkeypatch, capsys=capsys)
 
 
+@pytest.mark.slow
 def test_video_cost_benchmark_documented_commands_run_at_toy_size(tmp_path, monkeypatch, capsys):
     """The decoding row reads the clip it wrote in child processes; the features row times the frozen network."""
     import json

@@ -83,6 +83,7 @@ def test_bad_values_give_clear_errors(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_meta_train_test_fine_tune_write_what_they_promise(tmp_path, capsys):
     run = tmp_path / "maml"
     assert run_cli("meta-train", *TINY, "--iterations", 6, "--out", run) == 0
@@ -135,6 +136,7 @@ def test_run_does_all_three_stages(tmp_path):
     assert results["algorithm"] == "protonet" and "finetune" in results
 
 
+@pytest.mark.slow
 def test_compare_uses_identical_episodes(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert run_cli("compare", *TINY, "--algos", "maml,reptile", "--iterations", 3, "--out", out) == 0
@@ -384,6 +386,7 @@ def test_inline_text_longer_than_a_file_name_loads_as_text(tmp_path):
     assert ds.metadata["texts"][0] == long and ds.present[0].all()
 
 
+@pytest.mark.slow
 def test_a_diverged_meta_test_is_reported_not_averaged_silently(tmp_path, capsys):
     run = tmp_path / "run"
     no_fallback = ["--set", "select.alphas=1", "--set", "select.centroid_weights=0"]  # keep the diverging model
@@ -408,6 +411,7 @@ def test_a_bug_shows_its_traceback_and_says_it_is_one(monkeypatch, capsys, error
     assert "Traceback" in err and "a bug in metafusion" in err
 
 
+@pytest.mark.slow
 def test_resume_refuses_flags_it_would_not_apply_and_lengthens_a_run_with_iterations(tmp_path, capsys):
     run = tmp_path / "run"
     assert run_cli("meta-train", *TINY, "--iterations", 2, "--out", run) == 0

@@ -53,6 +53,7 @@ def test_splits_are_disjoint_and_checked(small_synthetic):
         )
 
 
+@pytest.mark.slow
 def test_evaluation_episodes_identical_across_processes(small_synthetic):
     here = episodes_fingerprint(fixed_episodes(small_synthetic, "test", 5, 1, 5, count=10, seed=3))
     code = (

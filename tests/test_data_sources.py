@@ -28,6 +28,7 @@ def test_omniglot_counts_match_upstream(data_root):
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 1100, "val": 100, "test": 423}
 
 
+@pytest.mark.slow
 @pytest.mark.data
 def test_omniglot_rotations_and_lake_split(data_root):
     rot = omniglot(data_root, rotations=True)
@@ -84,6 +85,7 @@ def test_a_drawing_video_shows_the_ink_laid_down_by_each_frames_time():
     assert (np.diff(video.reshape(4, -1), axis=0) >= 0).all()  # ink is never taken away
 
 
+@pytest.mark.slow
 @pytest.mark.data
 def test_omniglot_drawing_videos_end_in_the_character_and_shuffle_per_sample(data_root):
     ds = omniglot_strokes(data_root, video_frames=4)

@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import torch
 
 from metafusion.data import EpisodeSampler, Standardizer, make_synthetic
@@ -16,6 +17,7 @@ def test_deterministic_from_seed():
     assert not torch.equal(a.data["image"], c.data["image"])
 
 
+@pytest.mark.slow
 def test_builds_several_hundred_classes_in_seconds():
     start = time.perf_counter()
     ds = make_synthetic(num_classes=300, samples_per_class=20)
@@ -59,6 +61,7 @@ def _nearest_neighbour_accuracy(ds, modalities, episodes=150):
     return correct / total
 
 
+@pytest.mark.slow
 def test_fusing_modalities_beats_the_best_single_modality():
     ds = make_synthetic(num_classes=100, samples_per_class=12, seed=0)
     ds = Standardizer.fit(ds)(ds)
@@ -67,6 +70,7 @@ def test_fusing_modalities_beats_the_best_single_modality():
     assert fused > max(single.values()) + 0.05, (single, fused)
 
 
+@pytest.mark.slow
 def test_nuisance_hides_the_classes_from_raw_inputs_but_not_from_what_a_learner_can_undo():
     """With nuisance, nearest neighbour on raw inputs falls in every modality; merging the synonyms of each
     keyword (what a learned embedding can do) brings the text back."""

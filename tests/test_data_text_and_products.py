@@ -11,6 +11,7 @@ from metafusion.data.clinc150 import clinc150
 from metafusion.data.fashion import attribute_vector, class_words, fashion, mask_title
 
 
+@pytest.mark.slow
 @pytest.mark.data
 def test_clinc150_pools_150_utterances_per_intent_and_splits_over_intents(data_root):
     ds = clinc150(data_root)

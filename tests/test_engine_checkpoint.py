@@ -47,6 +47,7 @@ def _crafted(path: Path, marker: Path, **fields) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["predict", "meta-test", "fine-tune", "resume", "load"])
 def test_a_file_that_carries_code_is_refused_and_the_code_never_runs(trained, tmp_path, capsys, command):
     run, marker = _copy(trained, tmp_path), tmp_path / "owned"

@@ -69,6 +69,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(f"{path}.{rank}") for rank in (0, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ALGOS)
 def test_two_ranks_give_the_one_process_meta_gradient(algo, two_ranks):
     # 5 tasks over 2 ranks (3 + 2): unequal shares must still give the mean over all 5 tasks.
@@ -92,6 +93,7 @@ def test_every_rank_takes_rank_0s_clock_and_stop_request(two_ranks):
         assert abs(clock - 1199.25) < 1e-3
 
 
+@pytest.mark.slow
 def test_torchrun_meta_train_matches_one_process(tmp_path):
     """The real launcher end to end: same weights after 4 iterations as one process (fp32, so up to
     summation order), one run folder written by rank 0, and the job reports its ranks."""

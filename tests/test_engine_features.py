@@ -3,6 +3,7 @@ pretrained top goes through every stage (meta-train, meta-test, fine-tune, predi
 
 from pathlib import Path
 
+import pytest
 import torch
 from test_cli import run_cli
 
@@ -41,6 +42,7 @@ def test_frozen_features_are_computed_once_and_cached_by_content(tmp_path, monke
     assert sum(calls) == 2 * int(present.sum())
 
 
+@pytest.mark.slow
 def test_a_model_with_a_pretrained_top_runs_every_stage_on_a_users_files(tmp_path):
     """EfficientNet-Lite0 with its top block meta-trained by MAML on tests/data's manifest (RGB from grey),
     saved, restored without the training data, adapted to a user's task and predicting files."""
@@ -65,8 +67,6 @@ def test_a_model_with_a_pretrained_top_runs_every_stage_on_a_users_files(tmp_pat
 
 def test_a_bad_cache_entry_is_rebuilt_and_a_full_disk_only_costs_the_saving(tmp_path, monkeypatch):
     import errno
-
-    import pytest
 
     from metafusion.data import cache
 

@@ -50,6 +50,7 @@ def _task_queries(tmp_path: Path, shots: int = 1) -> Path:
     return write_manifest(tmp_path / "queries.csv", queries)
 
 
+@pytest.mark.slow
 def test_the_tutorial_runs_as_written(tmp_path, monkeypatch, capsys):
     """docs/tutorial-your-data.md, command by command: tiny_manifest.csv -> predictions.csv with class names."""
     _in_repo_layout(tmp_path, monkeypatch)
@@ -75,6 +76,7 @@ def test_the_tutorial_runs_as_written(tmp_path, monkeypatch, capsys):
     assert Path("runs/mine/predictions_py.csv").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["maml", "reptile", "metasgd", "finetune", "protonet", "centroid"])
 def test_a_saved_adapted_model_predicts_what_the_fine_tune_stage_computed(tmp_path, algo):
     """Adapt to a user's task, save, load in a fresh Predictor: the loaded model's probabilities on the
@@ -215,6 +217,7 @@ def synthetic_model(tmp_path_factory):
     return metafusion.load(run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["support", "alone"])
 def test_a_prediction_does_not_depend_on_the_samples_predicted_with_it(synthetic_model, protocol):
     rows = torch.arange(51) * 3
@@ -234,6 +237,7 @@ def test_the_transductive_protocol_does_depend_on_the_batch(synthetic_model):
     assert (together.probabilities[0] - alone.probabilities[0]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_a_one_class_task_and_a_diverged_adaptation_are_errors_with_nothing_saved(tmp_path, monkeypatch):
     import shutil
 

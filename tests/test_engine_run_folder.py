@@ -28,6 +28,7 @@ def test_a_folder_of_the_users_own_files_is_never_emptied(tmp_path, capsys, over
     assert (notes / "thesis.tex").read_text() == "three years of work"
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_run_folder_and_an_empty_folder_is_used(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()  # an empty folder the user made for it
@@ -40,6 +41,7 @@ def test_overwrite_replaces_a_run_folder_and_an_empty_folder_is_used(tmp_path, c
     assert not (run / "results_last.json").exists() and (run / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_run_folder_of_an_older_version_without_marker_is_recognised(tmp_path):
     run = tmp_path / "old"
     assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", run) == 0
@@ -47,6 +49,7 @@ def test_a_run_folder_of_an_older_version_without_marker_is_recognised(tmp_path)
     assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", run, "--overwrite") == 0
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path, capsys):
     run = tmp_path / "run"
     holder = subprocess.Popen(
@@ -131,6 +134,7 @@ def test_sigterm_right_after_start_leaves_a_resumable_folder(tmp_path):
     assert (run / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_fine_tune_keeps_an_earlier_adapted_model(tmp_path, capsys):
     run = tmp_path / "run"
     assert run_cli("meta-train", *TINY, "--iterations", 1, "--out", run) == 0
@@ -147,6 +151,7 @@ def test_fine_tune_keeps_an_earlier_adapted_model(tmp_path, capsys):
     assert "would hold the run folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_command_replaces_only_a_folder_of_its_own_kind_and_keeps_the_users_files(tmp_path, capsys):
     run, other = tmp_path / "run", tmp_path / "other"
     for folder in (run, other):

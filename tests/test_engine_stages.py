@@ -60,6 +60,7 @@ def test_a_users_text_is_embedded_by_the_frozen_encoder_the_model_was_trained_on
     assert torch.allclose(support, expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_meta_test_and_restore_take_reptiles_inner_optimizer_from_the_checkpoint(tmp_path):
     """``algo.warm_test_optimizer`` evaluates from the training inner Adam's moments, so the checkpoint's
     algorithm state must reach meta-test and a restored model: both then score what the trained model does."""
@@ -76,6 +77,7 @@ def test_meta_test_and_restore_take_reptiles_inner_optimizer_from_the_checkpoint
     assert tested["loss"] == pytest.approx(in_memory.loss, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["mean", "attention"])
 def test_meta_test_reports_the_weights_of_corrupted_and_clean_modalities(tmp_path, fusion):
     """With data.corrupt_rate, results.json holds the mean weight a fusion gives corrupted and clean modalities

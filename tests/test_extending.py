@@ -104,6 +104,7 @@ def register_toys() -> None:
             return learner
 
 
+@pytest.mark.slow
 def test_a_dataset_encoder_fusion_and_algorithm_defined_in_one_file_run_every_stage(tmp_path, registries, capsys):
     register_toys()
     run = tmp_path / "run"
