@@ -269,23 +269,9 @@ def stage_fine_tune(
     if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
         raise RunFolderError(f"--out {out} would hold the run folder {run_dir}; choose a folder of its own")
     check_out(out, overwrite, kind="fine-tune")  # before the work: an earlier adapted model is kept unless --overwrite
-    state = load_checkpoint(run_checkpoint(run_dir))
-    query_ids = None
-    if task == "heldout" or "model_args" not in state:  # checkpoints from before model_args rebuild from the data
-        exp = build_experiment(from_dict(state["config"]))
-        load_trained(exp.algorithm, state)
-        trained = TrainedModel.of(exp)
-    else:
-        trained = TrainedModel.restore(state)
+    trained, episode, classes, query_ids = _task_to_adapt(load_checkpoint(run_checkpoint(run_dir)), task, seed)
     if tune and trained.algorithm.meta_parameters:
         trained.algorithm.tuning = SupportTuning(trained.cfg.tune)
-    d = trained.cfg.data
-    if task == "heldout":
-        episode = EpisodeSampler(exp.dataset, "test", d.ways, d.shots, d.queries, seed=seed).sample()
-        names = exp.dataset.metadata.get("class_names")
-        classes = [str(names[c]) if names else f"class {c}" for c in episode.classes]
-    else:
-        episode, classes, query_ids = user_task(task, trained, d.shots)
     episode = episode.to(trained.cfg.train.device)
     learner = trained.algorithm.task_learner(episode.support, steps)
     logits = trained.algorithm.predict(learner, episode, PREDICT_PROTOCOL)  # as the saved model will predict
@@ -322,6 +308,23 @@ def stage_fine_tune(
         }
         (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _task_to_adapt(state: dict, task: str, seed: int) -> tuple[TrainedModel, Episode, list[str], list[str] | None]:
+    """The trained model a checkpoint holds and the task to adapt it to: one drawn from the test classes
+    (``"heldout"``), or a user's folder or manifest; with the task's class names and its queries' ids."""
+    if task == "heldout" or "model_args" not in state:  # checkpoints from before model_args rebuild from the data
+        exp = build_experiment(from_dict(state["config"]))
+        load_trained(exp.algorithm, state)
+        trained = TrainedModel.of(exp)
+    else:
+        trained = TrainedModel.restore(state)
+    d = trained.cfg.data
+    if task != "heldout":
+        return trained, *user_task(task, trained, d.shots)
+    episode = EpisodeSampler(exp.dataset, "test", d.ways, d.shots, d.queries, seed=seed).sample()
+    names = exp.dataset.metadata.get("class_names")
+    return trained, episode, [str(names[c]) if names else f"class {c}" for c in episode.classes], None
 
 
 def stage_predict(
