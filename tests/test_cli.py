@@ -390,10 +390,13 @@ def test_inline_text_longer_than_a_file_name_loads_as_text(tmp_path):
 def test_a_diverged_meta_test_is_reported_not_averaged_silently(tmp_path, capsys):
     run = tmp_path / "run"
     no_fallback = ["--set", "select.alphas=1", "--set", "select.centroid_weights=0"]  # keep the diverging model
-    assert run_cli("run", *TINY, "--iterations", 2, "--set", "algo.inner_lr_test=1e30", *no_fallback, "--out", run) == 0
+    # meta-test reports the divergence; fine-tune then refuses to save a model that answers NaN
+    assert run_cli("run", *TINY, "--iterations", 2, "--set", "algo.inner_lr_test=1e30", *no_fallback, "--out", run) == 2
     results = json.loads((run / "results.json").read_text())
     assert results["episodes_diverged"] == results["episodes"] == 6 and results["accuracy_mean"] == 0.0
-    assert "6 of 6 episodes diverged" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "6 of 6 episodes diverged" in printed.out and "not finite" in printed.err
+    assert not (run / "finetune" / "model.pt").exists()
 
 
 @pytest.mark.parametrize("error", [KeyError("internal"), ValueError("a shape bug"), FileNotFoundError("/tmp/x")])
