@@ -35,7 +35,7 @@ FEATURES = 1280  # the pooled feature of every Lite variant
 class EfficientNetOptions:
     input_size: int = 160  # images are resized to this many pixels a side before the network
     trainable: int = 0  # top MBConv blocks (with the head convolution) meta-training updates
-    temporal: Temporal = "mean"  # video: how the frames' features are pooled over time
+    temporal: Temporal = "attention"  # video: how frames are pooled (attention measured best: docs/results.md)
 
     def __post_init__(self) -> None:
         if not 32 <= self.input_size <= 1024 or not 0 <= self.trainable <= 8:
@@ -119,7 +119,7 @@ class EfficientNetLite0(PretrainedEncoder):
     Options = EfficientNetOptions
 
     @classmethod
-    def frozen_part(cls, metadata: dict, input_size: int = 160, trainable: int = 0, temporal: str = "mean"):
+    def frozen_part(cls, metadata: dict, input_size: int = 160, trainable: int = 0, temporal: str = "attention"):
         """The frozen network (``temporal`` pools the trainable part's output: not part of it)."""
         return FrozenEfficientNet(cls.variant, input_size, trainable)
 
@@ -130,7 +130,7 @@ class EfficientNetLite0(PretrainedEncoder):
         input_shape: tuple[int, ...] = (FEATURES,),
         input_size: int = 160,
         trainable: int = 0,
-        temporal: Temporal = "mean",
+        temporal: Temporal = "attention",
     ):
         super().__init__()
         # A clip's input has a frame axis in front of an image's: [T, 1280] features or [T, C, h, w] activations.
