@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     args = parser.parse_args()
     overrides = {"algo.name": args.algo, "train.iterations": 2, "train.meta_batch": 2, "data.val_episodes": 2}
+    overrides |= {"select.alphas": [1.0], "select.centroid_weights": [0.0]}  # the weights do not matter here
     cfg = load_config(args.config or None, overrides)
     with tempfile.TemporaryDirectory() as run:
         stage_meta_train(cfg, run, overwrite=True, quiet=True)
