@@ -534,7 +534,7 @@ def accuracy_check(iterations: int, ranks: int, out: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of the one-process loops")
@@ -558,7 +558,11 @@ def main() -> None:
         help="also train MAML this many iterations with both loops and compare test accuracy (CPU)",
     )
     p.add_argument("--child", nargs=3, metavar=("MODEL", "VARIANT", "LOOP"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child_memory(*args.child, args.device, args.meta_batch)))
@@ -575,37 +579,8 @@ def main() -> None:
     rows = []
     for model in args.models.split(","):
         for variant in args.variants.split(","):
-            err = gradient_check(model, variant, args.device, min(args.meta_batch, 4), args.task_batched)
-            exp = experiment(model, variant, args.device, args.meta_batch, task_batched=args.task_batched)
-            loops = {"reference": Reference(exp, variant), "metafusion": Ours(exp, variant)}
-            batches = [sample_tasks(exp, args.meta_batch, args.device, torch.float32) for _ in range(args.iters)]
-            rates = time_loops(loops, batches, variant, args.device, args.rounds)
-            flops = flops_per_task(loops["metafusion"], batches[0], variant)
-            row = {
-                "model": model,
-                "variant": variant,
-                "reference_loop": VARIANTS[variant][2],
-                "grad_rel_err_fp64": err,
-                "gflop_per_task": flops / 1e9,
-                "reference_tasks_per_s": rates["reference"],
-                "metafusion_tasks_per_s": rates["metafusion"],
-            }
-            if cpu and args.ranks > 1 and variant not in EVALUATION:
-                d = time_distributed(model, variant, args.meta_batch, args.iters, args.rounds, args.ranks)
-                row["distributed_tasks_per_s"] = d["tasks_per_s"]
-                row["distributed_peak_mb_per_rank"] = d["peak_rss_mb"]
-            best = max(row.get("distributed_tasks_per_s", 0.0), row["metafusion_tasks_per_s"])
-            row["speedup"] = best / row["reference_tasks_per_s"]
-            row["gflops_achieved"] = best * flops / 1e9
-            row["fraction_of_matmul"] = row["gflops_achieved"] / ceiling
-            if not args.quick:
-                for which in ("reference", "ours"):
-                    m = measure_memory(model, variant, which, args)
-                    row[f"{'metafusion' if which == 'ours' else which}_peak_mb"] = m.get(
-                        "peak_cuda_mb", m["peak_rss_mb"]
-                    )
-            rows.append(row)
-            print(format_row(row, args.ranks), flush=True)
+            rows.append(measure(model, variant, args, ceiling))
+            print(format_row(rows[-1], args.ranks), flush=True)
     sampler = time_sampler()
     maml = next((r for r in rows if r["variant"] == "maml-1"), None)
     if maml:
@@ -631,6 +606,40 @@ def main() -> None:
     table = markdown(meta, rows, sampler, accuracy)
     (out / "results.md").write_text(table)
     print("\n" + table)
+
+
+def measure(model: str, variant: str, args: argparse.Namespace, ceiling: float) -> dict:
+    """One row: the two loops' gradients compared, their tasks/s, FLOPs, the torch.distributed row on a CPU
+    and (unless ``--quick``) each loop's peak memory in a child process."""
+    cpu = args.device == "cpu"
+    err = gradient_check(model, variant, args.device, min(args.meta_batch, 4), args.task_batched)
+    exp = experiment(model, variant, args.device, args.meta_batch, task_batched=args.task_batched)
+    loops = {"reference": Reference(exp, variant), "metafusion": Ours(exp, variant)}
+    batches = [sample_tasks(exp, args.meta_batch, args.device, torch.float32) for _ in range(args.iters)]
+    rates = time_loops(loops, batches, variant, args.device, args.rounds)
+    flops = flops_per_task(loops["metafusion"], batches[0], variant)
+    row = {
+        "model": model,
+        "variant": variant,
+        "reference_loop": VARIANTS[variant][2],
+        "grad_rel_err_fp64": err,
+        "gflop_per_task": flops / 1e9,
+        "reference_tasks_per_s": rates["reference"],
+        "metafusion_tasks_per_s": rates["metafusion"],
+    }
+    if cpu and args.ranks > 1 and variant not in EVALUATION:
+        d = time_distributed(model, variant, args.meta_batch, args.iters, args.rounds, args.ranks)
+        row["distributed_tasks_per_s"] = d["tasks_per_s"]
+        row["distributed_peak_mb_per_rank"] = d["peak_rss_mb"]
+    best = max(row.get("distributed_tasks_per_s", 0.0), row["metafusion_tasks_per_s"])
+    row["speedup"] = best / row["reference_tasks_per_s"]
+    row["gflops_achieved"] = best * flops / 1e9
+    row["fraction_of_matmul"] = row["gflops_achieved"] / ceiling
+    if not args.quick:
+        for which in ("reference", "ours"):
+            m = measure_memory(model, variant, which, args)
+            row[f"{'metafusion' if which == 'ours' else which}_peak_mb"] = m.get("peak_cuda_mb", m["peak_rss_mb"])
+    return row
 
 
 def format_row(r: dict, ranks: int) -> str:
