@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..errors import warn
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("METAFUSION_CACHE", Path.home() / ".cache" / "metafusion"))
@@ -34,8 +36,6 @@ def files_key(paths: Iterable[Path], *extra: object) -> str:
 def cached(relative: str, build: Callable[[], Any], valid: Callable[[Any], bool] = lambda value: True) -> Any:
     """``build()``'s result, loaded from ``cache_root()/relative`` when present and ``valid``, else built and
     saved. A cache that cannot be written (read-only, full) costs the saving, not the result: a warning."""
-    from ..errors import warn
-
     path = cache_root() / relative
     if path.exists():
         try:

@@ -80,13 +80,11 @@ def read_video(
                 picked = _evenly_spaced(container, stream, frames, convert, count)
             else:
                 times = _sample_times(frames, duration, frame_rate)
-                picked = _at_times(container, stream, times, duration, convert, count)
+                picked = _at_times(container, stream, times, duration, convert, count, where)
         except av.FFmpegError as e:
             raise DataError(f"cannot decode {where}: {_reason(e)}") from None
         if not picked:
             raise DataError(f"{where}: no decodable video frame")
-        if isinstance(picked, str):
-            raise DataError(f"{where}: {picked}")
         return np.stack(picked)
 
 
@@ -112,15 +110,15 @@ def _sample_times(frames: int, duration: float | None, frame_rate: float | None)
     return [(k + 0.5) * duration / frames for k in range(frames)]
 
 
-def _at_times(container, stream, times: list[float], duration: float | None, convert, count: DecodeCount):
+def _at_times(container, stream, times: list[float], duration: float | None, convert, count: DecodeCount, where: str):
     """The frame showing at each of ``times`` (the first whose time reaches it, less half a frame), each
-    ``convert``-ed; a list of them, or a string saying why the clip ends too early."""
+    ``convert``-ed; a DataError naming ``where`` if the stream ends well before its recorded length."""
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     rate = float(stream.average_rate) if stream.average_rate else 25.0
     half = 0.5 / rate
     picked: list = []
     position = -np.inf  # time of the last decoded frame
-    last = None
+    last = None  # the last decoded frame
     may_seek = True
     while len(picked) < len(times):
         target = start + times[len(picked)]
@@ -137,9 +135,9 @@ def _at_times(container, stream, times: list[float], duration: float | None, con
             position, last = t, frame
             if t < start + times[len(picked)] - half:
                 continue
-            last = convert(frame)
+            array = convert(frame)
             while len(picked) < len(times) and t >= start + times[len(picked)] - half:
-                picked.append(last)
+                picked.append(array)
             if len(picked) == len(times):
                 break
             if may_seek and start + times[len(picked)] - t > SEEK_GAP:  # far to the next: seek there
@@ -150,9 +148,8 @@ def _at_times(container, stream, times: list[float], duration: float | None, con
     if len(picked) < len(times) and last is not None:
         end = duration if duration is not None else position - start
         if position - start < end - 2.0 / rate - 0.05 * end:
-            return f"the video stream ends at {position - start:.2f} s of {end:.2f} s (a truncated file?)"
-        last = last if isinstance(last, np.ndarray) else convert(last)
-        picked += [last] * (len(times) - len(picked))  # past the clip's end: its last frame
+            raise DataError(f"{where}: the video stream ends at {position - start:.2f} s of {end:.2f} s (truncated?)")
+        picked += [convert(last)] * (len(times) - len(picked))  # past the clip's end: its last frame
     return picked
 
 

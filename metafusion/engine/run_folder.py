@@ -60,9 +60,7 @@ def is_run_folder(folder: Path, count_marker: bool = True) -> bool:
     if count_marker and (folder / MARKER).is_file():
         return True
     entries = [e for e in folder.iterdir() if e.name != MARKER]
-    return bool(entries) and all(
-        e.name in RUN_ENTRIES or e.name.startswith("results") or (e.is_dir() and is_run_folder(e)) for e in entries
-    )
+    return bool(entries) and all(_written_by_metafusion(e) or (e.is_dir() and is_run_folder(e)) for e in entries)
 
 
 def check_out(out: str | Path, overwrite: bool = False, count_marker: bool = True, kind: str | None = None) -> Path:

@@ -130,9 +130,10 @@ def stage_meta_train(
     if resume:
         require_checkpoint(run_dir)
         cfg = load_run_config(run_dir)
-        _check_unedited(cfg, load_checkpoint(run_dir / "last.pt")["config"], run_dir)
+        last = load_checkpoint(run_dir / "last.pt")
+        _check_unedited(cfg, last["config"], run_dir)
         if iterations is not None:
-            done = load_checkpoint(run_dir / "last.pt")["step"]
+            done = last["step"]
             if iterations < done:
                 raise InputError(f"--iterations {iterations}: the run has already taken {done} steps")
             cfg.train.iterations = iterations
