@@ -17,7 +17,6 @@ with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
 
 from learn2learn.algorithms import MAML, MetaSGD  # noqa: E402
 from learn2learn.algorithms.maml import maml_update  # noqa: E402
-from learn2learn.algorithms.meta_sgd import meta_sgd_update  # noqa: E402
 from learn2learn.data import MetaDataset, TaskDataset  # noqa: E402
 from learn2learn.data.transforms import KShots, NWays  # noqa: E402
 from learn2learn.utils import clone_module, update_module  # noqa: E402
@@ -27,7 +26,6 @@ __all__ = [
     "MAML",
     "MetaSGD",
     "maml_update",
-    "meta_sgd_update",
     "MetaDataset",
     "TaskDataset",
     "KShots",

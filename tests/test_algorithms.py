@@ -78,6 +78,38 @@ def test_fomaml_is_the_gradient_at_the_adapted_parameters():
     assert (so_grad - fo_grad).norm() > 1e-3 * so_grad.norm()
 
 
+@pytest.mark.parametrize("algo_class", [MAML, FOMAML, MetaSGD])
+def test_the_inner_loop_matches_learn2learns_clone_and_update(algo_class):
+    """The reference: learn2learn's clone() and differentiable update (adapt), on a copy of the model. The
+    meta-gradient (MetaSGD's learned rates' too) and the adapted learner's logits agree."""
+    from metafusion._learn2learn import MAML as L2LMAML
+    from metafusion._learn2learn import MetaSGD as L2LMetaSGD
+
+    torch.manual_seed(0)
+    model, episode = tiny_tabular_model(), tiny_episode()
+    reference = copy.deepcopy(model)
+    algo = algo_class(model, **COMMON)
+    first_order = algo_class is FOMAML
+    if algo_class is MetaSGD:
+        wrapper = L2LMetaSGD(reference, lr=0.3, first_order=False)
+    else:
+        wrapper = L2LMAML(reference, lr=0.3, first_order=first_order, allow_unused=True)
+
+    def adapted(steps):
+        learner = wrapper.clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(episode.support), episode.support.labels))
+        return learner
+
+    algo.meta_backward([episode])
+    F.cross_entropy(adapted(2)(episode.query), episode.query.labels).backward()
+    assert torch.allclose(_gradient(model), _gradient(reference), atol=1e-12)
+    if algo_class is MetaSGD:
+        assert torch.allclose(_flat([r.grad for r in algo.wrapper.lrs]), _flat([r.grad for r in wrapper.lrs]))
+    expected = adapted(2)(episode.query).detach()
+    assert torch.allclose(algo.adapt(episode.support)(episode.query), expected, atol=1e-12)
+
+
 def test_first_order_warmup_gives_fomamls_gradient_then_mamls():
     torch.manual_seed(0)
     model, episode = tiny_tabular_model(), tiny_episode()
@@ -278,14 +310,14 @@ def test_non_transductive_prediction_sees_one_query_at_a_time():
 @pytest.mark.parametrize("fusion", ["attention", "concat", "mean", "late", "transformer", "agreement", "task"])
 def test_batched_non_transductive_prediction_equals_one_forward_per_query(encoders, fusion):
     """The vmapped protocol gives the loop's logits, with missing modalities in support and query."""
-    from test_models import ENCODER_INPUTS, _batch
+    from test_models import _batch, example_input
 
     from metafusion.algorithms.base import predict_each_alone, predict_each_alone_loop
     from metafusion.models import ModelSpec, build_model
 
     torch.manual_seed(0)
-    shapes = {m: ENCODER_INPUTS[e][1] for m, e in encoders.items()}
-    inputs = {m: ENCODER_INPUTS[e][2](11) for m, e in encoders.items()}
+    shapes = {m: example_input(e)[1] for m, e in encoders.items()}
+    inputs = {m: example_input(e)[2](11) for m, e in encoders.items()}
     mask = torch.rand(11, len(encoders)) > 0.3
     mask[:, 0] |= ~mask.any(1)  # every sample carries at least one modality
     model = build_model(ModelSpec(shapes), 3, width=8, hidden=8, fusion=fusion, encoders=encoders)
@@ -298,9 +330,16 @@ def test_batched_non_transductive_prediction_equals_one_forward_per_query(encode
 
 
 @pytest.mark.parametrize(
-    "name,steps,scope", [("maml", 1, "all"), ("maml", 2, "all"), ("fomaml", 2, "all"), ("anil", 1, "head")]
+    "name,steps,scope,proto_init",
+    [
+        ("maml", 1, "all", False),
+        ("maml", 2, "all", False),
+        ("maml", 1, "all", True),
+        ("fomaml", 2, "all", False),
+        ("anil", 1, "head", False),
+    ],
 )
-def test_task_batched_meta_gradient_equals_the_per_task_loop(name, steps, scope):
+def test_task_batched_meta_gradient_equals_the_per_task_loop(name, steps, scope, proto_init):
     """algo.task_batched (one vmapped network for the whole meta-batch) computes the loop's meta-gradient
     (float64) on an image + tabular model with BatchNorm, so second-order terms through it are checked."""
     from metafusion.data import EpisodeSampler, make_synthetic
@@ -325,7 +364,7 @@ def test_task_batched_meta_gradient_equals_the_per_task_loop(name, steps, scope)
         algo = ALGORITHMS.build(
             name,
             model,
-            ALGORITHMS.get(name).Options(task_batched=batched),
+            ALGORITHMS.get(name).Options(task_batched=batched, proto_init=proto_init),
             inner_lr=0.3,
             inner_steps=steps,
             inner_lr_test=0.3,
@@ -334,7 +373,7 @@ def test_task_batched_meta_gradient_equals_the_per_task_loop(name, steps, scope)
         )
         model.zero_grad(set_to_none=True)
         metrics = algo.meta_backward(tasks)
-        grads[batched] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        grads[batched] = _gradient(model)  # Proto-MAML's head has none: it is replaced in every task
         assert 0 <= metrics["accuracy"] <= 1
     assert grads[False].abs().max() > 0
     assert ((grads[True] - grads[False]).norm() / grads[False].norm()).item() < 1e-10
@@ -411,6 +450,7 @@ def test_reptile_loads_the_torch_adam_state_metafusion_0_1_checkpointed():
 BATCHED_CASES = [
     ("maml", {}),
     ("maml", {"algo.learn_inner_lr": True}),
+    ("maml", {"algo.proto_init": True}),
     ("metasgd", {}),
     ("anil", {}),
     ("fomaml", {"algo.transductive": False}),
@@ -663,7 +703,7 @@ def test_encoders_and_head_scope_keeps_the_fusion_fixed_in_the_inner_loop_only()
     model, episode = tiny_tabular_model(fusion="transformer"), tiny_episode()
     algo = MAML(model, adapt_scope="encoders+head", **COMMON)
     learner = algo.adapt(episode.support)
-    for (name, before), after in zip(model.named_parameters(), learner.module.parameters()):
+    for (name, before), after in zip(model.named_parameters(), learner.parameters()):
         moved = not torch.equal(before, after)
         assert moved != name.startswith("fusion."), name
     algo.meta_backward([episode])

@@ -94,6 +94,12 @@ def test_a_saved_adapted_model_predicts_what_the_fine_tune_stage_computed(tmp_pa
     predictions = loaded.predict_files(_task_queries(tmp_path))
     assert predictions.classes == ["horse", "mouse"] and predictions.labels == ["horse"] * 2 + ["mouse"] * 2
     torch.testing.assert_close(predictions.probabilities, expected.float(), atol=1e-6, rtol=1e-5)
+    if algo in ("maml", "metasgd"):  # files of earlier versions: the learner a learn2learn clone of the network
+        state = torch.load(tmp_path / "model.pt", weights_only=False)
+        state["learner"] = {f"module.{k}": v for k, v in state["learner"].items()}
+        torch.save(state, tmp_path / "clone.pt")
+        again = metafusion.load(tmp_path / "clone.pt").predict_files(_task_queries(tmp_path))
+        assert torch.equal(again.probabilities, predictions.probabilities)
 
 
 def test_fine_tune_on_a_users_task_needs_no_training_data_and_predict_agrees_with_it(tmp_path):

@@ -1,5 +1,6 @@
 """Encoders, fusions and FusionModel: shapes, the attention formula, masking, higher-order gradients."""
 
+import inspect
 import math
 
 import pytest
@@ -11,26 +12,20 @@ from metafusion.data import Batch
 from metafusion.models import ENCODERS, FUSIONS, ModelSpec, build_model
 from metafusion.models.fusion import AttentionFusion
 
-# One small input per encoder: (modality name, sample shape, input maker).
-ENCODER_INPUTS = {
-    "conv4": ("image", (1, 28, 28), lambda b: torch.rand(b, 1, 28, 28)),
-    "conv4s": ("image", (1, 28, 28), lambda b: torch.rand(b, 1, 28, 28)),
-    "resnet18": ("image", (1, 28, 28), lambda b: torch.rand(b, 1, 28, 28)),
-    "melcnn": ("audio", (1, 4000), lambda b: torch.randn(b, 1, 4000)),
-    "tokens": ("text", (12,), lambda b: torch.randint(0, 201, (b, 12))),
-    "minilm": ("text", (384,), lambda b: torch.randn(b, 384)),
-    "efficientnet-lite0": ("image", (1280,), lambda b: torch.randn(b, 1280)),
-    "efficientnet-lite2": ("image", (1280,), lambda b: torch.randn(b, 1280)),
-    "speech-embedding": ("audio", (96,), lambda b: torch.randn(b, 96)),
-    "conv1d": ("strokes", (64, 3), lambda b: torch.randn(b, 64, 3)),
-    "gru": ("strokes", (16, 3), lambda b: torch.randn(b, 16, 3)),
-    "mlp": ("tabular", (16,), lambda b: torch.randn(b, 16)),
-    "r2plus1d": ("video", (4, 1, 16, 16), lambda b: torch.rand(b, 4, 1, 16, 16)),
-}
 
-
-def test_every_registered_encoder_has_an_input_here():
-    assert set(ENCODER_INPUTS) == set(ENCODERS.names())
+def example_input(name: str, small: bool = False) -> tuple[str, tuple[int, ...], object]:
+    """(modality, sample shape, input maker) for an encoder, from its declaration: its first modality (any:
+    tabular) and its default ``input_shape``; token ids where it takes a vocabulary. ``small``: images and
+    videos at most 16 pixels a side and 4 frames (fewer max-pool switching points for finite differences)."""
+    cls = ENCODERS.get(name)
+    parameters = inspect.signature(cls.__init__).parameters
+    shape = tuple(parameters["input_shape"].default)
+    if small and len(shape) >= 3:  # (C, H, W) or (T, C, H, W)
+        shape = (*(min(t, 4) for t in shape[:-3]), shape[-3], min(shape[-2], 16), min(shape[-1], 16))
+    if "vocab_size" in parameters:
+        vocab = parameters["vocab_size"].default
+        return cls.modalities[0], shape, lambda b: torch.randint(0, vocab, (b, *shape))
+    return (cls.modalities or ("tabular",))[0], shape, lambda b: torch.rand(b, *shape)
 
 
 def _batch(inputs: dict, mask=None):
@@ -40,9 +35,9 @@ def _batch(inputs: dict, mask=None):
 
 
 @pytest.mark.parametrize("fusion", FUSIONS.names())
-@pytest.mark.parametrize("encoder", sorted(ENCODER_INPUTS))
+@pytest.mark.parametrize("encoder", ENCODERS.names())
 def test_every_encoder_and_fusion_gives_finite_logits(encoder, fusion):
-    modality, shape, make = ENCODER_INPUTS[encoder]
+    modality, shape, make = example_input(encoder)
     spec = ModelSpec(
         {modality: shape, "tabular": (16,)} if modality != "tabular" else {"tabular": shape, "extra": (16,)}
     )
@@ -144,10 +139,10 @@ def _hvp_matches_finite_differences(model, batch, eps=1e-7, check_fd=True):
     assert rel < 1e-4, rel
 
 
-@pytest.mark.parametrize("encoder", sorted(ENCODER_INPUTS))
+@pytest.mark.parametrize("encoder", ENCODERS.names())
 def test_second_order_gradients_flow_through_every_encoder(encoder):
     torch.manual_seed(0)
-    modality, shape, make = ENCODER_INPUTS[encoder]
+    modality, shape, make = example_input(encoder, small=True)
     spec = ModelSpec({modality: shape})
     model = build_model(spec, ways=2, width=4, hidden=3, fusion="attention", encoders={modality: encoder}).double()
     x = make(4)
@@ -164,7 +159,7 @@ def test_channels_last_changes_speed_not_values_or_second_order_gradients(encode
     """The 2-D CNNs run in channels_last order (a speed lever); in float64 the logits and the MAML
     meta-gradient (through the inner step) must equal those of the same weights in NCHW order."""
     torch.manual_seed(0)
-    modality, shape, make = ENCODER_INPUTS[encoder]
+    modality, shape, make = example_input(encoder)
     model = build_model(ModelSpec({modality: shape}), ways=3, width=8, hidden=8, encoders={modality: encoder}).double()
     x = make(6).double()
     batch = Batch({modality: x}, torch.ones(6, 1, dtype=torch.bool), torch.tensor([0, 1, 2] * 2), (modality,))
@@ -210,7 +205,7 @@ def test_second_order_gradients_flow_through_every_fusion(fusion):
 @pytest.mark.parametrize("encoder", ["conv1d", "gru", "tokens"])
 def test_clone_and_update_module_run_and_backpropagate(encoder):
     torch.manual_seed(0)
-    modality, shape, make = ENCODER_INPUTS[encoder]
+    modality, shape, make = example_input(encoder)
     model = build_model(ModelSpec({modality: shape}), ways=2, width=4, hidden=3, encoders={modality: encoder})
     batch = Batch({modality: make(4)}, torch.ones(4, 1, dtype=torch.bool), torch.tensor([0, 1, 0, 1]), (modality,))
     clone = clone_module(model)
@@ -239,7 +234,7 @@ def test_pretrained_text_encoder_loads_offline_and_stays_frozen(monkeypatch):
     algo = MAML(model, inner_lr=0.5, inner_steps=2, inner_lr_test=0.5, inner_steps_test=2)
     batch = Batch({"text": feats[:2]}, torch.ones(2, 1, dtype=torch.bool), torch.tensor([0, 1]), ("text",))
     learner = algo.adapt(batch)
-    adapted = dict(learner.module.named_parameters())
+    adapted = dict(learner.named_parameters())
     assert not torch.equal(adapted["encoders.text.proj.mlp.0.weight"], model.encoders.text.proj.mlp[0].weight)
     assert all(torch.equal(a, b) for a, b in zip(before, frozen.model.parameters()))
 

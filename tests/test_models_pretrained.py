@@ -69,6 +69,18 @@ def test_minilm_frozen_features_are_deterministic_sentence_features():
     assert torch.allclose(features[0], features[2]) and not torch.allclose(features[0], features[1])
 
 
+def test_the_multilingual_sentence_encoder_places_a_translation_near_its_original():
+    from metafusion.models.encoders.multilingual import FrozenMultilingualUSE
+
+    frozen = FrozenMultilingualUSE()
+    texts = ["I forgot my password", "what will the weather be tomorrow", "我忘记了密码", "wie wird das Wetter morgen"]
+    z = frozen(texts)
+    assert z.shape == (4, 512) and torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-4)
+    similarity = z @ z.T
+    assert similarity[0, 2] > similarity[0, 3] + 0.3 and similarity[1, 3] > similarity[1, 2] + 0.3
+    assert torch.equal(frozen(texts), z)
+
+
 def test_the_written_out_bert_layer_is_the_libraries_layer():
     _, model = pretrained_minilm()
     layer = model.encoder.layer[-1]

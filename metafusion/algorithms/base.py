@@ -339,14 +339,11 @@ def predict_each_alone_loop(learner: nn.Module, support: Batch, query: Batch) ->
 
 
 def fused_model(learner: nn.Module) -> nn.Module:
-    """The FusionModel inside a learner (learn2learn wrappers keep it as ``.module``)."""
+    """The FusionModel a learner runs: the learner itself, or its ``.module`` (where every learner that wraps
+    one keeps it: prototypes, a task head, the centroid mix)."""
     while not isinstance(learner, FusionModel) and hasattr(learner, "module"):
         learner = learner.module
     return learner
-
-
-def cross_entropy(learner: nn.Module, batch: Batch) -> Tensor:
-    return F.cross_entropy(learner(batch), batch.labels)
 
 
 def classification_metrics(logits: Tensor, labels: Tensor, ways: int) -> dict[str, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from copy import deepcopy
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,16 @@ def functional(model: nn.Module, params: dict[str, Tensor], fn: Callable = nn.Mo
 
 def model_parameters(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def with_parameters(model: nn.Module, params: dict[str, Tensor]) -> nn.Module:
+    """A copy of ``model`` whose parameters named in ``params`` hold those values (an adapted learner)."""
+    copy = deepcopy(model)
+    with torch.no_grad():
+        for name, p in copy.named_parameters():
+            if name in params:
+                p.copy_(params[name])
+    return copy
 
 
 def episode_groups(episodes: list[Episode]) -> list[list[int]]:

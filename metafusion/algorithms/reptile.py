@@ -18,7 +18,6 @@ value stays, its second moment decays and its step counts.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -32,7 +31,7 @@ from ..errors import ConfigError
 from ..models.model import FusionModel
 from ..models.spec import ModelSpec
 from .base import ALGORITHMS, MetaAlgorithm, TaskTally, published
-from .batched import State, functional, model_parameters
+from .batched import State, functional, model_parameters, with_parameters
 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # torch's defaults; beta1 = 0 as in the paper
 
@@ -197,12 +196,7 @@ class Reptile(MetaAlgorithm):
         adapted, _, _ = self.inner_loop(  # evaluation is a function of the weights
             self._flat_parameters(), support, batches, self.inner_lr_test, self._test_state()
         )
-        learner = copy.deepcopy(self.model)
-        with torch.no_grad():
-            params = dict(learner.named_parameters())
-            for n, value in self._unflatten(adapted, self._layout()).items():
-                params[n].copy_(value)
-        return learner
+        return with_parameters(self.model, self._unflatten(adapted, self._layout()))
 
     # -- functional form: the same inner loop, vmapped over episodes ------------------------------
     def functional_form(self, episodes: list[Episode]) -> tuple[State, list[State]] | None:

@@ -128,6 +128,13 @@ def _spreadsheet_safe(value: Any) -> Any:
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
+def _renamed_from_learn2learn_clone(stored: dict[str, Any], expected) -> dict[str, Any]:
+    """A learner's saved tensors under the names of the learner now built. Adapted models of the MAML family
+    saved by earlier versions hold a learn2learn clone around the network: one ``module.`` more in each name."""
+    expected = set(expected)
+    return {k if k in expected else k.replace("module.", "", 1): v for k, v in stored.items()}
+
+
 class Predictor:
     """``Predictor.load(path).predict_files(folder_or_manifest)`` -> ``Predictions``.
 
@@ -192,7 +199,7 @@ class Predictor:
         support = Batch(s["inputs"], s["mask"], s["labels"], tuple(s["modalities"])).to(device)
         with torch.random.fork_rng(devices=[]):  # structure only: the adapted state is loaded below
             learner = trained.algorithm.task_learner(support, 0)
-        learner.load_state_dict(state["learner"])
+        learner.load_state_dict(_renamed_from_learn2learn_clone(state["learner"], learner.state_dict().keys()))
         return Predictor(trained, learner, support, state["classes"], path)
 
     # -- prediction ----------------------------------------------------------------------------
