@@ -146,7 +146,7 @@ class MAML(MetaAlgorithm):
         runs it per episode or vmapped over episodes. ``first_order`` takes the inner gradients as constants
         (FOMAML, and every test-time adaptation), computed outside the graph. ``vmapped``: under
         ``torch.func.vmap``, where the gradients come from ``torch.func.grad``; elsewhere from
-        ``torch.autograd.grad``, which is faster on a CPU (Conv4: 1.4x for test-time steps)."""
+        ``torch.autograd.grad``, which is faster on a CPU (docs/architecture.md)."""
         if self.proto_init:
             params = {**params, **head_at_prototypes(self.model, params, support)}
 
