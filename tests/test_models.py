@@ -15,11 +15,12 @@ from metafusion.models.fusion import AttentionFusion
 
 def example_input(name: str, small: bool = False) -> tuple[str, tuple[int, ...], object]:
     """(modality, sample shape, input maker) for an encoder, from its declaration: its first modality (any:
-    tabular) and its default ``input_shape``; token ids where it takes a vocabulary. ``small``: images and
-    videos at most 16 pixels a side and 4 frames (fewer max-pool switching points for finite differences)."""
+    tabular) and its default ``input_shape`` (or ``features``); token ids where it takes a vocabulary.
+    ``small``: images and videos at most 16 pixels a side and 4 frames (fewer max-pool switching points for
+    finite differences)."""
     cls = ENCODERS.get(name)
     parameters = inspect.signature(cls.__init__).parameters
-    shape = tuple(parameters["input_shape"].default)
+    shape = tuple(parameters["input_shape"].default or (cls.features,))  # None: a frozen network's feature width
     if small and len(shape) >= 3:  # (C, H, W) or (T, C, H, W)
         shape = (*(min(t, 4) for t in shape[:-3]), shape[-3], min(shape[-2], 16), min(shape[-1], 16))
     if "vocab_size" in parameters:

@@ -50,12 +50,12 @@ def model_parameters(model: nn.Module) -> dict[str, Tensor]:
 
 def with_parameters(model: nn.Module, params: dict[str, Tensor]) -> nn.Module:
     """A copy of ``model`` whose parameters named in ``params`` hold those values (an adapted learner)."""
-    copy = deepcopy(model)
+    learner = deepcopy(model)
     with torch.no_grad():
-        for name, p in copy.named_parameters():
+        for name, p in learner.named_parameters():
             if name in params:
                 p.copy_(params[name])
-    return copy
+    return learner
 
 
 def episode_groups(episodes: list[Episode]) -> list[list[int]]:

@@ -125,7 +125,8 @@ class MAML(MetaAlgorithm):
             learned = dict(zip(self._adapted_names, self.layer_lrs))
         elif self.per_parameter_rates:  # learn2learn's MetaSGD: one rate per parameter of the model, in order
             every = (n for n, _ in self.model.named_parameters())
-            learned = {n: r for n, r in zip(every, self.wrapper.lrs) if n in self._adapted_names}
+            adapted = set(self._adapted_names)
+            learned = {n: r for n, r in zip(every, self.wrapper.lrs) if n in adapted}
         else:
             lr = self.inner_lr if training else self.inner_lr_test
             return {n: lr for n in self._adapted_names}

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ...errors import MissingFileError
 from .base import ENCODERS
-from .pretrained import FeatureProjection, FrozenPart, PretrainedEncoder
+from .pretrained import FrozenFeatures, FrozenPart
 
 FEATURES = 512
 
@@ -43,19 +43,12 @@ class FrozenMultilingualUSE(FrozenPart):
 
 
 @ENCODERS.register("use-multilingual")
-class MultilingualSentenceEncoder(PretrainedEncoder):
+class MultilingualSentenceEncoder(FrozenFeatures):
     """Frozen USE multilingual v3 sentence features (512-d) -> ``FeatureProjection`` 512 -> d."""
 
     modalities = ("text",)
+    features = FEATURES
 
     @classmethod
     def frozen_part(cls, metadata: dict) -> FrozenPart:
         return FrozenMultilingualUSE()
-
-    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (FEATURES,)):
-        super().__init__()
-        self.proj = FeatureProjection(FEATURES, out_dim, hidden)
-        self.out_dim = out_dim
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, 512) -> (B, out_dim)
-        return self.proj(x)

@@ -47,6 +47,21 @@ class PretrainedEncoder(Encoder):
         raise NotImplementedError
 
 
+class FrozenFeatures(PretrainedEncoder):
+    """A pretrained network frozen whole: its feature vector ``[B, features]`` -> ``FeatureProjection`` -> d.
+    A subclass names ``features`` and its ``frozen_part``."""
+
+    features: int
+
+    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] | None = None):
+        super().__init__()
+        self.proj = FeatureProjection(self.features, out_dim, hidden)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, features) -> (B, out_dim)
+        return self.proj(x)
+
+
 class FeatureProjection(nn.Module):
     """Frozen features ``[B, F]`` -> ``[B, d]``, starting where the features are.
 

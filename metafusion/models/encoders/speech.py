@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...errors import MissingFileError
 from .base import ENCODERS
-from .pretrained import FeatureProjection, FrozenPart, PretrainedEncoder
+from .pretrained import FrozenFeatures, FrozenPart
 
 FEATURES, SAMPLE_RATE = 96, 16000
 WINDOW = 12400  # samples at 16 kHz (775 ms): the shortest input the model embeds
@@ -68,19 +68,12 @@ class FrozenSpeechEmbedding(FrozenPart):
 
 
 @ENCODERS.register("speech-embedding")
-class SpeechEmbedding(PretrainedEncoder):
+class SpeechEmbedding(FrozenFeatures):
     """Frozen speech embedding (96-d, per recording) -> ``FeatureProjection`` 96 -> d."""
 
     modalities = ("audio",)
+    features = FEATURES
 
     @classmethod
     def frozen_part(cls, metadata: dict) -> FrozenPart:
         return FrozenSpeechEmbedding(metadata.get("sample_rate", SAMPLE_RATE))
-
-    def __init__(self, out_dim: int, hidden: int = 64, input_shape: tuple[int, ...] = (FEATURES,)):
-        super().__init__()
-        self.proj = FeatureProjection(FEATURES, out_dim, hidden)
-        self.out_dim = out_dim
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, 96) -> (B, out_dim)
-        return self.proj(x)
