@@ -14,7 +14,17 @@ from metafusion.models import ModelSpec, build_model
 REPO = Path(__file__).resolve().parents[1]
 
 # Two threads for the 2-core machines CI runs on; one per worker where pytest-xdist runs two workers.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """Commands and benchmark scripts run in this process set torch's thread count as a process of their own
+    would (``--threads``, a benchmark's one thread); the next test gets the suite's count back, so two workers
+    never oversubscribe the cores."""
+    yield
+    torch.set_num_threads(THREADS)
 
 
 def write_manifest(path: Path, rows: list[dict]) -> Path:
